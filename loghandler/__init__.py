@@ -1,0 +1,1 @@
+"""loghandler: streams log messages as gzip NDJSON to object storage."""

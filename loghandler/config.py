@@ -1,0 +1,235 @@
+"""
+Configuration: environment variables (and ``twistd loghandler`` options that override
+them) become one frozen :class:`Config`.
+
+Every error names the variable and what is wrong with it, in one line, so that a
+daemon that cannot start says why.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping, Optional
+from urllib.parse import urlsplit
+
+import attrs
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+#: S3's smallest part (all but the last) and largest part, in bytes
+#: (https://docs.aws.amazon.com/AmazonS3/latest/userguide/qfacts.html).
+S3_MIN_PART_SIZE = 5 * MiB
+S3_MAX_PART_SIZE = 5 * GiB
+
+class ConfigError(ValueError):
+    """
+    A setting is missing or malformed.  ``str(error)`` is one line that starts with
+    the variable's name.
+    """
+
+
+@attrs.frozen
+class Config:
+    """
+    Everything the daemon is told.  Times are seconds unless the name says otherwise;
+    sizes are bytes.
+    """
+
+    addr: str = "0.0.0.0"
+    port: int = 8902
+    storage: str = "aws"
+    queue_timeout_s: float = 3600.0
+    no_upload: bool = False
+    aws_access_key: Optional[str] = None
+    aws_access_secret: Optional[str] = None
+    aws_region: Optional[str] = None
+    aws_bucket: Optional[str] = None
+    aws_endpoint_url: Optional[str] = None
+    shutdown_timeout_s: float = 25.0
+    part_size: int = S3_MIN_PART_SIZE
+    max_client_id: int = 10
+    max_body_bytes: int = 64 * 1024
+    timestamp_max_age_s: float = 7 * 24 * 3600.0
+    timestamp_max_ahead_s: float = 3600.0
+    buffer_budget_bytes: int = 256 * MiB
+    parts_in_flight: int = 2
+    access_log: bool = False
+
+
+@attrs.frozen
+class Setting:
+    """
+    One environment variable: its name, the :class:`Config` field it fills, how its
+    text is parsed, and the help shown by ``twistd loghandler --help``.
+    """
+
+    env: str
+    field: str
+    parse: Callable[[str, str], object]
+    help: str
+    secret: bool = False
+
+    @property
+    def option(self) -> str:
+        """The long option that mirrors the variable: ``PORT`` -> ``port``."""
+        return self.env.lower().replace("_", "-")
+
+
+def _text(env: str, value: str) -> str:
+    value = value.strip()
+    if not value:
+        raise ConfigError(f"{env}: must not be empty")
+    return value
+
+
+def _integer(low: int, high: int) -> Callable[[str, str], int]:
+    def parse(env: str, value: str) -> int:
+        try:
+            number = int(value.strip())
+        except ValueError:
+            raise ConfigError(f"{env}: must be an integer, got {value!r}") from None
+        if not low <= number <= high:
+            raise ConfigError(f"{env}: must be from {low} to {high}, got {number}")
+        return number
+
+    return parse
+
+
+def _positive_number(env: str, value: str) -> float:
+    try:
+        number = float(value.strip())
+    except ValueError:
+        raise ConfigError(f"{env}: must be a number, got {value!r}") from None
+    if not (math.isfinite(number) and number > 0):
+        raise ConfigError(f"{env}: must be a number greater than 0, got {value!r}")
+    return number
+
+
+def _minutes(env: str, value: str) -> float:
+    return _positive_number(env, value) * 60.0
+
+
+def _flag(env: str, value: str) -> bool:
+    text = value.strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{env}: must be 0 or 1, got {value!r}")
+
+
+def _storage(env: str, value: str) -> str:
+    text = value.strip().lower()
+    if text == "aws":
+        return text
+    if text == "azure":
+        raise ConfigError(f"{env}: 'azure' is not available in this version yet; use 'aws'")
+    raise ConfigError(f"{env}: must be 'aws' or 'azure', got {value!r}")
+
+
+def _endpoint(env: str, value: str) -> str:
+    text = value.strip().rstrip("/")
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"{env}: must be an http:// or https:// URL, got {value!r}")
+    return text
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("ADDR", "addr", _text, "address to listen on"),
+    Setting("PORT", "port", _integer(0, 65535), "TCP port to listen on (0: any free port)"),
+    Setting("STORAGE", "storage", _storage, "object store: aws (azure: not yet)"),
+    Setting(
+        "QUEUE_TIMEOUT_MIN",
+        "queue_timeout_s",
+        _minutes,
+        "minutes after which an object's stream is completed (decimals allowed)",
+    ),
+    Setting("NO_UPLOAD", "no_upload", _flag, "1: run the whole pipeline, send nothing"),
+    Setting("AWS_ACCESS_KEY", "aws_access_key", _text, "AWS access key ID", secret=True),
+    Setting("AWS_ACCESS_SECRET", "aws_access_secret", _text, "AWS secret key", secret=True),
+    Setting("AWS_REGION", "aws_region", _text, "AWS region of the bucket, e.g. eu-west-1"),
+    Setting("AWS_BUCKET", "aws_bucket", _text, "S3 bucket to write to"),
+    Setting(
+        "AWS_ENDPOINT_URL",
+        "aws_endpoint_url",
+        _endpoint,
+        "S3-compatible endpoint (moto, MinIO); path-style addressing",
+    ),
+    Setting(
+        "SHUTDOWN_TIMEOUT_S",
+        "shutdown_timeout_s",
+        _positive_number,
+        "seconds the flush on stop may take",
+    ),
+    Setting(
+        "PART_SIZE_BYTES",
+        "part_size",
+        _integer(S3_MIN_PART_SIZE, S3_MAX_PART_SIZE),
+        "compressed bytes per multipart part (5 MiB to 5 GiB)",
+    ),
+    Setting("MAX_CLIENT_ID", "max_client_id", _integer(1, 1_000_000), "largest client_id"),
+    Setting(
+        "MAX_BODY_BYTES",
+        "max_body_bytes",
+        _integer(256, 16 * MiB),
+        "largest request body in bytes (413 above)",
+    ),
+    Setting(
+        "TIMESTAMP_MAX_AGE_S",
+        "timestamp_max_age_s",
+        _positive_number,
+        "oldest accepted timestamp, seconds before now",
+    ),
+    Setting(
+        "TIMESTAMP_MAX_AHEAD_S",
+        "timestamp_max_ahead_s",
+        _positive_number,
+        "newest accepted timestamp, seconds after now",
+    ),
+    Setting(
+        "BUFFER_BUDGET_BYTES",
+        "buffer_budget_bytes",
+        _integer(MiB, 1024 * GiB),
+        "bytes held in memory for all objects before 503",
+    ),
+    Setting(
+        "PARTS_IN_FLIGHT",
+        "parts_in_flight",
+        _integer(1, 64),
+        "parts one object uploads at once",
+    ),
+    Setting("ACCESS_LOG", "access_log", _flag, "1: log a line per HTTP request"),
+)
+
+
+def from_environ(
+    environ: Mapping[str, str], overrides: Optional[Mapping[str, str]] = None
+) -> Config:
+    """
+    Build the configuration.
+
+    :param environ: the process environment (``os.environ``).
+    :param overrides: values that win over ``environ``, keyed by variable name (the
+        command-line options).
+    :raises ConfigError: a value is malformed, or a required one is missing
+        (``AWS_BUCKET`` and ``AWS_REGION`` with ``STORAGE=aws`` unless ``NO_UPLOAD=1``).
+    """
+    merged = dict(environ)
+    merged.update(overrides or {})
+    values: dict[str, object] = {}
+    for setting in SETTINGS:
+        raw = merged.get(setting.env)
+        if raw is None or (raw.strip() == "" and setting.field != "no_upload"):
+            continue
+        values[setting.field] = setting.parse(setting.env, raw)
+    config = Config(**values)  # type: ignore[arg-type]
+    if not config.no_upload:
+        for env, value in (("AWS_BUCKET", config.aws_bucket), ("AWS_REGION", config.aws_region)):
+            if value is None:
+                raise ConfigError(f"{env}: required with STORAGE=aws (or set NO_UPLOAD=1)")
+    if (config.aws_access_key is None) != (config.aws_access_secret is None):
+        missing = "AWS_ACCESS_SECRET" if config.aws_access_secret is None else "AWS_ACCESS_KEY"
+        raise ConfigError(f"{missing}: AWS_ACCESS_KEY and AWS_ACCESS_SECRET go together")
+    return config

@@ -1,0 +1,78 @@
+"""
+Incremental gzip framing (DESIGN.md section 3).
+
+Lines are compressed as they come into one gzip member (RFC 1952) at a time.  Once a
+member's compressed bytes reach the part size, the member is closed and handed out
+as a whole part, so every part is one or more complete gzip members: any sequence of
+parts, and so any prefix of an object's parts, is a valid gzip file (RFC 1952
+section 2.2: a gzip file is a series of members).  Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Optional
+
+#: zlib's wbits for a gzip wrapper with a 32 KiB window.
+_GZIP_WBITS = 16 + zlib.MAX_WBITS
+
+
+class GzipPartEncoder:
+    """
+    Compress data into gzip members cut at part boundaries.
+
+    :param part_size: compressed bytes at which the current member is closed and
+        handed out as a part (S3's minimum part is 5 MiB; the part handed out is at
+        least this large).
+    :param level: zlib compression level, 1 (fast) to 9 (small).
+    """
+
+    def __init__(self, part_size: int, level: int = 6) -> None:
+        self._part_size = part_size
+        self._level = level
+        self._compressor = zlib.compressobj(level, zlib.DEFLATED, _GZIP_WBITS)
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._pending = 0
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Compressed bytes held for the part being filled."""
+        return self._buffered
+
+    @property
+    def pending(self) -> bool:
+        """Whether data was written since the last part or tail was handed out."""
+        return self._pending > 0
+
+    def write(self, data: bytes) -> Optional[bytes]:
+        """
+        Compress ``data`` (bytes, typically whole NDJSON lines).
+
+        :returns: a complete part (bytes of whole gzip members, at least ``part_size``
+            long) when this write filled one, else None.
+        """
+        self._pending += len(data)
+        out = self._compressor.compress(data)
+        if out:
+            self._chunks.append(out)
+            self._buffered += len(out)
+            if self._buffered >= self._part_size:
+                return self.finish()
+        return None
+
+    def finish(self) -> bytes:
+        """
+        Close the current member and hand out everything held: the object's tail
+        (possibly shorter than a part).  Empty when nothing was written since the last
+        part.  The encoder can be written to again afterwards; a new member starts.
+        """
+        if not self._pending:
+            return b""
+        self._chunks.append(self._compressor.flush(zlib.Z_FINISH))
+        body = b"".join(self._chunks)
+        self._chunks = []
+        self._buffered = 0
+        self._pending = 0
+        self._compressor = zlib.compressobj(self._level, zlib.DEFLATED, _GZIP_WBITS)
+        return body

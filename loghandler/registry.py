@@ -1,0 +1,193 @@
+"""
+Object key -> open :class:`~loghandler.stream.ObjectStream`: admission (the memory
+budget, per-key backpressure, stopping), rotation after ``QUEUE_TIMEOUT_MIN`` on a
+reactor timer, and :meth:`StreamRegistry.close_all` for the flush on stop
+(DESIGN.md section 4).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import attrs
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from loghandler.budget import MemoryBudget
+from loghandler.keys import key_for
+from loghandler.message import Message
+from loghandler.stream import ObjectStream
+
+
+class Busy(Exception):
+    """
+    A message cannot be taken now; the client should retry (503 with Retry-After).
+
+    :ivar reason: why, for the response body.
+    :ivar retry_after: seconds to tell the client to wait.
+    """
+
+    def __init__(self, reason: str, retry_after: int) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+@attrs.frozen
+class StreamSettings:
+    """
+    How streams are run.
+
+    :ivar part_size: compressed bytes per part.
+    :ivar lifetime_s: seconds after which a stream completes its object.
+    :ivar parts_in_flight: parts one stream uploads at once.
+    :ivar upload_slots: part uploads at once across all streams.
+    :ivar budget_bytes: bytes held in memory for all streams before 503.
+    """
+
+    part_size: int
+    lifetime_s: float
+    parts_in_flight: int = 2
+    upload_slots: int = 8
+    budget_bytes: int = 256 * 1024 * 1024
+
+
+@implementer(IPushProducer)
+@attrs.define
+class _KeyAdmission:
+    """
+    The producer a stream pauses while its parts wait for upload slots: messages for
+    that key get 503 meanwhile, other keys go on.
+    """
+
+    paused: bool = False
+
+    def pauseProducing(self) -> None:
+        """Refuse messages for the key."""
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        """Take messages for the key again."""
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        """Nothing to stop."""
+
+
+@attrs.define
+class _Open:
+    stream: ObjectStream
+    admission: _KeyAdmission
+    timer: IDelayedCall
+
+
+class StreamRegistry:
+    """
+    The open streams, one per object key.
+
+    :param store: the object store (an ``IObjectStore``).
+    :param clock: the reactor's clock.
+    :param settings: how streams are run.
+    """
+
+    _log = Logger()
+
+    def __init__(self, store: object, clock: IReactorTime, settings: StreamSettings) -> None:
+        self._store = store
+        self._clock = clock
+        self._settings = settings
+        self.budget = MemoryBudget(settings.budget_bytes)
+        self._slots = DeferredSemaphore(settings.upload_slots)
+        self._open: dict[str, _Open] = {}
+        self._closing: dict[ObjectStream, Deferred[None]] = {}
+        self.stopping = False
+
+    @property
+    def open_keys(self) -> list[str]:
+        """The keys with an open stream, sorted."""
+        return sorted(self._open)
+
+    def accept(self, message: Message) -> None:
+        """
+        Add a validated message to its object's stream, opening the stream if needed.
+
+        :raises Busy: the server is stopping, the memory budget is spent, or the key's
+            parts are backed up.
+        """
+        if self.stopping:
+            raise Busy("server is stopping", 5)
+        if self.budget.exhausted:
+            raise Busy("buffers are full", 1)
+        key = key_for(message.timestamp, message.client_id)
+        entry = self._open.get(key)
+        if entry is None:
+            entry = self._open[key] = self._start(key)
+        elif entry.admission.paused:
+            raise Busy("uploads for this object are backed up", 1)
+        try:
+            entry.stream.write(message.to_line())
+        except Exception:
+            self._log.failure("{key}: stream failed; completing it", key=key)
+            self._complete(key)
+            raise
+
+    def _start(self, key: str) -> _Open:
+        settings = self._settings
+        stream = ObjectStream(
+            key,
+            self._store,  # type: ignore[arg-type]
+            self._clock,
+            settings.part_size,
+            settings.parts_in_flight,
+            self._slots,
+            self.budget,
+        )
+        admission = _KeyAdmission()
+        stream.registerProducer(admission, True)
+        timer = self._clock.callLater(settings.lifetime_s, self._complete, key)
+        self._log.debug("{key}: stream opened", key=key)
+        return _Open(stream, admission, timer)
+
+    def _complete(self, key: str) -> Optional[Deferred[None]]:
+        """Take the key's stream out of service and complete its object."""
+        entry = self._open.pop(key, None)
+        if entry is None:
+            return None
+        if entry.timer.active():
+            entry.timer.cancel()
+        stream = entry.stream
+        done = stream.close()
+        self._closing[stream] = done
+        done.addBoth(self._closed, stream)
+        return done
+
+    def _closed(self, result: object, stream: ObjectStream) -> object:
+        del self._closing[stream]
+        return result
+
+    def close_all(self) -> Deferred[object]:
+        """
+        Refuse new messages and complete every stream, in parallel: the open ones and
+        those already completing.
+
+        :returns: a Deferred that fires when all are done; cancelling it abandons the
+            completions still running (each logs what it could not store).
+        """
+        self.stopping = True
+        self._log.info("completing {count} objects", count=len(self._open) + len(self._closing))
+        for key in list(self._open):
+            self._complete(key)
+        streams = list(self._closing)
+
+        def abandon(d: Deferred[object]) -> None:
+            for stream in streams:
+                stream.abandon()
+
+        waiting = [stream.close() for stream in streams]
+        result: Deferred[object] = Deferred(abandon)
+        DeferredList(waiting, consumeErrors=True).addBoth(
+            lambda outcome: None if result.called else result.callback(None)
+        )
+        return result

@@ -1,0 +1,109 @@
+"""
+The service tree and the flush on stop (DESIGN.md section 4).
+
+One root ``MultiService``: the stream service first, the HTTP listener last.
+``MultiService.stopService`` stops children in reverse order (listener first) and
+twistd runs it as a before-shutdown reactor trigger, waiting for its Deferred: the
+stream service refuses new messages (503), completes every object in parallel and
+returns when all are done or ``SHUTDOWN_TIMEOUT_S`` has passed.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.endpoints import quoteStringArgument, serverFromString
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from loghandler.config import Config
+from loghandler.message import Limits
+from loghandler.registry import StreamRegistry, StreamSettings
+from loghandler.web import make_site
+
+
+class StreamService(Service):
+    """
+    Owns the :class:`StreamRegistry`; on stop, completes every object within the
+    deadline.
+
+    :param registry: the streams.
+    :param clock: for the deadline.
+    :param shutdown_timeout_s: seconds the flush may take.
+    """
+
+    _log = Logger()
+
+    def __init__(self, registry: StreamRegistry, clock: IReactorTime, shutdown_timeout_s: float):
+        self.registry = registry
+        self._clock = clock
+        self._timeout = shutdown_timeout_s
+
+    def stopService(self) -> Deferred[None]:
+        """Refuse new messages and complete all objects; never errbacks."""
+        Service.stopService(self)
+        started = self._clock.seconds()
+        flushing = self.registry.close_all()
+        flushing.addTimeout(self._timeout, self._clock)
+
+        def done(result: object) -> None:
+            seconds = self._clock.seconds() - started
+            if isinstance(result, Failure) and result.check(TimeoutError):
+                self._log.error(
+                    "flush on stop passed its deadline of {timeout} s; see the errors above"
+                    " for what was not stored",
+                    timeout=self._timeout,
+                )
+            elif isinstance(result, Failure):
+                self._log.failure("flush on stop failed", result)
+            else:
+                self._log.info("flush on stop done in {seconds:.3f} s", seconds=seconds)
+
+        return flushing.addBoth(done)
+
+
+def listen_description(addr: str, port: int) -> str:
+    """The endpoint string for ``ADDR`` and ``PORT``: ``tcp:8902:interface=0.0.0.0``."""
+    return "tcp:%d:interface=%s" % (port, quoteStringArgument(addr))
+
+
+def build_service(
+    config: Config,
+    store: object,
+    reactor: IReactorTime,
+    now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+) -> MultiService:
+    """
+    The root service for ``config`` writing to ``store`` (an ``IObjectStore``).
+
+    :param reactor: the reactor (clock and TCP listener).
+    :param now_ms: the wall clock in Unix epoch milliseconds, for the timestamp window.
+    """
+    registry = StreamRegistry(
+        store,
+        reactor,
+        StreamSettings(
+            part_size=config.part_size,
+            lifetime_s=config.queue_timeout_s,
+            parts_in_flight=config.parts_in_flight,
+            budget_bytes=config.buffer_budget_bytes,
+        ),
+    )
+    limits = Limits(
+        max_client_id=config.max_client_id,
+        max_age_ms=int(config.timestamp_max_age_s * 1000),
+        max_ahead_ms=int(config.timestamp_max_ahead_s * 1000),
+    )
+    site = make_site(registry, limits, now_ms, config.max_body_bytes, config.access_log)
+    root = MultiService()
+    StreamService(registry, reactor, config.shutdown_timeout_s).setServiceParent(root)
+    endpoint = serverFromString(reactor, listen_description(config.addr, config.port))
+    listener = StreamServerEndpointService(endpoint, site)
+    listener._raiseSynchronously = True
+    listener.setServiceParent(root)
+    return root

@@ -1,0 +1,1 @@
+"""Object store implementations: S3, in-memory, discard."""

@@ -1,0 +1,114 @@
+"""
+``twistd loghandler``: the options and ``makeService``, the one place that reads the
+environment, touches the global reactor and builds the real storage client.
+
+Each option mirrors an environment variable and wins over it; secrets
+(``AWS_ACCESS_KEY``, ``AWS_ACCESS_SECRET``) are taken from the environment only, so
+they never show in ``ps``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Mapping, Optional
+
+from twisted.application.service import IService
+from twisted.logger import Logger
+from twisted.python import usage
+
+from loghandler.config import SETTINGS, Config, ConfigError, from_environ
+from loghandler.service import build_service
+
+_log = Logger()
+_FLAGS = {"no_upload", "access_log"}
+
+
+class Options(usage.Options):
+    """``twistd loghandler`` options; each overrides its environment variable."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Streams log messages POSTed to /log as gzip NDJSON into one object per UTC day"
+        " and client on S3.  Every option mirrors an environment variable of the same"
+        " name in capitals (--queue-timeout-min: QUEUE_TIMEOUT_MIN) and wins over it."
+        " AWS_ACCESS_KEY and AWS_ACCESS_SECRET are read from the environment only."
+    )
+    optFlags = [
+        [s.option, None, "%s [%s]" % (s.help, s.env)] for s in SETTINGS if s.field in _FLAGS
+    ]
+    optParameters = [
+        [s.option, None, None, "%s [%s]" % (s.help, s.env)]
+        for s in SETTINGS
+        if s.field not in _FLAGS and not s.secret
+    ]
+
+    def overrides(self) -> dict[str, str]:
+        """The options given, keyed by environment variable name."""
+        result = {}
+        for setting in SETTINGS:
+            value = self.get(setting.option)
+            if setting.field in _FLAGS:
+                if value:
+                    result[setting.env] = "1"
+            elif value is not None:
+                result[setting.env] = value
+        return result
+
+
+def _exit(message: str) -> None:
+    sys.stderr.write("loghandler: %s\n" % message)
+    raise SystemExit(2)
+
+
+def load_config(options: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
+    """The configuration from the environment and the options; exits with one line on error."""
+    overrides = options.overrides() if isinstance(options, Options) else {}
+    try:
+        return from_environ(environ, overrides)
+    except ConfigError as e:
+        _exit(str(e))
+        raise
+
+
+def make_store(config: Config, reactor: Any) -> object:
+    """The ``IObjectStore`` the configuration asks for."""
+    if config.no_upload:
+        from loghandler.storage.discard import DiscardStore
+
+        return DiscardStore()
+    from loghandler.storage.s3 import build_s3_store
+
+    assert config.aws_bucket is not None and config.aws_region is not None
+    try:
+        return build_s3_store(
+            reactor,
+            bucket=config.aws_bucket,
+            region=config.aws_region,
+            endpoint_url=config.aws_endpoint_url,
+            access_key=config.aws_access_key,
+            secret_key=config.aws_access_secret,
+        )
+    except ValueError as e:
+        _exit(str(e))
+        raise
+
+
+def makeService(options: Mapping[str, Any], reactor: Optional[Any] = None) -> IService:
+    """Build the root service from ``options`` and ``os.environ``."""
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    config = load_config(options, os.environ)
+    store = make_store(config, reactor)
+    _log.info(
+        "loghandler on {addr}:{port}, storage {store}, bucket {bucket}, objects completed"
+        " after {lifetime:g} s",
+        addr=config.addr,
+        port=config.port,
+        store=getattr(store, "name", "?"),
+        bucket=config.aws_bucket,
+        lifetime=config.queue_timeout_s,
+    )
+    return build_service(config, store, reactor)

@@ -1,0 +1,200 @@
+"""
+HTTP: ``POST /log`` takes one JSON message (DESIGN.md section 1), ``GET /healthz``
+says whether the server takes messages; everything else is a JSON 404.
+
+Every answer is JSON.  200 ``{"ok": true}`` means the message is held for its object;
+400 / 413 name what is wrong; 503 with ``Retry-After`` means try again later.  A
+request is all-or-nothing: an error means nothing of it was kept.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Callable, Optional
+
+from twisted.logger import Logger
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request, Site
+
+from loghandler.message import Limits, Rejection, parse_message, too_large
+from loghandler.registry import Busy, StreamRegistry
+
+_OK = b'{"ok":true}'
+
+
+def _respond(request: Request, status: int, body: bytes) -> bytes:
+    request.setResponseCode(status)
+    request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+    return body
+
+
+def _error(request: Request, status: int, error: str, field: Optional[str] = None) -> bytes:
+    return _respond(request, status, json.dumps({"error": error, "field": field}).encode())
+
+
+class BoundedBody(io.BytesIO):
+    """
+    A request body kept in memory up to ``limit`` bytes; past that the rest is
+    discarded and :attr:`overflowed` is set (twisted.web would otherwise spool a large
+    or chunked body to a temporary file on disk).
+
+    :param limit: the most bytes kept.
+    :param length: the Content-Length, or None for a chunked body.
+    """
+
+    def __init__(self, limit: int, length: Optional[int]) -> None:
+        super().__init__()
+        self.limit = limit
+        self.overflowed = length is not None and length > limit
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        """Keep ``data`` unless the body went over the limit."""
+        if self.overflowed or self.tell() + len(data) > self.limit:
+            self.overflowed = True
+            return len(data)
+        return super().write(data)
+
+
+class LogResource(Resource):
+    """
+    ``/log``: POST one message.
+
+    :param registry: takes accepted messages.
+    :param limits: what a message may hold.
+    :param now_ms: the clock, Unix epoch milliseconds.
+    :param max_body_bytes: the body size limit (413 above).
+    """
+
+    isLeaf = True
+    _log = Logger()
+
+    def __init__(
+        self,
+        registry: StreamRegistry,
+        limits: Limits,
+        now_ms: Callable[[], int],
+        max_body_bytes: int,
+    ) -> None:
+        super().__init__()
+        self._registry = registry
+        self._limits = limits
+        self._now_ms = now_ms
+        self._max_body_bytes = max_body_bytes
+
+    def render(self, request: Request) -> bytes:  # type: ignore[override]
+        """Dispatch: POST on ``/log`` itself, 404 below it, 405 for other methods."""
+        if request.postpath and request.postpath != [b""]:
+            return _error(request, 404, "not found")
+        if request.method != b"POST":
+            request.responseHeaders.setRawHeaders(b"allow", [b"POST"])
+            return _error(request, 405, "method not allowed; use POST")
+        return self.render_POST(request)
+
+    def render_POST(self, request: Request) -> bytes:
+        """Validate the body and hand the message to its stream."""
+        content = request.content
+        if getattr(content, "overflowed", False):
+            rejection = too_large(self._max_body_bytes)
+            return _respond(request, rejection.status, rejection.to_json())
+        body = content.getvalue() if isinstance(content, io.BytesIO) else content.read()
+        if len(body) > self._max_body_bytes:
+            rejection = too_large(self._max_body_bytes)
+            return _respond(request, rejection.status, rejection.to_json())
+        try:
+            message = parse_message(body, self._now_ms(), self._limits)
+        except Rejection as rejection:
+            return _respond(request, rejection.status, rejection.to_json())
+        try:
+            self._registry.accept(message)
+        except Busy as busy:
+            request.responseHeaders.setRawHeaders(b"retry-after", [b"%d" % busy.retry_after])
+            return _error(request, 503, busy.reason)
+        except Exception:
+            self._log.failure("accepting a message failed")
+            return _error(request, 500, "internal error; the message was not kept")
+        return _respond(request, 200, _OK)
+
+
+class HealthResource(Resource):
+    """``/healthz``: 200 while messages are taken, 503 once the server is stopping."""
+
+    isLeaf = True
+
+    def __init__(self, registry: StreamRegistry) -> None:
+        super().__init__()
+        self._registry = registry
+
+    def render_GET(self, request: Request) -> bytes:
+        """Report the state and the bytes held, as JSON."""
+        registry = self._registry
+        state = "stopping" if registry.stopping else "ok"
+        body = json.dumps(
+            {
+                "status": state,
+                "open_objects": len(registry.open_keys),
+                "buffered_bytes": registry.budget.held,
+                "buffer_budget_bytes": registry.budget.limit,
+            }
+        ).encode()
+        return _respond(request, 503 if registry.stopping else 200, body)
+
+
+class _NotFound(Resource):
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:  # type: ignore[override]
+        return _error(request, 404, "not found")
+
+
+class Root(Resource):
+    """The site's root: ``/log`` and ``/healthz``; JSON 404 for any other path."""
+
+    def getChild(self, path: bytes, request: Request) -> IResource:
+        """Anything not registered is a JSON 404."""
+        return _NotFound()
+
+    def render(self, request: Request) -> bytes:  # type: ignore[override]
+        """``/`` itself is not a resource either."""
+        return _error(request, 404, "not found")
+
+
+class LogSite(Site):
+    """
+    The ``Site`` for the log resources: request bodies stay in memory and are cut at
+    the size limit, POST form parsing is off (it costs ~70 µs a request in Twisted's
+    ``email``-based Content-Type parse), and no access-log line is formatted unless
+    asked for.
+
+    :param resource: the root resource.
+    :param max_body_bytes: the body size limit.
+    :param access_log: whether to log a line per request.
+    """
+
+    def __init__(self, resource: IResource, max_body_bytes: int, access_log: bool = False) -> None:
+        super().__init__(resource, parsePOSTFormSubmission=False)
+        self._max_body_bytes = max_body_bytes
+        self._access_log = access_log
+
+    def getContentFile(self, length: Optional[int]) -> BoundedBody:
+        """Called by twisted.web for each request body."""
+        return BoundedBody(self._max_body_bytes, length)
+
+    def log(self, request: Request) -> None:
+        """Write an access-log line only when ``ACCESS_LOG=1``."""
+        if self._access_log:
+            super().log(request)
+
+
+def make_site(
+    registry: StreamRegistry,
+    limits: Limits,
+    now_ms: Callable[[], int],
+    max_body_bytes: int,
+    access_log: bool = False,
+) -> LogSite:
+    """The whole HTTP side: root, ``/log``, ``/healthz`` and the site."""
+    root = Root()
+    root.putChild(b"log", LogResource(registry, limits, now_ms, max_body_bytes))
+    root.putChild(b"healthz", HealthResource(registry))
+    return LogSite(root, max_body_bytes, access_log)

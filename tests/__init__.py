@@ -1,0 +1,1 @@
+"""loghandler's trial tests."""

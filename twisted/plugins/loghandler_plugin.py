@@ -1,0 +1,10 @@
+"""The ``twistd loghandler`` plugin; loads :mod:`loghandler.tap` only when used."""
+
+from twisted.application.service import ServiceMaker
+
+loghandler = ServiceMaker(
+    "loghandler",
+    "loghandler.tap",
+    "Stream POSTed log messages as gzip NDJSON to S3.",
+    "loghandler",
+)
