@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Optional
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, DeferredSemaphore
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -19,6 +19,11 @@ from loghandler.budget import MemoryBudget
 from loghandler.keys import key_for
 from loghandler.message import Message
 from loghandler.stream import ObjectStream
+
+
+#: Memory a stream holds besides its buffers: zlib's deflate state at the default
+#: settings is (1 << (15 + 2)) + (1 << (8 + 9)) bytes, 256 KiB (zlib's zconf.h).
+STREAM_OVERHEAD_BYTES = 256 * 1024
 
 
 class Busy(Exception):
@@ -146,6 +151,7 @@ class StreamRegistry:
         )
         admission = _KeyAdmission()
         stream.registerProducer(admission, True)
+        self.budget.change(STREAM_OVERHEAD_BYTES)
         timer = self._clock.callLater(settings.lifetime_s, self._complete, key)
         self._log.debug("{key}: stream opened", key=key)
         return _Open(stream, admission, timer)
@@ -165,6 +171,7 @@ class StreamRegistry:
 
     def _closed(self, result: object, stream: ObjectStream) -> object:
         del self._closing[stream]
+        self.budget.change(-STREAM_OVERHEAD_BYTES)
         return result
 
     def close_all(self) -> Deferred[object]:
@@ -181,13 +188,19 @@ class StreamRegistry:
             self._complete(key)
         streams = list(self._closing)
 
+        abandoned = []
+
         def abandon(d: Deferred[object]) -> None:
+            abandoned.append(True)
             for stream in streams:
                 stream.abandon()
 
-        waiting = [stream.close() for stream in streams]
+        def all_done(outcome: object) -> None:
+            if abandoned:
+                result.errback(CancelledError("flush abandoned"))
+            else:
+                result.callback(None)
+
         result: Deferred[object] = Deferred(abandon)
-        DeferredList(waiting, consumeErrors=True).addBoth(
-            lambda outcome: None if result.called else result.callback(None)
-        )
+        DeferredList([stream.close() for stream in streams]).addCallback(all_done)
         return result

@@ -232,8 +232,9 @@ class ObjectStream:
             the stream gave up (logged with what was lost).  It never errbacks.
         """
         if self._finishing is None:
+            held = self._encoder.buffered_bytes
             tail = self._encoder.finish()
-            self._budget.change(len(tail) - self._encoder.buffered_bytes)
+            self._budget.change(len(tail) - held)
             self._finishing = ensureDeferred(self._finish(tail))
         waiter: Deferred[None] = Deferred()
         if self._done:

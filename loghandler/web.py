@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from twisted.logger import Logger
 from twisted.web.resource import IResource, Resource
@@ -171,8 +171,10 @@ class LogSite(Site):
     :param access_log: whether to log a line per request.
     """
 
-    def __init__(self, resource: IResource, max_body_bytes: int, access_log: bool = False) -> None:
-        super().__init__(resource, parsePOSTFormSubmission=False)
+    def __init__(
+        self, resource: IResource, max_body_bytes: int, access_log: bool = False, **kwargs: Any
+    ) -> None:
+        super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
         self._max_body_bytes = max_body_bytes
         self._access_log = access_log
 

@@ -1,0 +1,194 @@
+"""
+Tests for :mod:`loghandler.web` through ``StubTreq`` with the real ``LogSite`` (its
+body limit, no form parsing): status codes, JSON bodies, and what reaches storage.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+from treq.testing import StubTreq
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from loghandler.keys import key_for
+from loghandler.message import Limits
+from loghandler.registry import StreamRegistry, StreamSettings
+from loghandler.storage.memory import MemoryStore
+from loghandler.web import BoundedBody, make_site
+from tests.helpers import DAY_START_MS, read_lines
+
+NOW_MS = DAY_START_MS + 3_600_000
+MAX_BODY = 1024
+
+
+def body(**fields: Any) -> bytes:
+    """A JSON message body; defaults make a valid one."""
+    values: dict[str, Any] = {
+        "text": "hello world",
+        "content_id": 17,
+        "client_id": 3,
+        "timestamp": NOW_MS,
+    }
+    values.update(fields)
+    return json.dumps(values).encode()
+
+
+class WebCase(SynchronousTestCase):
+    """A site over a registry and a memory store, driven by StubTreq."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.store = MemoryStore()
+        self.registry = StreamRegistry(
+            self.store, self.clock, StreamSettings(part_size=5 * 1024 * 1024, lifetime_s=60)
+        )
+        site = self.site = make_site(self.registry, Limits(), lambda: NOW_MS, MAX_BODY)
+        self.client = StubTreq(site.resource)
+        # Serve through our own Site (body limit, no form parsing), not treq's plain one.
+        site.reactor = self.client._agent._memoryReactor
+        self.client._agent._serverFactory = site
+
+    def request(
+        self, method: str, path: str, data: Optional[bytes] = None, headers: Any = None
+    ) -> tuple[int, dict[str, Any], Any]:
+        """Send a request; answer (status, headers, parsed JSON body)."""
+        response = self.successResultOf(
+            self.client.request(method, "http://example.test" + path, data=data, headers=headers)
+        )
+        content = self.successResultOf(self.client.content(response))
+        self.assertEqual(
+            response.headers.getRawHeaders(b"content-type"), [b"application/json"], content
+        )
+        return response.code, response.headers, json.loads(content)
+
+    def stored_lines(self) -> list[bytes]:
+        """Complete every object and read back the one key the tests use."""
+        self.successResultOf(self.registry.close_all())
+        key = key_for(NOW_MS, 3)
+        return read_lines(self.store.body(key)) if key in self.store.objects else []
+
+
+class PostTests(WebCase):
+    """POST /log."""
+
+    def test_accepted(self) -> None:
+        """A valid message gets 200 {"ok": true} and is stored as its canonical line."""
+        status, _, answer = self.request("POST", "/log", body(text="héllo"))
+        self.assertEqual((status, answer), (200, {"ok": True}))
+        self.assertEqual(
+            self.stored_lines(),
+            [
+                b'{"text":"h\xc3\xa9llo","content_id":17,"client_id":3,"timestamp":%d}\n'
+                % NOW_MS
+            ],
+        )
+
+    def test_form_content_type_not_parsed(self) -> None:
+        """A form Content-Type does not change anything: the body is read as JSON."""
+        status, _, _ = self.request(
+            "POST",
+            "/log",
+            body(),
+            headers={b"content-type": [b"application/x-www-form-urlencoded"]},
+        )
+        self.assertEqual(status, 200)
+        self.assertEqual(len(self.stored_lines()), 1)
+
+    def test_bad_body(self) -> None:
+        """A bad body gets 400 with error and field, and nothing is stored."""
+        status, _, answer = self.request("POST", "/log", body(content_id=True))
+        self.assertEqual(status, 400)
+        self.assertEqual(answer, {"error": "content_id must be an integer", "field": "content_id"})
+        self.assertEqual(self.stored_lines(), [])
+
+    def test_too_large(self) -> None:
+        """A body over the limit gets 413 and nothing is stored."""
+        status, _, answer = self.request("POST", "/log", body(text="x" * MAX_BODY))
+        self.assertEqual(status, 413)
+        self.assertEqual(answer, {"error": "body is larger than %d bytes" % MAX_BODY, "field": None})
+        self.assertEqual(self.stored_lines(), [])
+
+    def test_body_kept_in_memory_and_cut(self) -> None:
+        """
+        The site keeps bodies in a BoundedBody (never a temporary file) that stops
+        storing at the limit.
+        """
+        bodies: list[BoundedBody] = []
+        real = self.site.getContentFile
+
+        def record(length: Optional[int]) -> BoundedBody:
+            bodies.append(real(length))
+            return bodies[-1]
+
+        self.site.getContentFile = record  # type: ignore[method-assign]
+        self.assertEqual(self.request("POST", "/log", b"x" * (MAX_BODY * 200))[0], 413)
+        self.assertEqual(len(bodies), 1)
+        self.assertTrue(bodies[0].overflowed)
+
+    def test_bounded_body_chunks(self) -> None:
+        """Without a Content-Length, chunks are kept up to the limit, then dropped."""
+        content = BoundedBody(10, None)
+        content.write(b"12345")
+        content.write(b"67890")
+        self.assertFalse(content.overflowed)
+        content.write(b"1")
+        self.assertTrue(content.overflowed)
+        self.assertEqual(content.getvalue(), b"1234567890")
+
+    def test_exactly_at_limit(self) -> None:
+        """A valid body of exactly the limit is accepted."""
+        data = body(text="")
+        data = body(text="x" * (MAX_BODY - len(data)))
+        self.assertEqual(len(data), MAX_BODY)
+        status, _, _ = self.request("POST", "/log", data)
+        self.assertEqual(status, 200)
+
+    def test_stopping(self) -> None:
+        """While stopping, 503 with Retry-After and a reason."""
+        self.registry.close_all()
+        status, headers, answer = self.request("POST", "/log", body())
+        self.assertEqual(status, 503)
+        self.assertEqual(headers.getRawHeaders(b"retry-after"), [b"5"])
+        self.assertEqual(answer["error"], "server is stopping")
+
+    def test_accepted_data_survives_bad_requests(self) -> None:
+        """Bad requests between good ones leave the accepted lines intact."""
+        self.assertEqual(self.request("POST", "/log", body(content_id=1))[0], 200)
+        self.assertEqual(self.request("POST", "/log", b"\xff\xfe")[0], 400)
+        self.assertEqual(self.request("POST", "/log", b"{" * 2000)[0], 413)
+        self.assertEqual(self.request("POST", "/log", b"[" * 1000)[0], 400)
+        self.assertEqual(self.request("POST", "/log", body(content_id=2))[0], 200)
+        self.assertEqual(
+            [json.loads(line)["content_id"] for line in self.stored_lines()], [1, 2]
+        )
+
+
+class RoutingTests(WebCase):
+    """Methods and paths other than POST /log."""
+
+    def test_get_log_405(self) -> None:
+        """GET /log is 405 with Allow: POST."""
+        status, headers, answer = self.request("GET", "/log")
+        self.assertEqual(status, 405)
+        self.assertEqual(headers.getRawHeaders(b"allow"), [b"POST"])
+        self.assertEqual(answer["field"], None)
+
+    def test_put_log_405(self) -> None:
+        """PUT /log is 405 too."""
+        self.assertEqual(self.request("PUT", "/log", body())[0], 405)
+
+    def test_not_found(self) -> None:
+        """Other paths, below /log too, are JSON 404s."""
+        for path in ("/", "/logs", "/log/x", "/chat/2020-03-30"):
+            status, _, answer = self.request("POST", path, body())
+            self.assertEqual((status, answer["error"]), (404, "not found"), path)
+
+    def test_health(self) -> None:
+        """/healthz is 200 while running and 503 once stopping."""
+        status, _, answer = self.request("GET", "/healthz")
+        self.assertEqual((status, answer["status"]), (200, "ok"))
+        self.registry.close_all()
+        status, _, answer = self.request("GET", "/healthz")
+        self.assertEqual((status, answer["status"]), (503, "stopping"))
