@@ -110,9 +110,12 @@ async def append_object(
                 if info.size < S3_MIN_PART_SIZE:
                     base = await store.get(target, info.etag)
                     await store.put(target, base + tail, if_match=info.etag)
+                    _appended(target, info, "GetObject")
                     return target
                 upload = MultipartUpload(target, await store.create_upload(target))
             await _complete(store, upload, info, tail)
+            if info is not None:
+                _appended(target, info, "GetObject" if info.size < S3_MIN_PART_SIZE else "UploadPartCopy")
             return target
         except PreconditionFailed as e:
             _log.info(
@@ -120,6 +123,12 @@ async def append_object(
                 key=target,
                 operation=e.operation,
             )
+
+
+def _appended(key: str, info: ObjectInfo, how: str) -> None:
+    _log.info(
+        "{key}: appended to the existing {size} bytes by {how}", key=key, size=info.size, how=how
+    )
 
 
 async def _complete(
