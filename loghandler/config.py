@@ -125,7 +125,7 @@ def _storage(env: str, value: str) -> str:
         return text
     if text == "azure":
         raise ConfigError(f"{env}: 'azure' is not available in this version yet; use 'aws'")
-    raise ConfigError(f"{env}: must be 'aws' or 'azure', got {value!r}")
+    raise ConfigError(f"{env}: must be 'aws' (azure is not available yet), got {value!r}")
 
 
 def _endpoint(env: str, value: str) -> str:

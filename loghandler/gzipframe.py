@@ -52,6 +52,8 @@ class GzipPartEncoder:
         :returns: a complete part (bytes of whole gzip members, at least ``part_size``
             long) when this write filled one, else None.
         """
+        if not data:
+            return None
         self._pending += len(data)
         out = self._compressor.compress(data)
         if out:

@@ -151,9 +151,11 @@ def parse_message(body: bytes, now_ms: int, limits: Limits) -> Message:
         raise
     except RecursionError:
         _reject("body is not valid JSON: nested too deeply")
-    except ValueError as e:
-        reason = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
-        _reject(f"body is not valid JSON: {reason}")
+    except json.JSONDecodeError as e:
+        _reject(f"body is not valid JSON: {e}")
+    except ValueError:
+        # int() refuses integers of over 4300 digits (sys.get_int_max_str_digits()).
+        _reject("body is not valid JSON: integer too long")
     if type(document) is not dict:
         _reject("body must be a JSON object")
     if len(document) != 4 or not _FIELD_SET.issuperset(document):

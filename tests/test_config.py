@@ -1,0 +1,405 @@
+"""
+Tests for :mod:`loghandler.config` (environment to ``Config``, one-line errors that
+start with the variable's name) and for the option handling of :mod:`loghandler.tap`.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+from types import ModuleType
+from typing import Mapping
+
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from loghandler.config import MiB, Config, ConfigError, from_environ
+
+#: The smallest environment that configures the S3 store.
+BASE = {"AWS_BUCKET": "logs", "AWS_REGION": "eu-west-1"}
+
+
+def _tap() -> ModuleType:
+    """
+    ``loghandler.tap``, imported when a test needs it, so that the config tests do not
+    depend on the service modules that tap imports.
+    """
+    from loghandler import tap
+
+    return tap
+
+
+class DefaultsTests(SynchronousTestCase):
+    """``from_environ`` with only the required variables gives the documented defaults."""
+
+    def test_defaults(self) -> None:
+        """Every setting not given takes its default value."""
+        config = from_environ(BASE)
+        self.assertEqual(config.addr, "0.0.0.0")
+        self.assertEqual(config.port, 8902)
+        self.assertEqual(config.storage, "aws")
+        self.assertEqual(config.queue_timeout_s, 3600.0)
+        self.assertIs(config.no_upload, False)
+        self.assertIsNone(config.aws_access_key)
+        self.assertIsNone(config.aws_access_secret)
+        self.assertEqual(config.aws_region, "eu-west-1")
+        self.assertEqual(config.aws_bucket, "logs")
+        self.assertIsNone(config.aws_endpoint_url)
+        self.assertEqual(config.shutdown_timeout_s, 25.0)
+        self.assertEqual(config.part_size, 5 * 1024 * 1024)
+        self.assertEqual(config.max_client_id, 10)
+        self.assertEqual(config.max_body_bytes, 65536)
+        self.assertEqual(config.timestamp_max_age_s, 7 * 24 * 3600.0)
+        self.assertEqual(config.timestamp_max_ahead_s, 3600.0)
+        self.assertEqual(config.buffer_budget_bytes, 256 * MiB)
+        self.assertEqual(config.parts_in_flight, 2)
+        self.assertIs(config.access_log, False)
+
+    def test_defaults_equal_config_defaults(self) -> None:
+        """The environment-built defaults equal the Config class defaults."""
+        self.assertEqual(
+            from_environ(BASE), Config(aws_bucket="logs", aws_region="eu-west-1")
+        )
+
+    def test_unrelated_variables_ignored(self) -> None:
+        """Variables that are not settings (HOME, PATH) change nothing."""
+        self.assertEqual(
+            from_environ(dict(BASE, HOME="/root", PATH="/bin", port="1")), from_environ(BASE)
+        )
+
+    def test_empty_value_means_default(self) -> None:
+        """An empty or blank variable is the same as an absent one."""
+        config = from_environ(dict(BASE, PORT="", ADDR="  ", QUEUE_TIMEOUT_MIN=""))
+        self.assertEqual((config.port, config.addr, config.queue_timeout_s), (8902, "0.0.0.0", 3600.0))
+
+
+class ValueTests(SynchronousTestCase):
+    """Well-formed values are parsed into the right types and units."""
+
+    def test_queue_timeout_minutes_to_seconds(self) -> None:
+        """QUEUE_TIMEOUT_MIN=0.05 is 3.0 seconds."""
+        self.assertEqual(from_environ(dict(BASE, QUEUE_TIMEOUT_MIN="0.05")).queue_timeout_s, 3.0)
+
+    def test_queue_timeout_whole_minutes(self) -> None:
+        """QUEUE_TIMEOUT_MIN=15 is 900 seconds."""
+        self.assertEqual(from_environ(dict(BASE, QUEUE_TIMEOUT_MIN="15")).queue_timeout_s, 900.0)
+
+    def test_values_parsed(self) -> None:
+        """Each variable fills its field with the parsed value."""
+        config = from_environ(
+            dict(
+                BASE,
+                ADDR="127.0.0.1",
+                PORT=" 9000 ",
+                STORAGE="AWS",
+                AWS_ENDPOINT_URL="http://127.0.0.1:5000/",
+                AWS_ACCESS_KEY="AKID",
+                AWS_ACCESS_SECRET="secret",
+                SHUTDOWN_TIMEOUT_S="10.5",
+                PART_SIZE_BYTES=str(8 * MiB),
+                MAX_CLIENT_ID="50",
+                MAX_BODY_BYTES="1024",
+                TIMESTAMP_MAX_AGE_S="60",
+                TIMESTAMP_MAX_AHEAD_S="30",
+                BUFFER_BUDGET_BYTES=str(MiB),
+                PARTS_IN_FLIGHT="4",
+                ACCESS_LOG="yes",
+            )
+        )
+        self.assertEqual(
+            config,
+            Config(
+                addr="127.0.0.1",
+                port=9000,
+                storage="aws",
+                aws_bucket="logs",
+                aws_region="eu-west-1",
+                aws_endpoint_url="http://127.0.0.1:5000",
+                aws_access_key="AKID",
+                aws_access_secret="secret",
+                shutdown_timeout_s=10.5,
+                part_size=8 * MiB,
+                max_client_id=50,
+                max_body_bytes=1024,
+                timestamp_max_age_s=60.0,
+                timestamp_max_ahead_s=30.0,
+                buffer_budget_bytes=MiB,
+                parts_in_flight=4,
+                access_log=True,
+            ),
+        )
+
+    def test_no_upload_flag_values(self) -> None:
+        """NO_UPLOAD accepts 1/true/yes/on and 0/false/no/off/empty, any case."""
+        for text in ("1", "true", "YES", "On"):
+            self.assertIs(from_environ(dict(BASE, NO_UPLOAD=text)).no_upload, True, text)
+        for text in ("0", "false", "No", "OFF", ""):
+            self.assertIs(from_environ(dict(BASE, NO_UPLOAD=text)).no_upload, False, text)
+
+    def test_part_size_minimum_accepted(self) -> None:
+        """PART_SIZE_BYTES of exactly 5 MiB is accepted."""
+        self.assertEqual(
+            from_environ(dict(BASE, PART_SIZE_BYTES=str(5 * MiB))).part_size, 5 * MiB
+        )
+
+    def test_overrides_win(self) -> None:
+        """An override replaces the environment's value of the same variable."""
+        config = from_environ(
+            dict(BASE, PORT="1234", AWS_BUCKET="from-env"),
+            {"PORT": "9000", "AWS_BUCKET": "from-option"},
+        )
+        self.assertEqual((config.port, config.aws_bucket), (9000, "from-option"))
+
+    def test_override_alone(self) -> None:
+        """An override works without the variable in the environment."""
+        self.assertEqual(from_environ(BASE, {"MAX_CLIENT_ID": "20"}).max_client_id, 20)
+
+    def test_environ_not_modified(self) -> None:
+        """from_environ does not change the mapping it is given."""
+        environ = dict(BASE, PORT="1")
+        from_environ(environ, {"PORT": "2"})
+        self.assertEqual(environ, dict(BASE, PORT="1"))
+
+
+class ErrorTests(SynchronousTestCase):
+    """Every malformed or missing value raises one single-line ConfigError naming it."""
+
+    def assertConfigError(
+        self, environ: Mapping[str, str], variable: str, contains: str = ""
+    ) -> str:
+        """
+        ``from_environ(environ)`` raises a ConfigError whose one-line message starts
+        with ``variable + ":"`` and contains ``contains``; returns the message.
+        """
+        with self.assertRaises(ConfigError) as raised:
+            from_environ(environ)
+        message = str(raised.exception)
+        self.assertTrue(message.startswith(variable + ": "), message)
+        self.assertIn(contains, message)
+        self.assertEqual(message.splitlines(), [message])
+        return message
+
+    def test_port_not_integer(self) -> None:
+        """PORT=abc names PORT and quotes the value."""
+        self.assertEqual(
+            self.assertConfigError(dict(BASE, PORT="abc"), "PORT"),
+            "PORT: must be an integer, got 'abc'",
+        )
+
+    def test_port_out_of_range(self) -> None:
+        """PORT=70000 names PORT and gives the range."""
+        self.assertEqual(
+            self.assertConfigError(dict(BASE, PORT="70000"), "PORT"),
+            "PORT: must be from 0 to 65535, got 70000",
+        )
+
+    def test_port_negative(self) -> None:
+        """PORT=-1 is out of range."""
+        self.assertConfigError(dict(BASE, PORT="-1"), "PORT", "got -1")
+
+    def test_queue_timeout_malformed(self) -> None:
+        """QUEUE_TIMEOUT_MIN of -1, 0, nan, inf, -inf or x is refused, naming it."""
+        for text in ("-1", "0", "0.0", "nan", "inf", "-inf", "x", "1e999"):
+            message = self.assertConfigError(
+                dict(BASE, QUEUE_TIMEOUT_MIN=text), "QUEUE_TIMEOUT_MIN", repr(text)
+            )
+            self.assertIn("must be a number", message)
+
+    def test_no_upload_maybe(self) -> None:
+        """NO_UPLOAD=maybe is refused, naming NO_UPLOAD."""
+        self.assertEqual(
+            self.assertConfigError(dict(BASE, NO_UPLOAD="maybe"), "NO_UPLOAD"),
+            "NO_UPLOAD: must be 0 or 1, got 'maybe'",
+        )
+
+    def test_storage_gcs(self) -> None:
+        """STORAGE=gcs is refused, naming STORAGE and quoting the value."""
+        self.assertConfigError(dict(BASE, STORAGE="gcs"), "STORAGE", "'gcs'")
+
+    def test_storage_azure_not_available(self) -> None:
+        """STORAGE=azure says plainly that Azure is not available in this version."""
+        self.assertEqual(
+            self.assertConfigError(dict(BASE, STORAGE="azure"), "STORAGE"),
+            "STORAGE: 'azure' is not available in this version yet; use 'aws'",
+        )
+
+    def test_part_size_below_minimum(self) -> None:
+        """PART_SIZE_BYTES one byte under 5 MiB is refused with the range."""
+        self.assertEqual(
+            self.assertConfigError(dict(BASE, PART_SIZE_BYTES=str(5 * MiB - 1)), "PART_SIZE_BYTES"),
+            "PART_SIZE_BYTES: must be from 5242880 to 5368709120, got 5242879",
+        )
+
+    def test_endpoint_not_http(self) -> None:
+        """AWS_ENDPOINT_URL=ftp://x is refused."""
+        self.assertEqual(
+            self.assertConfigError(dict(BASE, AWS_ENDPOINT_URL="ftp://x"), "AWS_ENDPOINT_URL"),
+            "AWS_ENDPOINT_URL: must be an http:// or https:// URL, got 'ftp://x'",
+        )
+
+    def test_endpoint_without_host(self) -> None:
+        """AWS_ENDPOINT_URL=http:// (no host) is refused."""
+        self.assertConfigError(dict(BASE, AWS_ENDPOINT_URL="http://"), "AWS_ENDPOINT_URL", "'http://'")
+
+    def test_endpoint_without_scheme(self) -> None:
+        """AWS_ENDPOINT_URL=localhost:5000 (no scheme) is refused."""
+        self.assertConfigError(dict(BASE, AWS_ENDPOINT_URL="localhost:5000"), "AWS_ENDPOINT_URL")
+
+    def test_max_body_zero(self) -> None:
+        """MAX_BODY_BYTES=0 is refused with the range."""
+        self.assertEqual(
+            self.assertConfigError(dict(BASE, MAX_BODY_BYTES="0"), "MAX_BODY_BYTES"),
+            "MAX_BODY_BYTES: must be from 256 to 16777216, got 0",
+        )
+
+    def test_max_client_id_zero(self) -> None:
+        """MAX_CLIENT_ID=0 is refused."""
+        self.assertConfigError(dict(BASE, MAX_CLIENT_ID="0"), "MAX_CLIENT_ID", "got 0")
+
+    def test_parts_in_flight_zero(self) -> None:
+        """PARTS_IN_FLIGHT=0 is refused."""
+        self.assertConfigError(dict(BASE, PARTS_IN_FLIGHT="0"), "PARTS_IN_FLIGHT", "got 0")
+
+    def test_shutdown_timeout_negative(self) -> None:
+        """SHUTDOWN_TIMEOUT_S=-5 is refused."""
+        self.assertConfigError(dict(BASE, SHUTDOWN_TIMEOUT_S="-5"), "SHUTDOWN_TIMEOUT_S", "'-5'")
+
+    def test_missing_bucket(self) -> None:
+        """Without AWS_BUCKET the S3 store cannot start: the error names AWS_BUCKET."""
+        self.assertEqual(
+            self.assertConfigError({"AWS_REGION": "eu-west-1"}, "AWS_BUCKET"),
+            "AWS_BUCKET: required with STORAGE=aws (or set NO_UPLOAD=1)",
+        )
+
+    def test_blank_bucket_is_missing(self) -> None:
+        """AWS_BUCKET set to spaces counts as missing."""
+        self.assertConfigError({"AWS_REGION": "eu-west-1", "AWS_BUCKET": "  "}, "AWS_BUCKET")
+
+    def test_missing_region(self) -> None:
+        """Without AWS_REGION the error names AWS_REGION."""
+        self.assertEqual(
+            self.assertConfigError({"AWS_BUCKET": "logs"}, "AWS_REGION"),
+            "AWS_REGION: required with STORAGE=aws (or set NO_UPLOAD=1)",
+        )
+
+    def test_no_upload_needs_no_bucket(self) -> None:
+        """With NO_UPLOAD=1 neither AWS_BUCKET nor AWS_REGION is required."""
+        config = from_environ({"NO_UPLOAD": "1"})
+        self.assertEqual(
+            (config.no_upload, config.aws_bucket, config.aws_region), (True, None, None)
+        )
+
+    def test_key_without_secret(self) -> None:
+        """AWS_ACCESS_KEY alone is an error naming the missing AWS_ACCESS_SECRET."""
+        self.assertEqual(
+            self.assertConfigError(dict(BASE, AWS_ACCESS_KEY="AKID"), "AWS_ACCESS_SECRET"),
+            "AWS_ACCESS_SECRET: AWS_ACCESS_KEY and AWS_ACCESS_SECRET go together",
+        )
+
+    def test_secret_without_key(self) -> None:
+        """AWS_ACCESS_SECRET alone is an error naming the missing AWS_ACCESS_KEY."""
+        self.assertConfigError(dict(BASE, AWS_ACCESS_SECRET="s"), "AWS_ACCESS_KEY")
+
+    def test_multiline_value_gives_one_line(self) -> None:
+        """A value holding newlines still gives a one-line message."""
+        message = self.assertConfigError(dict(BASE, PORT="80\n81\r\n"), "PORT")
+        self.assertNotIn("\n", message)
+        self.assertNotIn("\r", message)
+
+    def test_every_setting_error_is_one_line(self) -> None:
+        """For every variable that can be malformed, the error is one line starting with it."""
+        bad = {
+            "PORT": "a\nb",
+            "STORAGE": "s3\nx",
+            "QUEUE_TIMEOUT_MIN": "1\n2",
+            "NO_UPLOAD": "x\ny",
+            "AWS_ENDPOINT_URL": "gopher://\nx",
+            "SHUTDOWN_TIMEOUT_S": "1\u2028x",
+            "PART_SIZE_BYTES": "1\r2",
+            "MAX_CLIENT_ID": "0",
+            "MAX_BODY_BYTES": "1\x0b",
+            "TIMESTAMP_MAX_AGE_S": "a\x85b",
+            "TIMESTAMP_MAX_AHEAD_S": "-1",
+            "BUFFER_BUDGET_BYTES": "1",
+            "PARTS_IN_FLIGHT": "65",
+            "ACCESS_LOG": "2\n",
+        }
+        for variable, value in bad.items():
+            self.assertConfigError(dict(BASE, **{variable: value}), variable)
+
+    def test_config_error_is_value_error(self) -> None:
+        """ConfigError is a ValueError."""
+        self.assertTrue(issubclass(ConfigError, ValueError))
+
+
+class TapOptionsTests(SynchronousTestCase):
+    """``twistd loghandler`` options map onto the environment variables."""
+
+    def test_overrides(self) -> None:
+        """--port 9000 --no-upload gives exactly PORT=9000 and NO_UPLOAD=1."""
+        options = _tap().Options()
+        options.parseOptions(["--port", "9000", "--no-upload"])
+        self.assertEqual(options.overrides(), {"PORT": "9000", "NO_UPLOAD": "1"})
+
+    def test_no_options_no_overrides(self) -> None:
+        """With no options there are no overrides."""
+        options = _tap().Options()
+        options.parseOptions([])
+        self.assertEqual(options.overrides(), {})
+
+    def test_option_names(self) -> None:
+        """Options mirror variable names: --queue-timeout-min and --access-log exist."""
+        options = _tap().Options()
+        options.parseOptions(["--queue-timeout-min", "0.05", "--access-log"])
+        self.assertEqual(
+            options.overrides(), {"QUEUE_TIMEOUT_MIN": "0.05", "ACCESS_LOG": "1"}
+        )
+
+    def test_no_secret_options(self) -> None:
+        """There is no option for AWS_ACCESS_KEY or AWS_ACCESS_SECRET; giving one is a usage error."""
+        tap = _tap()
+        names = {entry[0] for entry in tap.Options.optParameters} | {
+            entry[0] for entry in tap.Options.optFlags
+        }
+        self.assertIn("port", names)
+        self.assertNotIn("aws-access-key", names)
+        self.assertNotIn("aws-access-secret", names)
+        for argument in ("--aws-access-key", "--aws-access-secret"):
+            self.assertRaises(usage.UsageError, tap.Options().parseOptions, [argument, "x"])
+
+    def test_load_config_from_options_and_environ(self) -> None:
+        """load_config combines the environment with the options, the options winning."""
+        tap = _tap()
+        options = tap.Options()
+        options.parseOptions(["--port", "9000", "--no-upload"])
+        config = tap.load_config(options, {"PORT": "1", "ADDR": "127.0.0.1"})
+        self.assertEqual(
+            (config.port, config.no_upload, config.addr), (9000, True, "127.0.0.1")
+        )
+
+    def test_load_config_error_exits(self) -> None:
+        """A bad PORT option exits with code 2 and writes one line naming PORT to stderr."""
+        tap = _tap()
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        options = tap.Options()
+        options.parseOptions(["--port", "abc"])
+        with self.assertRaises(SystemExit) as raised:
+            tap.load_config(options, dict(BASE))
+        self.assertEqual(raised.exception.code, 2)
+        self.assertEqual(stderr.getvalue(), "loghandler: PORT: must be an integer, got 'abc'\n")
+
+    def test_load_config_environ_error_exits(self) -> None:
+        """A bad PORT in the environment exits with code 2 and one stderr line."""
+        tap = _tap()
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        options = tap.Options()
+        options.parseOptions([])
+        with self.assertRaises(SystemExit) as raised:
+            tap.load_config(options, dict(BASE, PORT="70000"))
+        self.assertEqual(raised.exception.code, 2)
+        output = stderr.getvalue()
+        self.assertTrue(output.startswith("loghandler: PORT: "), output)
+        self.assertEqual(output.count("\n"), 1)
+        self.assertTrue(output.endswith("\n"))
