@@ -1,0 +1,148 @@
+"""
+HTTP throughput and memory of loghandler, as ratios against a minimal twisted.web
+server measured in the same run (``bench/baseline_server.py``).
+
+Scenarios, each a fresh server process loaded by ``wrk`` (Debian package ``wrk``) on
+127.0.0.1 with keep-alive connections:
+
+- ``baseline``: the minimal server.
+- ``no-upload``: ``twistd -n loghandler`` with ``NO_UPLOAD=1`` (validation,
+  compression and parts, nothing sent).
+- ``s3``: loghandler against moto's S3 server (started here), short messages.
+- ``s3-large``: the same with 8 KB random-hex texts, so 5 MiB parts are uploaded
+  (SHA-256 of each part is computed on a thread, off the reactor).
+
+Usage: ``.venv/bin/python bench/http_throughput.py [--seconds 10] [--connections 32]``.
+Prints one line per scenario: requests/s, the ratio to the baseline, p50/p99 latency
+and the server's peak RSS (VmHWM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import timeit
+from typing import Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+from tests.integration.moto import MotoServer  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError("server exited at start")
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("server did not listen in time")
+
+
+def peak_rss_mib(pid: int) -> float:
+    with open("/proc/%d/status" % pid) as f:
+        match = re.search(r"VmHWM:\s+(\d+) kB", f.read())
+    return int(match.group(1)) / 1024 if match else float("nan")
+
+
+def run_wrk(port: int, seconds: int, connections: int, text_bytes: int) -> dict[str, float]:
+    env = {**os.environ, "TEXT_BYTES": str(text_bytes)}
+    out = subprocess.run(
+        [
+            "wrk", "-t1", "-c%d" % connections, "-d%ds" % seconds,
+            "-s", os.path.join(HERE, "post.lua"), "http://127.0.0.1:%d/log" % port,
+        ],
+        env=env, capture_output=True, text=True, check=True,
+    ).stdout
+    result = dict(re.findall(r"(\w+)=(\d+)", out.split("RESULT", 1)[1]))
+    return {
+        "rps": int(result["requests"]) / seconds,
+        "non2xx": int(result["non2xx"]),
+        "p50_ms": int(result["p50_us"]) / 1000,
+        "p99_ms": int(result["p99_us"]) / 1000,
+    }
+
+
+def scenario(
+    command: list[str], env: dict[str, str], port: int, args: argparse.Namespace, text_bytes: int
+) -> dict[str, float]:
+    process = subprocess.Popen(
+        command, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
+    try:
+        wait_port(port, process)
+        run_wrk(port, 2, args.connections, text_bytes)  # warm-up
+        result = run_wrk(port, args.seconds, args.connections, text_bytes)
+        result["rss_mib"] = peak_rss_mib(process.pid)
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)
+        result["stop_s"] = time.monotonic() - started
+        return result
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=32)
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed: apt-get install wrk")
+    python = sys.executable
+    twistd = os.path.join(os.path.dirname(python), "twistd")
+    results: dict[str, dict[str, float]] = {}
+
+    port = free_port()
+    results["baseline"] = scenario(
+        [python, os.path.join(HERE, "baseline_server.py"), str(port)], {}, port, args, 0
+    )
+    daemon = [twistd, "-n", "--pidfile=", "loghandler"]
+    port = free_port()
+    results["no-upload"] = scenario(
+        daemon, {"NO_UPLOAD": "1", "ADDR": "127.0.0.1", "PORT": str(port)}, port, args, 0
+    )
+    with MotoServer(bucket="bench") as moto:
+        for name, text_bytes in (("s3", 0), ("s3-large", 8000)):
+            moto.reset()
+            port = free_port()
+            env = {**moto.env(), "ADDR": "127.0.0.1", "PORT": str(port),
+                   "SHUTDOWN_TIMEOUT_S": "60", "BUFFER_BUDGET_BYTES": str(1 << 30)}
+            results[name] = scenario(daemon, env, port, args, text_bytes)
+
+    base = results["baseline"]["rps"]
+    print("%-10s %10s %8s %8s %8s %9s %7s %7s" % (
+        "scenario", "req/s", "ratio", "p50 ms", "p99 ms", "RSS MiB", "non2xx", "stop s"))
+    for name, r in results.items():
+        print("%-10s %10.0f %8.2f %8.2f %8.2f %9.1f %7d %7.2f" % (
+            name, r["rps"], r["rps"] / base, r["p50_ms"], r["p99_ms"], r["rss_mib"],
+            r["non2xx"], r["stop_s"]))
+    part = os.urandom(5 * 1024 * 1024)
+    ms = min(timeit.repeat(lambda: hashlib.sha256(part).hexdigest(), number=5, repeat=3)) / 5 * 1000
+    print("SHA-256 of a 5 MiB part: %.1f ms (on a thread in loghandler)" % ms)
+
+
+if __name__ == "__main__":
+    main()
