@@ -10,6 +10,11 @@ Never overwrite: complete an object by appending to what the key already holds
    PutObject the whole when no multipart upload exists), with ``If-Match``.
 4. 412 Precondition Failed (another writer got there first): start again at 1.
 
+Every write carries the stream's write ID (user metadata).  When HEAD finds the key
+last written with our own ID, an earlier try landed although its answer was lost (the
+store retried a PutObject or CompleteMultipartUpload that had succeeded): the append
+is done, and nothing is written twice.
+
 A key whose object is over :data:`ROLLOVER_BYTES` takes no more appends: new data go to
 ``{key}.1``, ``{key}.2``... (one copied part holds at most 5 GiB; the margin leaves room
 for writers that append while an upload is open).
@@ -82,7 +87,11 @@ async def choose_target(store: IObjectStore, key: str) -> tuple[str, Optional[Ob
 
 
 async def append_object(
-    store: IObjectStore, key: str, upload: Optional[MultipartUpload], tail: bytes
+    store: IObjectStore,
+    key: str,
+    upload: Optional[MultipartUpload],
+    tail: bytes,
+    write_id: str,
 ) -> str:
     """
     Write ``tail`` (and, with an upload, its data parts) after whatever the key holds.
@@ -91,6 +100,7 @@ async def append_object(
     :param upload: the stream's multipart upload with all its data parts uploaded, or
         None when everything is in ``tail``.
     :param tail: the last gzip members, held in memory (may be empty).
+    :param write_id: the stream's write ID, unique to it; the upload was created with it.
     :returns: the key written (``key`` or a rollover of it).
     :raises StorageError: a call failed; the caller retries the whole protocol.
     :raises ObjectTooLarge: see the exception.
@@ -100,19 +110,22 @@ async def append_object(
             target, info = await choose_target(store, key)
         else:
             target, info = upload.key, await store.head(upload.key)
+        if info is not None and info.write_id == write_id:
+            _log.info("{key}: an earlier try of this append landed", key=target)
+            return target
         try:
             if upload is None:
                 if not tail:
                     return target
                 if info is None:
-                    await store.put(target, tail, if_none_match=True)
+                    await store.put(target, tail, if_none_match=True, write_id=write_id)
                     return target
                 if info.size < S3_MIN_PART_SIZE:
                     base = await store.get(target, info.etag)
-                    await store.put(target, base + tail, if_match=info.etag)
+                    await store.put(target, base + tail, if_match=info.etag, write_id=write_id)
                     _appended(target, info, "GetObject")
                     return target
-                upload = MultipartUpload(target, await store.create_upload(target))
+                upload = MultipartUpload(target, await store.create_upload(target, write_id))
             await _complete(store, upload, info, tail)
             if info is not None:
                 _appended(target, info, "GetObject" if info.size < S3_MIN_PART_SIZE else "UploadPartCopy")

@@ -9,6 +9,11 @@ its siblings), reduced to what the data path needs.  An implementation talks to 
 
 ETags are opaque strings passed back exactly as the store returned them (S3 returns
 them with their double quotes, and ``If-Match`` wants them so).
+
+A write ID is a random string that a writer attaches to the object it writes (S3 user
+metadata, ``x-amz-meta-loghandler-write-id``): when the answer to a write is lost and
+the write is tried again, HEAD tells whether the first try landed, so that no line is
+appended twice.
 """
 
 from __future__ import annotations
@@ -27,10 +32,13 @@ class ObjectInfo:
 
     :ivar size: the object's length in bytes.
     :ivar etag: its ETag, quotes included.
+    :ivar write_id: the write ID of the PutObject or multipart upload that last wrote
+        it (user metadata ``x-amz-meta-loghandler-write-id``), or None.
     """
 
     size: int
     etag: str
+    write_id: Optional[str] = None
 
 
 @attrs.frozen
@@ -126,19 +134,24 @@ class IObjectStore(Interface):
         """
 
     def put(
-        key: str, body: bytes, if_match: Optional[str] = None, if_none_match: bool = False
+        key: str,
+        body: bytes,
+        if_match: Optional[str] = None,
+        if_none_match: bool = False,
+        write_id: Optional[str] = None,
     ) -> "Deferred[str]":
         """
         PutObject with ``Content-Type: application/gzip``; fires with the new ETag.
 
         :param if_match: replace only the object with this ETag.
         :param if_none_match: write only if the key does not exist (``If-None-Match: *``).
+        :param write_id: stored with the object, reported by :meth:`head`.
         """
 
-    def create_upload(key: str) -> "Deferred[str]":
+    def create_upload(key: str, write_id: Optional[str] = None) -> "Deferred[str]":
         """
         CreateMultipartUpload with ``Content-Type: application/gzip``; fires with the
-        upload ID.
+        upload ID.  ``write_id`` is stored with the object the upload completes.
         """
 
     def upload_part(key: str, upload_id: str, number: int, body: bytes) -> "Deferred[str]":
@@ -182,4 +195,9 @@ class IObjectStore(Interface):
     def list_parts(key: str, upload_id: str) -> "Deferred[list[StoredPart]]":
         """
         ListParts of one upload, all pages, in part number order.
+        """
+
+    def close() -> "Deferred[None]":
+        """
+        Release connections; called once when the server stops, after the flush.
         """

@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from loghandler.config import Config
+from loghandler.interfaces import IObjectStore
 from loghandler.message import Limits
 from loghandler.registry import StreamRegistry, StreamSettings
 from loghandler.web import make_site
@@ -30,17 +31,25 @@ from loghandler.web import make_site
 class StreamService(Service):
     """
     Owns the :class:`StreamRegistry`; on stop, completes every object within the
-    deadline.
+    deadline, then closes the store's connections.
 
     :param registry: the streams.
+    :param store: the ``IObjectStore`` the streams write to.
     :param clock: for the deadline.
     :param shutdown_timeout_s: seconds the flush may take.
     """
 
     _log = Logger()
 
-    def __init__(self, registry: StreamRegistry, clock: IReactorTime, shutdown_timeout_s: float):
+    def __init__(
+        self,
+        registry: StreamRegistry,
+        store: IObjectStore,
+        clock: IReactorTime,
+        shutdown_timeout_s: float,
+    ):
         self.registry = registry
+        self._store = store
         self._clock = clock
         self._timeout = shutdown_timeout_s
 
@@ -51,7 +60,7 @@ class StreamService(Service):
         flushing = self.registry.close_all()
         flushing.addTimeout(self._timeout, self._clock)
 
-        def done(result: object) -> None:
+        def done(result: object) -> "Deferred[None]":
             seconds = self._clock.seconds() - started
             if isinstance(result, Failure) and result.check(TimeoutError):
                 self._log.error(
@@ -63,8 +72,11 @@ class StreamService(Service):
                 self._log.failure("flush on stop failed", result)
             else:
                 self._log.info("flush on stop done in {seconds:.3f} s", seconds=seconds)
+            return self._store.close()
 
-        return flushing.addBoth(done)
+        return flushing.addBoth(done).addErrback(
+            lambda failure: self._log.failure("closing the store failed", failure)
+        )
 
 
 def listen_description(addr: str, port: int) -> str:
@@ -74,7 +86,7 @@ def listen_description(addr: str, port: int) -> str:
 
 def build_service(
     config: Config,
-    store: object,
+    store: IObjectStore,
     reactor: IReactorTime,
     now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
 ) -> MultiService:
@@ -101,7 +113,7 @@ def build_service(
     )
     site = make_site(registry, limits, now_ms, config.max_body_bytes, config.access_log)
     root = MultiService()
-    StreamService(registry, reactor, config.shutdown_timeout_s).setServiceParent(root)
+    StreamService(registry, store, reactor, config.shutdown_timeout_s).setServiceParent(root)
     endpoint = serverFromString(reactor, listen_description(config.addr, config.port))
     listener = StreamServerEndpointService(endpoint, site)
     listener._raiseSynchronously = True

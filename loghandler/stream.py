@@ -17,6 +17,7 @@ abandoned at the shutdown deadline, which logs what was lost.
 from __future__ import annotations
 
 import collections
+import uuid
 from typing import Any, Callable, Optional
 
 from twisted.internet.defer import (
@@ -27,7 +28,7 @@ from twisted.internet.defer import (
     ensureDeferred,
     succeed,
 )
-from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IConsumer, IProducer, IPushProducer, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -85,6 +86,7 @@ class ObjectStream:
         self._in_flight = 0
         self._upload: Optional[MultipartUpload] = None
         self._next_number = FIRST_DATA_PART
+        self._write_id = uuid.uuid4().hex
         self._part_uploads: set[Deferred[None]] = set()
         self._upload_lock = DeferredLock()
         self._idle_waiters: list[Deferred[None]] = []
@@ -110,9 +112,9 @@ class ObjectStream:
 
     # IConsumer
 
-    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
         """Register the push producer that :meth:`write` calls come from."""
-        if not streaming:
+        if not (streaming and IPushProducer.providedBy(producer)):
             raise ValueError("ObjectStream takes only streaming (push) producers")
         self._producer = producer
 
@@ -184,7 +186,7 @@ class ObjectStream:
         try:
             if self._upload is None:
                 target, _ = await choose_target(self._store, self.key)
-                upload_id = await self._store.create_upload(target)
+                upload_id = await self._store.create_upload(target, self._write_id)
                 self._upload = MultipartUpload(target, upload_id)
                 self._log.info(
                     "{key}: multipart upload {upload_id} created", key=target, upload_id=upload_id
@@ -256,7 +258,10 @@ class ObjectStream:
             if self._upload is not None:
                 self._upload.next_number = self._next_number
             written = await self._retrying(
-                "append", lambda: ensureDeferred(append_object(self._store, self.key, self._upload, tail))
+                "append",
+                lambda: ensureDeferred(
+                    append_object(self._store, self.key, self._upload, tail, self._write_id)
+                ),
             )
             self.stored_bytes += len(tail)
             self._log.info(

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from loghandler.config import SETTINGS, Config, ConfigError, from_environ
+from loghandler.interfaces import IObjectStore
 from loghandler.service import build_service
 
 _log = Logger()
@@ -71,7 +72,7 @@ def load_config(options: Mapping[str, Any], environ: Mapping[str, str]) -> Confi
         raise
 
 
-def make_store(config: Config, reactor: Any) -> object:
+def make_store(config: Config, reactor: Any) -> IObjectStore:
     """The ``IObjectStore`` the configuration asks for."""
     if config.no_upload:
         from loghandler.storage.discard import DiscardStore

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 
 from twisted.logger import Logger
 from twisted.web.resource import IResource, Resource
+from twisted.web import http
 from twisted.web.server import Request, Site
 
 from loghandler.message import Limits, Rejection, parse_message, too_large
@@ -82,7 +83,7 @@ class LogResource(Resource):
         self._now_ms = now_ms
         self._max_body_bytes = max_body_bytes
 
-    def render(self, request: Request) -> bytes:  # type: ignore[override]
+    def render(self, request: Request) -> bytes:
         """Dispatch: POST on ``/log`` itself, 404 below it, 405 for other methods."""
         if request.postpath and request.postpath != [b""]:
             return _error(request, 404, "not found")
@@ -97,7 +98,10 @@ class LogResource(Resource):
         if getattr(content, "overflowed", False):
             rejection = too_large(self._max_body_bytes)
             return _respond(request, rejection.status, rejection.to_json())
-        body = content.getvalue() if isinstance(content, io.BytesIO) else content.read()
+        if isinstance(content, io.BytesIO):
+            body = content.getvalue()
+        else:
+            body = content.read() if content is not None else b""
         if len(body) > self._max_body_bytes:
             rejection = too_large(self._max_body_bytes)
             return _respond(request, rejection.status, rejection.to_json())
@@ -143,7 +147,7 @@ class HealthResource(Resource):
 class _NotFound(Resource):
     isLeaf = True
 
-    def render(self, request: Request) -> bytes:  # type: ignore[override]
+    def render(self, request: Request) -> bytes:
         return _error(request, 404, "not found")
 
 
@@ -154,7 +158,7 @@ class Root(Resource):
         """Anything not registered is a JSON 404."""
         return _NotFound()
 
-    def render(self, request: Request) -> bytes:  # type: ignore[override]
+    def render(self, request: Request) -> bytes:
         """``/`` itself is not a resource either."""
         return _error(request, 404, "not found")
 
@@ -182,7 +186,7 @@ class LogSite(Site):
         """Called by twisted.web for each request body."""
         return BoundedBody(self._max_body_bytes, length)
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         """Write an access-log line only when ``ACCESS_LOG=1``."""
         if self._access_log:
             super().log(request)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, fail
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
@@ -180,12 +180,10 @@ class IsolationTests(RegistryCase):
         bad = key_for(message(1).timestamp, 1)
         real_put = self.store.put
 
-        def put(key, body, if_match=None, if_none_match=False):  # type: ignore[no-untyped-def]
+        def put(key, body, **conditions):  # type: ignore[no-untyped-def]
             if key == bad:
-                from twisted.internet.defer import fail
-
                 return fail(StorageError("PutObject", 403, "AccessDenied"))
-            return real_put(key, body, if_match, if_none_match)
+            return real_put(key, body, **conditions)
 
         self.store.put = put  # type: ignore[method-assign]
         for client in (1, 2, 3):

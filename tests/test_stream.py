@@ -158,6 +158,34 @@ class SmallObjectTests(StreamCase):
             any("another writer" in e.get("log_format", "") for e in events), events
         )
 
+    def test_lost_answer_to_put_not_appended_twice(self) -> None:
+        """
+        A PutObject that landed but whose answer was lost is retried; HEAD shows the
+        stream's own write ID, so the lines are stored once, not appended again.
+        """
+        self.store.lose_answer("PutObject")
+        stream = self.stream()
+        stream.write(message(1).to_line())
+        done = stream.close()
+        self.assertNoResult(done)
+        self.clock.advance(1.0)
+        self.successResultOf(done)
+        self.assertEqual(read_lines(self.store.body(KEY)), [message(1).to_line()])
+        self.assertEqual(
+            self.operations(), ["HeadObject", "PutObject", "HeadObject"]
+        )
+
+    def test_lost_answer_to_append_not_appended_twice(self) -> None:
+        """The same when the lost answer is a GetObject-and-rewrite append's PutObject."""
+        base = message(0).to_line()
+        self.successResultOf(self.store.put(KEY, gzip_of(base)))
+        self.store.lose_answer("PutObject")
+        stream = self.stream()
+        stream.write(message(1).to_line())
+        stream.close()
+        self.clock.advance(1.0)
+        self.assertEqual(read_lines(self.store.body(KEY)), [base, message(1).to_line()])
+
     def test_rollover_past_limit(self) -> None:
         """A key whose object is over the rollover size is continued as ``{key}.1``."""
         real_head = self.store.head
@@ -259,6 +287,25 @@ class MultipartTests(StreamCase):
         at = stored.index(base)
         self.assertGreater(at, 0)
         self.assertEqual(stored[:at] + stored[at + 1 :], lines)
+
+    def test_lost_answer_to_complete_not_appended_twice(self) -> None:
+        """
+        A CompleteMultipartUpload that landed but whose answer was lost: the retry
+        finds the stream's write ID on the object and stops; no line is doubled.
+        """
+        base = message(0).to_line()
+        self.successResultOf(self.store.put(KEY, gzip_of(base)))
+        self.store.lose_answer("CompleteMultipartUpload")
+        stream = self.stream()
+        lines = [noise_line(n) for n in range(300)]
+        for line in lines:
+            stream.write(line)
+        done = stream.close()
+        self.clock.advance(1.0)
+        self.successResultOf(done)
+        stored = read_lines(self.store.body(KEY))
+        self.assertEqual(sorted(stored), sorted(lines + [base]))
+        self.assertEqual(self.operations().count("CompleteMultipartUpload"), 1)
 
     def test_conflict_on_complete_starts_again(self) -> None:
         """

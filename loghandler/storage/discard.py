@@ -38,13 +38,18 @@ class DiscardStore:
         return succeed(b"")
 
     def put(
-        self, key: str, body: bytes, if_match: Optional[str] = None, if_none_match: bool = False
+        self,
+        key: str,
+        body: bytes,
+        if_match: Optional[str] = None,
+        if_none_match: bool = False,
+        write_id: Optional[str] = None,
     ) -> Deferred[str]:
         """Count and drop ``body``."""
         self.bytes_discarded += len(body)
         return succeed('"discarded"')
 
-    def create_upload(self, key: str) -> Deferred[str]:
+    def create_upload(self, key: str, write_id: Optional[str] = None) -> Deferred[str]:
         """A new upload ID."""
         return succeed("discard-%d" % next(self._ids))
 
@@ -81,3 +86,7 @@ class DiscardStore:
     def list_parts(self, key: str, upload_id: str) -> Deferred[list[StoredPart]]:
         """No parts are kept."""
         return succeed([])
+
+    def close(self) -> Deferred[None]:
+        """Nothing to release."""
+        return succeed(None)

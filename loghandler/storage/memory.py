@@ -40,6 +40,7 @@ def _etag(body: bytes) -> str:
 class _Upload:
     key: str
     initiated: float
+    write_id: Optional[str] = None
     parts: dict[int, tuple[bytes, str]] = attrs.field(factory=dict)
 
 
@@ -70,12 +71,14 @@ class MemoryStore:
         self.min_part_size = min_part_size
         self._now = now
         self.objects: dict[str, tuple[bytes, str]] = {}
+        self.write_ids: dict[str, Optional[str]] = {}
         self.uploads: dict[str, _Upload] = {}
         self.calls: list[tuple[str, str]] = []
         self.held: list[_Held] = []
         self._failures: dict[str, list[Exception]] = {}
         self._holding: set[str] = set()
         self._before: dict[str, list[Callable[[], None]]] = {}
+        self._lost: dict[str, int] = {}
         self._ids = itertools.count(1)
 
     # test controls
@@ -96,6 +99,13 @@ class MemoryStore:
         ready, self.held = self.held[:count], self.held[count:]
         for held in ready:
             self._settle(held.run, held.result)
+
+    def lose_answer(self, operation: str, times: int = 1) -> None:
+        """
+        Carry out the next ``times`` calls of ``operation`` but answer them with a
+        StorageError, as when the connection drops before the answer arrives.
+        """
+        self._lost[operation] = self._lost.get(operation, 0) + times
 
     def before(self, operation: str, action: Callable[[], None]) -> None:
         """Run ``action`` once, just before the next call of ``operation``."""
@@ -125,9 +135,13 @@ class MemoryStore:
             self.held.append(_Held(operation, run, result))
             return result
         try:
-            return succeed(run())
+            value = run()
         except Exception as e:
             return fail(e)
+        if self._lost.get(operation):
+            self._lost[operation] -= 1
+            return fail(StorageError(operation, 0, "ResponseNeverReceived", "answer lost"))
+        return succeed(value)
 
     def _check(
         self, operation: str, key: str, if_match: Optional[str], if_none_match: bool
@@ -151,7 +165,9 @@ class MemoryStore:
 
         def run() -> Optional[ObjectInfo]:
             current = self.objects.get(key)
-            return None if current is None else ObjectInfo(len(current[0]), current[1])
+            if current is None:
+                return None
+            return ObjectInfo(len(current[0]), current[1], self.write_ids.get(key))
 
         return self._call("HeadObject", key, run)
 
@@ -167,23 +183,29 @@ class MemoryStore:
         return self._call("GetObject", key, run)
 
     def put(
-        self, key: str, body: bytes, if_match: Optional[str] = None, if_none_match: bool = False
+        self,
+        key: str,
+        body: bytes,
+        if_match: Optional[str] = None,
+        if_none_match: bool = False,
+        write_id: Optional[str] = None,
     ) -> Deferred[str]:
         """PutObject with optional If-Match / If-None-Match: *."""
 
         def run() -> str:
             self._check("PutObject", key, if_match, if_none_match)
             self.objects[key] = (bytes(body), _etag(body))
+            self.write_ids[key] = write_id
             return self.objects[key][1]
 
         return self._call("PutObject", key, run)
 
-    def create_upload(self, key: str) -> Deferred[str]:
+    def create_upload(self, key: str, write_id: Optional[str] = None) -> Deferred[str]:
         """CreateMultipartUpload."""
 
         def run() -> str:
             upload_id = "upload-%d" % next(self._ids)
-            self.uploads[upload_id] = _Upload(key, self._now())
+            self.uploads[upload_id] = _Upload(key, self._now(), write_id)
             return upload_id
 
         return self._call("CreateMultipartUpload", key, run)
@@ -248,6 +270,7 @@ class MemoryStore:
             ).hexdigest()
             etag = '"%s-%d"' % (digest, len(parts))
             self.objects[key] = (b"".join(bodies), etag)
+            self.write_ids[key] = upload.write_id
             del self.uploads[upload_id]
             return etag
 
@@ -288,3 +311,7 @@ class MemoryStore:
             ]
 
         return self._call("ListParts", key, run)
+
+    def close(self) -> Deferred[None]:
+        """Nothing to release."""
+        return succeed(None)
