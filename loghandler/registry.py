@@ -124,6 +124,7 @@ class StreamRegistry:
         if self.stopping:
             raise Busy("server is stopping", 5)
         if self.budget.exhausted:
+            self._relieve()
             raise Busy("buffers are full", 1)
         key = key_for(message.timestamp, message.client_id)
         entry = self._open.get(key)
@@ -137,6 +138,26 @@ class StreamRegistry:
             self._log.failure("{key}: stream failed; completing it", key=key)
             self._complete(key)
             raise
+        if entry.stream.parts_exhausted:
+            self._log.info("{key}: 10,000 parts; completing the object early", key=key)
+            self._complete(key)
+
+    def _relieve(self) -> None:
+        """
+        With the budget spent and no object completing, complete the open object that
+        buffers the most: many objects each holding part of a part would otherwise
+        refuse every message until they rotate.
+        """
+        if self._closing or not self._open:
+            return
+        key = max(self._open, key=lambda k: self._open[k].stream.buffered_bytes)
+        self._log.warn(
+            "buffers are full ({held} of {limit} bytes); completing {key} early",
+            held=self.budget.held,
+            limit=self.budget.limit,
+            key=key,
+        )
+        self._complete(key)
 
     def _start(self, key: str) -> _Open:
         settings = self._settings

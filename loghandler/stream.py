@@ -39,6 +39,9 @@ from loghandler.budget import MemoryBudget
 from loghandler.gzipframe import GzipPartEncoder
 from loghandler.interfaces import IObjectStore, StorageError
 
+#: S3's largest part number (https://docs.aws.amazon.com/AmazonS3/latest/userguide/qfacts.html).
+MAX_PART_NUMBER = 10_000
+
 #: Waits between a stream's own retries of a failed storage call, in seconds.
 STREAM_BACKOFF = Backoff(base=1.0, cap=60.0)
 
@@ -109,6 +112,19 @@ class ObjectStream:
     def paused(self) -> bool:
         """Whether parts are waiting for an upload slot (the producer is paused)."""
         return self._paused
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Compressed bytes held for the part being filled."""
+        return self._encoder.buffered_bytes
+
+    @property
+    def parts_exhausted(self) -> bool:
+        """
+        Whether the upload is one part short of S3's 10,000-part limit: the stream must
+        be completed now (its tail takes the last number).
+        """
+        return self._next_number >= MAX_PART_NUMBER
 
     # IConsumer
 

@@ -31,11 +31,11 @@ class RegistryCase(SynchronousTestCase):
         self.store = MemoryStore(min_part_size=16 * 1024, now=self.clock.seconds)
         self.registry = self.make(budget=1 << 30)
 
-    def make(self, budget: int) -> StreamRegistry:
+    def make(self, budget: int, part_size: int = 16 * 1024) -> StreamRegistry:
         return StreamRegistry(
             self.store,
             self.clock,
-            StreamSettings(part_size=16 * 1024, lifetime_s=LIFETIME, budget_bytes=budget),
+            StreamSettings(part_size=part_size, lifetime_s=LIFETIME, budget_bytes=budget),
         )
 
 
@@ -108,6 +108,39 @@ class AdmissionTests(RegistryCase):
         self.registry.accept(message(5000))
         key = key_for(DAY_START_MS, 3)
         self.assertEqual(read_lines(self.store.body(key)), accepted)
+
+    def test_budget_spent_by_partial_parts_completes_largest(self) -> None:
+        """
+        When the budget is spent by objects each holding part of a part (nothing in
+        flight), the one buffering most is completed early, so messages are taken
+        again without waiting for rotation.
+        """
+        self.registry = self.make(budget=2 * STREAM_OVERHEAD_BYTES + 256 * 1024, part_size=1 << 20)
+        sent: dict[int, list[bytes]] = {3: [], 4: []}
+        with capturedLogs() as events:
+            with self.assertRaises(Busy):
+                for n in range(1, 100000):
+                    client = 3 if n % 3 else 4
+                    m = Message(os.urandom(200).hex(), n, client, DAY_START_MS)
+                    self.registry.accept(m)
+                    sent[client].append(m.to_line())
+        self.assertEqual(
+            [e["key"] for e in events if "completing {key} early" in e.get("log_format", "")],
+            [key_for(DAY_START_MS, 3)],
+        )
+        self.assertEqual(read_lines(self.store.body(key_for(DAY_START_MS, 3))), sent[3])
+        self.registry.accept(message(1, 3))
+
+    def test_part_limit_completes_object(self) -> None:
+        """A stream one part short of 10,000 parts is completed and a new one opened."""
+        self.registry.accept(message(1))
+        key = key_for(message(1).timestamp, 3)
+        self.registry._open[key].stream._next_number = 10_000
+        self.registry.accept(message(2))
+        self.assertEqual(self.registry.open_keys, [])
+        self.assertEqual(
+            read_lines(self.store.body(key)), [message(1).to_line(), message(2).to_line()]
+        )
 
     def test_stopping(self) -> None:
         """Once close_all started, messages are refused with 'server is stopping'."""
