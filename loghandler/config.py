@@ -75,6 +75,20 @@ class Setting:
         """The long option that mirrors the variable: ``PORT`` -> ``port``."""
         return self.env.lower().replace("_", "-")
 
+    @property
+    def default_text(self) -> str:
+        """The default as the variable would be written (``60`` minutes, ``0``), or ""."""
+        value = attrs.fields_dict(Config)[self.field].default
+        if value is None:
+            return ""
+        if isinstance(value, bool):
+            return "1" if value else "0"
+        if self.parse is _minutes:
+            value = value / 60
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        return str(value)
+
 
 def _text(env: str, value: str) -> str:
     value = value.strip()

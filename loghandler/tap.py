@@ -39,7 +39,12 @@ class Options(usage.Options):
         [s.option, None, "%s [%s]" % (s.help, s.env)] for s in SETTINGS if s.field in _FLAGS
     ]
     optParameters = [
-        [s.option, None, None, "%s [%s]" % (s.help, s.env)]
+        [
+            s.option,
+            None,
+            None,
+            "%s [%s%s]" % (s.help, s.env, ", default " + s.default_text if s.default_text else ""),
+        ]
         for s in SETTINGS
         if s.field not in _FLAGS and not s.secret
     ]

@@ -403,3 +403,28 @@ class TapOptionsTests(SynchronousTestCase):
         self.assertTrue(output.startswith("loghandler: PORT: "), output)
         self.assertEqual(output.count("\n"), 1)
         self.assertTrue(output.endswith("\n"))
+
+
+class HelpTests(SynchronousTestCase):
+    """``twistd loghandler --help`` shows each variable's name and default."""
+
+    def test_defaults_shown(self) -> None:
+        """Defaults are written as the variable takes them (minutes, 0/1, bytes)."""
+        from loghandler.config import SETTINGS
+
+        shown = {s.env: s.default_text for s in SETTINGS}
+        self.assertEqual(shown["PORT"], "8902")
+        self.assertEqual(shown["QUEUE_TIMEOUT_MIN"], "60")
+        self.assertEqual(shown["NO_UPLOAD"], "0")
+        self.assertEqual(shown["PART_SIZE_BYTES"], str(5 * MiB))
+        self.assertEqual(shown["AWS_BUCKET"], "")
+
+    def test_help_text(self) -> None:
+        """The option help names the variable and its default."""
+        from loghandler.tap import Options
+
+        text = str(Options())
+        self.assertIn("--queue-timeout-min=", text)
+        self.assertIn("[PORT,", text)
+        self.assertIn("default 8902]", " ".join(text.split()))
+        self.assertNotIn("--aws-access-secret", text)
