@@ -21,7 +21,6 @@ import uuid
 from typing import Any, Callable, Optional
 
 from twisted.internet.defer import (
-    CancelledError,
     Deferred,
     DeferredLock,
     DeferredSemaphore,
@@ -85,7 +84,8 @@ class ObjectStream:
         self._slots = upload_slots
         self._budget = budget
         self._backoff = backoff
-        self._queue: collections.deque[tuple[int, bytes]] = collections.deque()
+        # (part number, body, lines in it) of the parts waiting for an upload slot.
+        self._queue: collections.deque[tuple[int, bytes, int]] = collections.deque()
         self._in_flight = 0
         self._upload: Optional[MultipartUpload] = None
         self._next_number = FIRST_DATA_PART
@@ -98,7 +98,11 @@ class ObjectStream:
         self._finishing: Optional[Deferred[None]] = None
         self._done_waiters: list[Deferred[None]] = []
         self._done = False
+        self._abandoned = False
         self.lines = 0
+        self._lines_cut = 0
+        self._lines_stored = 0
+        self._unstored_bytes = 0
         self.raw_bytes = 0
         self.stored_bytes = 0
         self.started = clock.seconds()
@@ -154,7 +158,9 @@ class ObjectStream:
             self._budget.change(self._encoder.buffered_bytes - before)
         else:
             self._budget.change(len(part) - before)
-            self._queue.append((self._next_number, part))
+            self._queue.append((self._next_number, part, self.lines - self._lines_cut))
+            self._lines_cut = self.lines
+            self._unstored_bytes += len(part)
             self._next_number += 1
             self._pump()
 
@@ -162,9 +168,9 @@ class ObjectStream:
 
     def _pump(self) -> None:
         while self._queue and self._in_flight < self._parts_in_flight:
-            number, body = self._queue.popleft()
+            number, body, lines = self._queue.popleft()
             self._in_flight += 1
-            d = ensureDeferred(self._upload_part(number, body))
+            d = ensureDeferred(self._upload_part(number, body, lines))
             self._part_uploads.add(d)
             d.addErrback(self._log_failure, "uploading a part")
             d.addBoth(self._part_done, d)
@@ -185,7 +191,7 @@ class ObjectStream:
             for waiter in waiters:
                 waiter.callback(None)
 
-    async def _upload_part(self, number: int, body: bytes) -> None:
+    async def _upload_part(self, number: int, body: bytes, lines: int) -> None:
         upload = await self._retrying("CreateMultipartUpload", self._ensure_upload)
         etag = await self._retrying(
             "UploadPart",
@@ -195,6 +201,8 @@ class ObjectStream:
         )
         upload.parts[number] = etag
         self.stored_bytes += len(body)
+        self._unstored_bytes -= len(body)
+        self._lines_stored += lines
         self._budget.change(-len(body))
 
     async def _ensure_upload(self) -> MultipartUpload:
@@ -253,6 +261,7 @@ class ObjectStream:
             held = self._encoder.buffered_bytes
             tail = self._encoder.finish()
             self._budget.change(len(tail) - held)
+            self._unstored_bytes += len(tail)
             self._finishing = ensureDeferred(self._finish(tail))
         waiter: Deferred[None] = Deferred()
         if self._done:
@@ -264,6 +273,7 @@ class ObjectStream:
     def abandon(self) -> None:
         """Give up a completion in progress (the shutdown deadline passed)."""
         if self._finishing is not None and not self._done:
+            self._abandoned = True
             for upload in list(self._part_uploads):
                 upload.cancel()
             self._finishing.cancel()
@@ -280,6 +290,8 @@ class ObjectStream:
                 ),
             )
             self.stored_bytes += len(tail)
+            self._unstored_bytes -= len(tail)
+            self._lines_stored = self.lines
             self._log.info(
                 "{key}: completed as {written}: {lines} lines, {raw_bytes} bytes"
                 " -> {stored_bytes} gzip bytes in {seconds:.1f} s",
@@ -290,16 +302,25 @@ class ObjectStream:
                 stored_bytes=self.stored_bytes,
                 seconds=self._clock.seconds() - self.started,
             )
-        except CancelledError:
-            self._log.error(
-                "{key}: abandoned at the shutdown deadline; {lost_bytes} gzip bytes not"
-                " stored (upload {upload_id} keeps the parts it has)",
-                key=self.key,
-                lost_bytes=len(tail) + sum(len(body) for _, body in self._queue),
-                upload_id=self._upload.upload_id if self._upload else None,
-            )
         except Exception:
-            self._log.failure("{key}: completion failed", key=self.key)
+            if not self._abandoned:
+                self._log.failure("{key}: completion failed", key=self.key)
+            # Cancelling may surface as CancelledError or as the HTTP client's own
+            # error (ConnectingCancelledError during a connect): both are the deadline.
+            self._log.error(
+                "{key}: not completed{reason}: {lost_lines} lines ({lost_bytes} gzip bytes)"
+                " not stored; {upload}",
+                key=self.key,
+                reason=" by the shutdown deadline" if self._abandoned else "",
+                lost_lines=self.lines - self._lines_stored,
+                lost_bytes=self._unstored_bytes,
+                upload=(
+                    "multipart upload %s keeps the %d parts uploaded"
+                    % (self._upload.upload_id, len(self._upload.parts))
+                    if self._upload
+                    else "no multipart upload was created"
+                ),
+            )
         finally:
             self._budget.change(-len(tail))
             self._done = True
@@ -308,5 +329,6 @@ class ObjectStream:
                 waiter.callback(None)
 
     def _log_failure(self, failure: Any, doing: str) -> None:
-        self._log.failure("{key}: failed {doing}", failure, key=self.key, doing=doing)
+        if not self._abandoned:  # else the completion reports what was lost
+            self._log.failure("{key}: failed {doing}", failure, key=self.key, doing=doing)
 

@@ -338,3 +338,36 @@ class MultipartTests(StreamCase):
         lost = [e for e in events if "lost_bytes" in e]
         self.assertEqual(len(lost), 1)
         self.assertGreater(lost[0]["lost_bytes"], 0)
+        self.assertEqual(lost[0]["lost_lines"], 1)
+        self.assertEqual(lost[0]["reason"], " by the shutdown deadline")
+        self.assertEqual(lost[0]["upload"], "no multipart upload was created")
+
+    def test_abandon_during_connect_logs_what_was_lost(self) -> None:
+        """
+        A cancel that lands while the HTTP client connects fails with the client's
+        ConnectingCancelledError, not CancelledError: the loss is reported all the
+        same, with the lines not yet in uploaded parts, and no failure is logged.
+        """
+        from twisted.internet.error import ConnectingCancelledError
+
+        def connecting(*args: object, **kwargs: object) -> Deferred[str]:
+            return Deferred(lambda d: d.errback(ConnectingCancelledError(None)))
+
+        stream = self.stream()
+        lines = [noise_line(n) for n in range(300)]
+        for line in lines:
+            stream.write(line)
+        (upload,) = self.store.uploads.values()
+        in_parts = len(upload.parts)
+        self.assertGreater(in_parts, 0)
+        self.store.put = connecting  # type: ignore[method-assign]
+        self.store.upload_part = connecting  # type: ignore[method-assign]
+        done = stream.close()
+        with capturedLogs() as events:
+            stream.abandon()
+        self.successResultOf(done)
+        (lost,) = [e for e in events if "lost_lines" in e]
+        self.assertGreater(lost["lost_lines"], 0)
+        self.assertLess(lost["lost_lines"], len(lines))
+        self.assertIn("keeps the %d parts uploaded" % in_parts, lost["upload"])
+        self.assertFalse([e for e in events if e.get("log_failure")])
