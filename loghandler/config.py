@@ -8,6 +8,7 @@ daemon that cannot start says why.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from typing import Callable, Mapping, Optional
 from urllib.parse import urlsplit
@@ -121,7 +122,21 @@ def _positive_number(env: str, value: str) -> float:
 
 
 def _minutes(env: str, value: str) -> float:
-    return _positive_number(env, value) * 60.0
+    seconds = _positive_number(env, value) * 60.0
+    if not math.isfinite(seconds):
+        raise ConfigError(f"{env}: too large, got {value!r}")
+    return seconds
+
+
+def _address(env: str, value: str) -> str:
+    text = value.strip()
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        raise ConfigError(
+            f"{env}: must be an IP address such as 0.0.0.0 or ::, got {value!r}"
+        ) from None
+    return text
 
 
 def _flag(env: str, value: str) -> bool:
@@ -144,14 +159,18 @@ def _storage(env: str, value: str) -> str:
 
 def _endpoint(env: str, value: str) -> str:
     text = value.strip().rstrip("/")
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 -- raises ValueError for a malformed port
+    except ValueError:
+        raise ConfigError(f"{env}: not a valid URL, got {value!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{env}: must be an http:// or https:// URL, got {value!r}")
     return text
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("ADDR", "addr", _text, "address to listen on"),
+    Setting("ADDR", "addr", _address, "IP address to listen on"),
     Setting("PORT", "port", _integer(0, 65535), "TCP port to listen on (0: any free port)"),
     Setting("STORAGE", "storage", _storage, "object store: aws (azure: not yet)"),
     Setting(
@@ -243,6 +262,11 @@ def from_environ(
         for env, value in (("AWS_BUCKET", config.aws_bucket), ("AWS_REGION", config.aws_region)):
             if value is None:
                 raise ConfigError(f"{env}: required with STORAGE=aws (or set NO_UPLOAD=1)")
+    if config.buffer_budget_bytes < 4 * config.part_size:
+        raise ConfigError(
+            "BUFFER_BUDGET_BYTES: must be at least 4 x PART_SIZE_BYTES (%d), got %d"
+            % (4 * config.part_size, config.buffer_budget_bytes)
+        )
     if (config.aws_access_key is None) != (config.aws_access_secret is None):
         missing = "AWS_ACCESS_SECRET" if config.aws_access_secret is None else "AWS_ACCESS_KEY"
         raise ConfigError(f"{missing}: AWS_ACCESS_KEY and AWS_ACCESS_SECRET go together")

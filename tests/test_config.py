@@ -101,7 +101,7 @@ class ValueTests(SynchronousTestCase):
                 MAX_BODY_BYTES="1024",
                 TIMESTAMP_MAX_AGE_S="60",
                 TIMESTAMP_MAX_AHEAD_S="30",
-                BUFFER_BUDGET_BYTES=str(MiB),
+                BUFFER_BUDGET_BYTES=str(64 * MiB),
                 PARTS_IN_FLIGHT="4",
                 ACCESS_LOG="yes",
             )
@@ -123,7 +123,7 @@ class ValueTests(SynchronousTestCase):
                 max_body_bytes=1024,
                 timestamp_max_age_s=60.0,
                 timestamp_max_ahead_s=30.0,
-                buffer_budget_bytes=MiB,
+                buffer_budget_bytes=64 * MiB,
                 parts_in_flight=4,
                 access_log=True,
             ),
@@ -428,3 +428,39 @@ class HelpTests(SynchronousTestCase):
         self.assertIn("[PORT,", text)
         self.assertIn("default 8902]", " ".join(text.split()))
         self.assertNotIn("--aws-access-secret", text)
+
+
+class CheckedValueTests(SynchronousTestCase):
+    """Values that parse but cannot work stop the start with one line too."""
+
+    def assertOneLineError(self, environ: dict[str, str], variable: str) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            from_environ(dict(BASE, **environ))
+        message = str(caught.exception)
+        self.assertTrue(message.startswith(variable + ":"), message)
+        self.assertNotIn("\n", message)
+
+    def test_addr_not_an_ip(self) -> None:
+        """ADDR must be an IP address; IPv6 is fine."""
+        self.assertOneLineError({"ADDR": "999.1.1.1"}, "ADDR")
+        self.assertOneLineError({"ADDR": "my host"}, "ADDR")
+        self.assertEqual(from_environ(dict(BASE, ADDR="::")).addr, "::")
+
+    def test_endpoint_malformed(self) -> None:
+        """A malformed endpoint URL is named, not a traceback."""
+        self.assertOneLineError({"AWS_ENDPOINT_URL": "http://[::1"}, "AWS_ENDPOINT_URL")
+        self.assertOneLineError({"AWS_ENDPOINT_URL": "http://127.0.0.1:abc"}, "AWS_ENDPOINT_URL")
+
+    def test_queue_timeout_overflow(self) -> None:
+        """QUEUE_TIMEOUT_MIN so large that its seconds overflow is refused."""
+        self.assertOneLineError({"QUEUE_TIMEOUT_MIN": "1e308"}, "QUEUE_TIMEOUT_MIN")
+
+    def test_budget_below_four_parts(self) -> None:
+        """The buffer budget must hold at least four parts."""
+        self.assertOneLineError(
+            {"BUFFER_BUDGET_BYTES": str(20 * MiB - 1)}, "BUFFER_BUDGET_BYTES"
+        )
+        self.assertEqual(
+            from_environ(dict(BASE, BUFFER_BUDGET_BYTES=str(20 * MiB))).buffer_budget_bytes,
+            20 * MiB,
+        )
