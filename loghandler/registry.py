@@ -114,6 +114,11 @@ class StreamRegistry:
         """The keys with an open stream, sorted."""
         return sorted(self._open)
 
+    @property
+    def completing(self) -> int:
+        """How many streams are completing their objects."""
+        return len(self._closing)
+
     def accept(self, message: Message) -> None:
         """
         Add a validated message to its object's stream, opening the stream if needed.
@@ -174,7 +179,6 @@ class StreamRegistry:
         stream.registerProducer(admission, True)
         self.budget.change(STREAM_OVERHEAD_BYTES)
         timer = self._clock.callLater(settings.lifetime_s, self._complete, key)
-        self._log.debug("{key}: stream opened", key=key)
         return _Open(stream, admission, timer)
 
     def _complete(self, key: str) -> Optional[Deferred[None]]:

@@ -121,7 +121,11 @@ class LogResource(Resource):
 
 
 class HealthResource(Resource):
-    """``/healthz``: 200 while messages are taken, 503 once the server is stopping."""
+    """
+    ``GET /healthz``: 200 ``{"status": "ok", ...}`` while messages are taken; 503 with
+    status ``"stopping"`` once the server stops, or ``"buffers full"`` while the
+    memory budget is spent (a readiness probe then sends traffic elsewhere).
+    """
 
     isLeaf = True
 
@@ -129,19 +133,28 @@ class HealthResource(Resource):
         super().__init__()
         self._registry = registry
 
-    def render_GET(self, request: Request) -> bytes:
-        """Report the state and the bytes held, as JSON."""
+    def render(self, request: Request) -> bytes:
+        """Report the state and the bytes held, as JSON; 405 for other methods."""
+        if request.method not in (b"GET", b"HEAD"):
+            request.responseHeaders.setRawHeaders(b"allow", [b"GET, HEAD"])
+            return _error(request, 405, "method not allowed; use GET")
         registry = self._registry
-        state = "stopping" if registry.stopping else "ok"
+        if registry.stopping:
+            state = "stopping"
+        elif registry.budget.exhausted:
+            state = "buffers full"
+        else:
+            state = "ok"
         body = json.dumps(
             {
                 "status": state,
                 "open_objects": len(registry.open_keys),
+                "completing_objects": registry.completing,
                 "buffered_bytes": registry.budget.held,
                 "buffer_budget_bytes": registry.budget.limit,
             }
         ).encode()
-        return _respond(request, 503 if registry.stopping else 200, body)
+        return _respond(request, 200 if state == "ok" else 503, body)
 
 
 class _NotFound(Resource):

@@ -192,3 +192,21 @@ class RoutingTests(WebCase):
         self.registry.close_all()
         status, _, answer = self.request("GET", "/healthz")
         self.assertEqual((status, answer["status"]), (503, "stopping"))
+
+    def test_health_buffers_full(self) -> None:
+        """/healthz is 503 'buffers full' while the budget is spent, with the counts."""
+        self.store.hold("PutObject")
+        self.assertEqual(self.request("POST", "/log", body())[0], 200)
+        self.clock.advance(60)
+        self.registry.budget.change(self.registry.budget.limit)
+        status, _, answer = self.request("GET", "/healthz")
+        self.assertEqual((status, answer["status"]), (503, "buffers full"))
+        self.assertEqual((answer["open_objects"], answer["completing_objects"]), (0, 1))
+        self.registry.budget.change(-self.registry.budget.limit)
+        self.assertEqual(self.request("GET", "/healthz")[0], 200)
+
+    def test_health_post_405(self) -> None:
+        """POST /healthz is a JSON 405 with Allow."""
+        status, headers, answer = self.request("POST", "/healthz", b"{}")
+        self.assertEqual(status, 405)
+        self.assertEqual(headers.getRawHeaders(b"allow"), [b"GET, HEAD"])
