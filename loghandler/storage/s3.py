@@ -918,6 +918,12 @@ class S3Store:
         return defer.ensureDeferred(run())
 
 
+class _QuietClientFactory(web_client._HTTP11ClientFactory):
+    """The pool's connection factory without a log line per connection."""
+
+    noisy = False
+
+
 def build_s3_store(
     reactor: Any,
     *,
@@ -976,6 +982,8 @@ def build_s3_store(
     closer: Optional[Callable[[], "Deferred[Any]"]] = None
     if pool is None:
         pool = web_client.HTTPConnectionPool(reactor, persistent=True)
+        # Twisted logs "Starting factory"/"Stopping factory" for every connection.
+        pool._factory = _QuietClientFactory
         pool.maxPersistentPerHost = 16
         pool.cachedConnectionTimeout = 15
         closer = pool.closeCachedConnections

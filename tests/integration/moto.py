@@ -194,6 +194,9 @@ class MotoServer:
                 stdout=self._output,
                 stderr=subprocess.STDOUT,
                 env=env,
+                # Its own session: a Ctrl-C meant for the daemon under test (or for
+                # scripts/dev-server's loghandler) must not stop the emulator first.
+                start_new_session=True,
             )
             try:
                 self._wait_ready(timeout)

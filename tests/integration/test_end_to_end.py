@@ -194,6 +194,7 @@ class EndToEndTests(SynchronousTestCase):
         log = self.last_log = daemon.log()
         self.assertIn("flush on stop done", log)
         self.assertNotIn("Traceback", log)
+        self.assertNotIn("Starting factory <twisted.web", log)
         return {
             "posted": len(bodies),
             "acknowledged": statuses.count(200),
