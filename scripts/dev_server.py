@@ -1,10 +1,11 @@
 """
 loghandler against a local S3 emulator, for trying it by hand (``scripts/dev-server``).
 
-Starts moto's S3 server on a free port with the bucket ``loghandler-dev``, runs
-``twistd -n loghandler`` against it and prints how to POST and where to read the
-objects.  Objects are completed after ``QUEUE_TIMEOUT_MIN`` (1 minute here unless set)
-or when loghandler stops.
+Starts moto's S3 server on a free port with the bucket ``loghandler-dev``, writes its
+settings to ``.dev/emulator.env`` (for ``scripts/read-objects``), runs
+``twistd -n loghandler`` against it and prints how to POST and how to read the
+objects.  An object is completed ``QUEUE_TIMEOUT_MIN`` after its first message (1
+minute here unless set) and when loghandler stops.
 """
 
 from __future__ import annotations
@@ -13,18 +14,21 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 from tests.integration.moto import MotoServer  # noqa: E402
 
 
 def main() -> int:
-    """Run until Ctrl-C twice; exit status of twistd."""
+    """Run until Ctrl-C twice; 0 when loghandler stopped cleanly."""
     moto = MotoServer(bucket="loghandler-dev", region="us-east-1")
     moto.start()
     try:
+        os.makedirs(os.path.join(ROOT, ".dev"), exist_ok=True)
+        with open(os.path.join(ROOT, ".dev", "emulator.env"), "w") as f:
+            f.writelines("%s=%s\n" % item for item in moto.env().items())
         env = {
             **moto.env(),
             "ADDR": os.environ.get("ADDR", "127.0.0.1"),
@@ -32,21 +36,18 @@ def main() -> int:
             "QUEUE_TIMEOUT_MIN": os.environ.get("QUEUE_TIMEOUT_MIN", "1"),
         }
         base = "http://%s:%s" % (env["ADDR"], env["PORT"])
-        bucket_url = "%s/%s" % (moto.endpoint_url, moto.bucket)
-        now = int(time.time() * 1000)
-        date = time.strftime("%Y-%m-%d", time.gmtime(now // 1000))
         print(
             f"""
 S3 emulator (moto): {moto.endpoint_url}, bucket {moto.bucket}
-loghandler:         {base}/log, objects completed every {env['QUEUE_TIMEOUT_MIN']} min
-                    and on Ctrl-C
+loghandler:         {base}/log
+An object is completed {env['QUEUE_TIMEOUT_MIN']} min after its first message, and at Ctrl-C.
 
-POST a message:
+POST a message (timestamp: now, in ms):
   curl -X POST {base}/log -d '{{"text": "hello world", "content_id": 17, "client_id": 3, "timestamp": '$(date +%s%3N)'}}'
 
-Read the objects (moto serves them without credentials):
-  curl -s '{bucket_url}?list-type=2'
-  curl -s {bucket_url}/chat/{date}/content_logs_{date}_3 | zcat
+Read the completed objects (in another terminal):
+  scripts/read-objects              # keys and sizes
+  scripts/read-objects KEY          # its NDJSON lines, decompressed
 """,
             flush=True,
         )
@@ -60,9 +61,8 @@ Read the objects (moto serves them without credentials):
             # The terminal sent SIGINT to twistd too: it is completing every object.
             code = daemon.wait()
         print(
-            f"\nloghandler stopped (exit {code}). The emulator still serves the objects:\n"
-            f"  curl -s '{bucket_url}?list-type=2'\n"
-            "Press Ctrl-C to stop it.",
+            f"\nloghandler stopped (exit {code}). The emulator still serves the objects:"
+            "\n  scripts/read-objects\nPress Ctrl-C to stop the emulator.",
             flush=True,
         )
         try:
