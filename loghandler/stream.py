@@ -86,10 +86,10 @@ class ObjectStream:
         self._backoff = backoff
         # (part number, body, lines in it) of the parts waiting for an upload slot.
         self._queue: collections.deque[tuple[int, bytes, int]] = collections.deque()
-        self._in_flight = 0
         self._upload: Optional[MultipartUpload] = None
         self._next_number = FIRST_DATA_PART
         self._write_id = uuid.uuid4().hex
+        # The part uploads in flight.
         self._part_uploads: set[Deferred[None]] = set()
         self._upload_lock = DeferredLock()
         self._idle_waiters: list[Deferred[None]] = []
@@ -106,11 +106,6 @@ class ObjectStream:
         self.raw_bytes = 0
         self.stored_bytes = 0
         self.started = clock.seconds()
-
-    @property
-    def closing(self) -> bool:
-        """Whether :meth:`close` was called."""
-        return self._finishing is not None
 
     @property
     def paused(self) -> bool:
@@ -167,9 +162,8 @@ class ObjectStream:
     # uploads
 
     def _pump(self) -> None:
-        while self._queue and self._in_flight < self._parts_in_flight:
+        while self._queue and len(self._part_uploads) < self._parts_in_flight:
             number, body, lines = self._queue.popleft()
-            self._in_flight += 1
             d = ensureDeferred(self._upload_part(number, body, lines))
             self._part_uploads.add(d)
             d.addErrback(self._log_failure, "uploading a part")
@@ -184,9 +178,8 @@ class ObjectStream:
 
     def _part_done(self, result: object, upload: Deferred[None]) -> None:
         self._part_uploads.discard(upload)
-        self._in_flight -= 1
         self._pump()
-        if not self._queue and not self._in_flight:
+        if not self._queue and not self._part_uploads:
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
@@ -240,7 +233,7 @@ class ObjectStream:
                 await deferLater(self._clock, delay, lambda: None)
 
     def _idle(self) -> Deferred[None]:
-        if not self._queue and not self._in_flight:
+        if not self._queue and not self._part_uploads:
             return succeed(None)
         waiter: Deferred[None] = Deferred()
         self._idle_waiters.append(waiter)
