@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from loghandler.budget import MemoryBudget
+from loghandler.interfaces import IObjectStore
 from loghandler.keys import key_for
 from loghandler.message import Message
 from loghandler.stream import ObjectStream
@@ -92,21 +93,23 @@ class StreamRegistry:
     """
     The open streams, one per object key.
 
-    :param store: the object store (an ``IObjectStore``).
+    :param store: the object store.
     :param clock: the reactor's clock.
     :param settings: how streams are run.
     """
 
     _log = Logger()
 
-    def __init__(self, store: object, clock: IReactorTime, settings: StreamSettings) -> None:
+    def __init__(
+        self, store: IObjectStore, clock: IReactorTime, settings: StreamSettings
+    ) -> None:
         self._store = store
         self._clock = clock
         self._settings = settings
         self.budget = MemoryBudget(settings.budget_bytes)
         self._slots = DeferredSemaphore(settings.upload_slots)
         self._open: dict[str, _Open] = {}
-        self._closing: dict[ObjectStream, Deferred[None]] = {}
+        self._closing: set[ObjectStream] = set()
         self.stopping = False
 
     @property
@@ -168,7 +171,7 @@ class StreamRegistry:
         settings = self._settings
         stream = ObjectStream(
             key,
-            self._store,  # type: ignore[arg-type]
+            self._store,
             self._clock,
             settings.part_size,
             settings.parts_in_flight,
@@ -189,15 +192,14 @@ class StreamRegistry:
         if entry.timer.active():
             entry.timer.cancel()
         stream = entry.stream
+        self._closing.add(stream)
         done = stream.close()
-        self._closing[stream] = done
-        done.addBoth(self._closed, stream)
+        done.addCallback(self._closed, stream)
         return done
 
-    def _closed(self, result: object, stream: ObjectStream) -> object:
-        del self._closing[stream]
+    def _closed(self, result: None, stream: ObjectStream) -> None:
+        self._closing.discard(stream)
         self.budget.change(-STREAM_OVERHEAD_BYTES)
-        return result
 
     def close_all(self) -> Deferred[object]:
         """
