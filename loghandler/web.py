@@ -30,8 +30,12 @@ def _respond(request: Request, status: int, body: bytes) -> bytes:
     return body
 
 
-def _error(request: Request, status: int, error: str, field: Optional[str] = None) -> bytes:
-    return _respond(request, status, json.dumps({"error": error, "field": field}).encode())
+def _refuse(request: Request, rejection: Rejection) -> bytes:
+    return _respond(request, rejection.status, rejection.to_json())
+
+
+def _error(request: Request, status: int, error: str) -> bytes:
+    return _refuse(request, Rejection(status, error))
 
 
 class BoundedBody(io.BytesIO):
@@ -95,20 +99,16 @@ class LogResource(Resource):
     def render_POST(self, request: Request) -> bytes:
         """Validate the body and hand the message to its stream."""
         content = request.content
-        if getattr(content, "overflowed", False):
-            rejection = too_large(self._max_body_bytes)
-            return _respond(request, rejection.status, rejection.to_json())
         if isinstance(content, io.BytesIO):
             body = content.getvalue()
         else:
             body = content.read() if content is not None else b""
-        if len(body) > self._max_body_bytes:
-            rejection = too_large(self._max_body_bytes)
-            return _respond(request, rejection.status, rejection.to_json())
+        if getattr(content, "overflowed", False) or len(body) > self._max_body_bytes:
+            return _refuse(request, too_large(self._max_body_bytes))
         try:
             message = parse_message(body, self._now_ms(), self._limits)
         except Rejection as rejection:
-            return _respond(request, rejection.status, rejection.to_json())
+            return _refuse(request, rejection)
         try:
             self._registry.accept(message)
         except Busy as busy:
