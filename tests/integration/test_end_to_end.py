@@ -19,6 +19,7 @@ import http.client
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -195,7 +196,10 @@ class EndToEndTests(SynchronousTestCase):
         self.assertIn("flush on stop done", log)
         self.assertNotIn("Traceback", log)
         self.assertNotIn("Starting factory <twisted.web", log)
+        flush = re.search(r"flush on stop done in ([0-9.]+) s", log)
+        assert flush is not None
         return {
+            "flush_seconds": float(flush.group(1)),
             "posted": len(bodies),
             "acknowledged": statuses.count(200),
             "rejected": len(bodies) - statuses.count(200),
