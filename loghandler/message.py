@@ -181,11 +181,20 @@ def parse_message(body: bytes, now_ms: int, limits: Limits) -> Message:
         _reject("timestamp must be an integer (Unix epoch milliseconds)", "timestamp")
     if not now_ms - limits.max_age_ms <= timestamp <= now_ms + limits.max_ahead_ms:
         _reject(
-            "timestamp is outside the accepted window (%g hours back, %g hours ahead)"
-            % (limits.max_age_ms / 3_600_000, limits.max_ahead_ms / 3_600_000),
+            "timestamp is outside the accepted window (%s back, %s ahead)"
+            % (_duration(limits.max_age_ms), _duration(limits.max_ahead_ms)),
             "timestamp",
         )
     return Message(text, content_id, client_id, timestamp)
+
+
+def _duration(ms: int) -> str:
+    """``604800000`` -> ``7 days``, ``3600000`` -> ``1 hour``, ``5400000`` -> ``90 minutes``."""
+    for unit, size in (("day", 86_400_000), ("hour", 3_600_000), ("minute", 60_000)):
+        if ms % size == 0:
+            count = ms // size
+            return "%d %s%s" % (count, unit, "" if count == 1 else "s")
+    return "%g seconds" % (ms / 1000)
 
 
 def too_large(limit: int) -> Rejection:

@@ -37,7 +37,7 @@ _NOT_INT = {
     "client_id": "client_id must be an integer",
     "timestamp": "timestamp must be an integer (Unix epoch milliseconds)",
 }
-_WINDOW = "timestamp is outside the accepted window (168 hours back, 1 hours ahead)"
+_WINDOW = "timestamp is outside the accepted window (7 days back, 1 hour ahead)"
 
 
 def body(**fields: Any) -> bytes:
@@ -393,7 +393,7 @@ class GoodBodyTests(SynchronousTestCase):
                 (raised.exception.status, raised.exception.error, raised.exception.field),
                 (
                     400,
-                    "timestamp is outside the accepted window (1.5 hours back, 0.5 hours ahead)",
+                    "timestamp is outside the accepted window (90 minutes back, 30 minutes ahead)",
                     "timestamp",
                 ),
             )
