@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import re
 from typing import Callable, Mapping, Optional
 from urllib.parse import urlsplit
 
@@ -123,9 +124,30 @@ def _positive_number(env: str, value: str) -> float:
 
 def _minutes(env: str, value: str) -> float:
     seconds = _positive_number(env, value) * 60.0
-    if not math.isfinite(seconds):
-        raise ConfigError(f"{env}: too large, got {value!r}")
+    if not MIN_QUEUE_TIMEOUT_S <= seconds < math.inf:
+        raise ConfigError(
+            f"{env}: must be from {MIN_QUEUE_TIMEOUT_S / 60:g} minutes, finite, got {value!r}"
+        )
     return seconds
+
+
+#: The shortest stream lifetime: shorter ones make a stream, and a completion with
+#: its requests, for nearly every message.
+MIN_QUEUE_TIMEOUT_S = 0.6
+
+#: S3's rules for bucket names (general purpose buckets): 3 to 63 lowercase letters,
+#: digits, dots and hyphens, starting and ending with a letter or digit.
+#: https://docs.aws.amazon.com/AmazonS3/latest/userguide/bucketnamingrules.html
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]\Z")
+
+
+def _bucket(env: str, value: str) -> str:
+    text = value.strip()
+    if not _BUCKET_NAME.match(text) or ".." in text:
+        raise ConfigError(
+            f"{env}: not a valid S3 bucket name (3-63 of a-z, 0-9, '.', '-'), got {value!r}"
+        )
+    return text
 
 
 def _address(env: str, value: str) -> str:
@@ -183,7 +205,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("AWS_ACCESS_KEY", "aws_access_key", _text, "AWS access key ID", secret=True),
     Setting("AWS_ACCESS_SECRET", "aws_access_secret", _text, "AWS secret key", secret=True),
     Setting("AWS_REGION", "aws_region", _text, "AWS region of the bucket, e.g. eu-west-1"),
-    Setting("AWS_BUCKET", "aws_bucket", _text, "S3 bucket to write to"),
+    Setting("AWS_BUCKET", "aws_bucket", _bucket, "S3 bucket to write to"),
     Setting(
         "AWS_ENDPOINT_URL",
         "aws_endpoint_url",

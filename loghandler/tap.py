@@ -109,12 +109,10 @@ def makeService(options: Mapping[str, Any], reactor: Optional[Any] = None) -> IS
     config = load_config(options, os.environ)
     store = make_store(config, reactor)
     _log.info(
-        "loghandler on {addr}:{port}, storage {store}, bucket {bucket}, objects completed"
-        " after {lifetime:g} s",
+        "loghandler on {addr}:{port}, storage {store}, objects completed after {lifetime:g} s",
         addr=config.addr,
         port=config.port,
-        store=getattr(store, "name", "?"),
-        bucket=config.aws_bucket,
+        store=store,
         lifetime=config.queue_timeout_s,
     )
     return build_service(config, store, reactor)

@@ -464,3 +464,17 @@ class CheckedValueTests(SynchronousTestCase):
             from_environ(dict(BASE, BUFFER_BUDGET_BYTES=str(20 * MiB))).buffer_budget_bytes,
             20 * MiB,
         )
+
+
+    def test_bucket_name(self) -> None:
+        """AWS_BUCKET must follow S3's naming rules."""
+        for bad in ("bad bucket name", "bkt/../xyz", "Logs", "ab", "a..b", "-logs", "x" * 64):
+            self.assertOneLineError({"AWS_BUCKET": bad}, "AWS_BUCKET")
+        self.assertEqual(from_environ(dict(BASE, AWS_BUCKET="my.logs-1")).aws_bucket, "my.logs-1")
+
+    def test_queue_timeout_minimum(self) -> None:
+        """QUEUE_TIMEOUT_MIN below 0.01 (0.6 s) is refused; 0.01 is accepted."""
+        self.assertOneLineError({"QUEUE_TIMEOUT_MIN": "0.0002"}, "QUEUE_TIMEOUT_MIN")
+        self.assertAlmostEqual(
+            from_environ(dict(BASE, QUEUE_TIMEOUT_MIN="0.01")).queue_timeout_s, 0.6
+        )
