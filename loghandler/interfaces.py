@@ -197,6 +197,12 @@ class IObjectStore(Interface):
         ListParts of one upload, all pages, in part number order.
         """
 
+    def check() -> "Deferred[None]":
+        """
+        Check that the bucket exists and can be reached with these credentials
+        (HeadBucket); :class:`StorageError` if not.
+        """
+
     def close() -> "Deferred[None]":
         """
         Release connections; called once when the server stops, after the flush.

@@ -111,6 +111,8 @@ class StreamRegistry:
         self._open: dict[str, _Open] = {}
         self._closing: set[ObjectStream] = set()
         self.stopping = False
+        #: False until the store was found reachable (set by the stream service).
+        self.ready = True
 
     @property
     def open_keys(self) -> list[str]:
@@ -126,11 +128,13 @@ class StreamRegistry:
         """
         Add a validated message to its object's stream, opening the stream if needed.
 
-        :raises Busy: the server is stopping, the memory budget is spent, or the key's
-            parts are backed up.
+        :raises Busy: the server is stopping, the storage was not reached yet, the
+            memory budget is spent, or the key's parts are backed up.
         """
         if self.stopping:
             raise Busy("server is stopping", 5)
+        if not self.ready:
+            raise Busy("storage is not reachable yet", 5)
         if self.budget.exhausted:
             self._relieve()
             raise Busy("buffers are full", 1)

@@ -11,13 +11,13 @@ returns when all are done or ``SHUTDOWN_TIMEOUT_S`` has passed.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.endpoints import quoteStringArgument, serverFromString
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -28,9 +28,16 @@ from loghandler.registry import StreamRegistry, StreamSettings
 from loghandler.web import make_site
 
 
+#: Seconds between checks of a store that could not be reached at start.
+CHECK_INTERVAL_S = 5.0
+
+
 class StreamService(Service):
     """
-    Owns the :class:`StreamRegistry`; on stop, completes every object within the
+    Owns the :class:`StreamRegistry`.  On start, checks the store (HeadBucket) and
+    keeps the registry refusing messages (503) until that succeeds, retrying every
+    :data:`CHECK_INTERVAL_S`: a wrong bucket or credentials never acknowledge a
+    message that cannot be stored.  On stop, completes every object within the
     deadline, then closes the store's connections.
 
     :param registry: the streams.
@@ -52,10 +59,40 @@ class StreamService(Service):
         self._store = store
         self._clock = clock
         self._timeout = shutdown_timeout_s
+        self._next_check: Optional[IDelayedCall] = None
+
+    def startService(self) -> None:
+        """Refuse messages until the store answers."""
+        Service.startService(self)
+        self.registry.ready = False
+        self._check()
+
+    def _check(self) -> None:
+        self._next_check = None
+
+        def reachable(_: object) -> None:
+            self.registry.ready = True
+            self._log.info("storage {store} reachable; taking messages", store=self._store)
+
+        def unreachable(failure: Failure) -> None:
+            self._log.error(
+                "storage {store} not reachable ({error}); answering 503 until it is,"
+                " next check in {delay} s",
+                store=self._store,
+                error=failure.getErrorMessage(),
+                delay=CHECK_INTERVAL_S,
+            )
+            if self.running:
+                self._next_check = self._clock.callLater(CHECK_INTERVAL_S, self._check)
+
+        self._store.check().addCallbacks(reachable, unreachable)
 
     def stopService(self) -> Deferred[None]:
         """Refuse new messages and complete all objects; never errbacks."""
         Service.stopService(self)
+        if self._next_check is not None:
+            self._next_check.cancel()
+            self._next_check = None
         started = self._clock.seconds()
         flushing = self.registry.close_all()
         flushing.addTimeout(self._timeout, self._clock)

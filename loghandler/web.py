@@ -123,8 +123,9 @@ class LogResource(Resource):
 class HealthResource(Resource):
     """
     ``GET /healthz``: 200 ``{"status": "ok", ...}`` while messages are taken; 503 with
-    status ``"stopping"`` once the server stops, or ``"buffers full"`` while the
-    memory budget is spent (a readiness probe then sends traffic elsewhere).
+    status ``"stopping"`` once the server stops, ``"storage not reachable"`` until the
+    bucket was reached, or ``"buffers full"`` while the memory budget is spent (a
+    readiness probe then sends traffic elsewhere).
     """
 
     isLeaf = True
@@ -135,12 +136,16 @@ class HealthResource(Resource):
 
     def render(self, request: Request) -> bytes:
         """Report the state and the bytes held, as JSON; 405 for other methods."""
+        if request.postpath and request.postpath != [b""]:
+            return _error(request, 404, "not found")
         if request.method not in (b"GET", b"HEAD"):
             request.responseHeaders.setRawHeaders(b"allow", [b"GET, HEAD"])
             return _error(request, 405, "method not allowed; use GET")
         registry = self._registry
         if registry.stopping:
             state = "stopping"
+        elif not registry.ready:
+            state = "storage not reachable"
         elif registry.budget.exhausted:
             state = "buffers full"
         else:

@@ -360,6 +360,16 @@ class OperationTests(S3StoreTestCase):
             self.successResultOf(store.head("k.gz")), ObjectInfo(2, '"abc"', "w1")
         )
 
+    def test_check(self) -> None:
+        """check() is a signed HEAD of the bucket itself; 403 is a StorageError."""
+        store, fake = self.store([(200, {}, b"")])
+        self.assertIsNone(self.successResultOf(store.check()))
+        request = self.only(fake)
+        self.assertEqual((request.method, request.uri), ("HEAD", f"/{BUCKET}"))
+        store, fake = self.store([(403, {}, b"")])
+        error = self.failureResultOf(store.check(), StorageError).value
+        self.assertEqual((error.operation, error.status), ("HeadBucket", 403))
+
     def test_head_missing(self) -> None:
         """
         head of a missing key (404) is None, without retries.

@@ -36,6 +36,36 @@ class ServiceTests(SynchronousTestCase):
         """An IPv6 ADDR is quoted for the endpoint string."""
         self.assertEqual(listen_description("::", 80), "tcp:80:interface=\\:\\:")
 
+    def test_refuses_until_storage_reachable(self) -> None:
+        """
+        While the store's check fails, messages are refused with 'storage is not
+        reachable yet' and the error is logged; the check is retried and then
+        messages are taken.
+        """
+        from loghandler.interfaces import StorageError
+        from loghandler.registry import Busy
+        from loghandler.service import CHECK_INTERVAL_S
+
+        self.root.stopService()
+        store = MemoryStore()
+        store.fail("HeadBucket", StorageError("HeadBucket", 404), times=2)
+        config = Config(addr="127.0.0.1", port=8903, no_upload=True)
+        root = build_service(config, store, self.reactor, lambda: DAY_START_MS)
+        with capturedLogs() as events:
+            root.startService()
+        (streams,) = [s for s in root if isinstance(s, StreamService)]
+        with self.assertRaises(Busy) as caught:
+            streams.registry.accept(message(1))
+        self.assertEqual(caught.exception.reason, "storage is not reachable yet")
+        self.assertTrue(any("not reachable" in e.get("log_format", "") for e in events))
+        self.reactor.advance(CHECK_INTERVAL_S)
+        self.assertRaises(Busy, streams.registry.accept, message(1))
+        self.reactor.advance(CHECK_INTERVAL_S)
+        streams.registry.accept(message(1))
+        self.assertEqual(store.calls.count(("HeadBucket", "")), 3)
+        self.successResultOf(root.stopService())
+        self.assertEqual(len(store.objects), 1)
+
     def test_stop_flushes(self) -> None:
         """stopService completes every object before its Deferred fires."""
         self.streams.registry.accept(message(1))

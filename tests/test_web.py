@@ -205,6 +205,16 @@ class RoutingTests(WebCase):
         self.registry.budget.change(-self.registry.budget.limit)
         self.assertEqual(self.request("GET", "/healthz")[0], 200)
 
+    def test_health_storage_not_reachable(self) -> None:
+        """/healthz is 503 'storage not reachable' until the store was reached."""
+        self.registry.ready = False
+        status, _, answer = self.request("GET", "/healthz")
+        self.assertEqual((status, answer["status"]), (503, "storage not reachable"))
+
+    def test_health_below_404(self) -> None:
+        """Paths below /healthz are JSON 404s."""
+        self.assertEqual(self.request("GET", "/healthz/x")[0], 404)
+
     def test_health_post_405(self) -> None:
         """POST /healthz is a JSON 405 with Allow."""
         status, headers, answer = self.request("POST", "/healthz", b"{}")

@@ -312,6 +312,10 @@ class MemoryStore:
 
         return self._call("ListParts", key, run)
 
+    def check(self) -> Deferred[None]:
+        """HeadBucket: reachable unless a test made it fail (:meth:`fail`)."""
+        return self._call("HeadBucket", "", lambda: None)
+
     def close(self) -> Deferred[None]:
         """Nothing to release."""
         return succeed(None)

@@ -635,6 +635,20 @@ class S3Store:
 
     # -- IObjectStore ------------------------------------------------------------
 
+    def check(self) -> "Deferred[None]":
+        """
+        HeadBucket (``HEAD /{bucket}``): fires with None when the bucket exists and the
+        credentials may use it; :class:`StorageError` with status 404 (no such bucket),
+        403 (access denied) or 0 (no answer) otherwise.
+
+        https://docs.aws.amazon.com/AmazonS3/latest/API/API_HeadBucket.html
+        """
+
+        async def run() -> None:
+            await self._call("HeadBucket", "HEAD", None)
+
+        return defer.ensureDeferred(run())
+
     def head(self, key: str) -> "Deferred[Optional[ObjectInfo]]":
         """
         HeadObject: the object's size (bytes, from ``Content-Length``) and ETag, or

@@ -137,6 +137,18 @@ class S3StoreMotoTests(TestCase):
         )
         self.assertEqual((error.status, error.code), (404, "NoSuchUpload"))
 
+    async def test_check_bucket(self) -> None:
+        """
+        check() passes for the existing bucket and fails with 404 for a missing one
+        (HeadBucket), without retrying.
+        """
+        self.assertIsNone(await self.store.check())
+        other = MotoServer(bucket="no-such-bucket")
+        other.port = self.moto.port
+        missing = _store(self, other, self.moto.access_key, self.moto.secret_key)
+        error = await self.assertFailure(missing.check(), StorageError)
+        self.assertEqual((error.operation, error.status), ("HeadBucket", 404))
+
     async def test_get_missing(self) -> None:
         """
         GetObject of a missing key fails with StorageError code NoSuchKey (404).
