@@ -12,6 +12,9 @@ import gzip
 import os
 import sys
 
+from typing import Any
+
+import botocore.exceptions
 import botocore.session
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,6 +43,20 @@ def main(argv: list[str]) -> int:
         aws_secret_access_key=env.get("AWS_ACCESS_SECRET"),
     )
     bucket = env["AWS_BUCKET"]
+    try:
+        return show(s3, bucket, argv)
+    except botocore.exceptions.EndpointConnectionError:
+        sys.exit("the emulator at %s is not running: start scripts/dev-server" % env.get("AWS_ENDPOINT_URL"))
+    except s3.exceptions.NoSuchKey:
+        sys.exit("no such object; scripts/read-objects lists them")
+    except BrokenPipeError:
+        # The reader (head, less) went away.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def show(s3: Any, bucket: str, argv: list[str]) -> int:
+    """List the bucket, or write the keys' decompressed lines to stdout."""
     if not argv:
         pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
         found = False
