@@ -126,9 +126,9 @@ async def append_object(
                     _appended(target, info, "GetObject")
                     return target
                 upload = MultipartUpload(target, await store.create_upload(target, write_id))
-            await _complete(store, upload, info, tail)
+            how = await _complete(store, upload, info, tail)
             if info is not None:
-                _appended(target, info, "GetObject" if info.size < S3_MIN_PART_SIZE else "UploadPartCopy")
+                _appended(target, info, how)
             return target
         except PreconditionFailed as e:
             _log.info(
@@ -146,25 +146,32 @@ def _appended(key: str, info: ObjectInfo, how: str) -> None:
 
 async def _complete(
     store: IObjectStore, upload: MultipartUpload, info: Optional[ObjectInfo], tail: bytes
-) -> None:
-    """One attempt of steps 1-3 for an object with a multipart upload."""
+) -> str:
+    """
+    One attempt of steps 1-3 for an object with a multipart upload.
+
+    :returns: how the existing object was taken in: "GetObject", "UploadPartCopy",
+        or "" when there was none.
+    """
+    key, upload_id = upload.key, upload.upload_id
     parts = upload.completed_parts()
     last = upload.next_number
     if info is None:
         if tail:
-            parts.append(CompletedPart(last, await store.upload_part(upload.key, upload.upload_id, last, tail)))
-        await store.complete_upload(upload.key, upload.upload_id, parts, if_none_match=True)
-        return
+            parts.append(CompletedPart(last, await store.upload_part(key, upload_id, last, tail)))
+        await store.complete_upload(key, upload_id, parts, if_none_match=True)
+        return ""
     if info.size < S3_MIN_PART_SIZE:
-        base = await store.get(upload.key, info.etag)
-        etag = await store.upload_part(upload.key, upload.upload_id, last, base + tail)
+        base = await store.get(key, info.etag)
+        etag = await store.upload_part(key, upload_id, last, base + tail)
         parts.append(CompletedPart(last, etag))
-        await store.complete_upload(upload.key, upload.upload_id, parts, if_match=info.etag)
-        return
+        await store.complete_upload(key, upload_id, parts, if_match=info.etag)
+        return "GetObject"
     if info.size > S3_MAX_PART_SIZE:
-        raise ObjectTooLarge(f"{upload.key} is {info.size} bytes, over one copied part's limit")
-    copy = await store.upload_part_copy(upload.key, upload.upload_id, COPY_PART, upload.key, info.etag)
+        raise ObjectTooLarge(f"{key} is {info.size} bytes, over one copied part's limit")
+    copy = await store.upload_part_copy(key, upload_id, COPY_PART, key, info.etag)
     parts.insert(0, CompletedPart(COPY_PART, copy))
     if tail:
-        parts.append(CompletedPart(last, await store.upload_part(upload.key, upload.upload_id, last, tail)))
-    await store.complete_upload(upload.key, upload.upload_id, parts, if_match=info.etag)
+        parts.append(CompletedPart(last, await store.upload_part(key, upload_id, last, tail)))
+    await store.complete_upload(key, upload_id, parts, if_match=info.etag)
+    return "UploadPartCopy"
