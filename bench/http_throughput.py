@@ -38,13 +38,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from tests.integration.moto import MotoServer  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.integration.moto import MotoServer, free_port  # noqa: E402
 
 
 def wait_port(port: int, process: subprocess.Popen[bytes], timeout: float = 30) -> None:

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from loghandler.gzipframe import GzipPartEncoder
+from tests.helpers import members
 
 KiB = 1024
 
@@ -52,16 +53,8 @@ class _MemberAssertions(SynchronousTestCase):
         Decode ``data`` as a sequence of complete gzip members; fail on a truncated
         member or trailing bytes.  Returns the decoded bytes and the member count.
         """
-        decoded = []
-        count = 0
-        while data:
-            decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
-            decoded.append(decompressor.decompress(data))
-            self.assertTrue(decompressor.eof, "truncated gzip member")
-            self.assertEqual(decompressor.unconsumed_tail, b"")
-            data = decompressor.unused_data
-            count += 1
-        return b"".join(decoded), count
+        decoded = members(data)
+        return b"".join(decoded), len(decoded)
 
 
 class EncoderTests(_MemberAssertions):

@@ -70,6 +70,7 @@ from unittest import SkipTest
 __all__ = [
     "EmulatorMissing",
     "MotoServer",
+    "free_port",
     "moto_server_path",
     "require_moto_server",
     "shared_moto",
@@ -109,7 +110,7 @@ def require_moto_server() -> str:
     raise SkipTest(reason)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     """
     A TCP port on 127.0.0.1 that was free a moment ago.
     """
@@ -184,7 +185,7 @@ class MotoServer:
         path = require_moto_server()
         last_error: Optional[Exception] = None
         for _ in range(3):
-            self.port = _free_port()
+            self.port = free_port()
             self._output = tempfile.TemporaryFile()
             env = dict(os.environ)
             env.update(self._extra_env)

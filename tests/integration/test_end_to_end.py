@@ -21,7 +21,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,18 +31,10 @@ from typing import Any, Iterable, Optional
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.helpers import members, read_lines
-from tests.integration.moto import shared_moto
+from tests.integration.moto import free_port, shared_moto
 
 MS_PER_DAY = 86_400_000
 CLIENTS = range(1, 11)
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Daemon:
