@@ -9,7 +9,7 @@ setup(
     long_description=open("README.rst", encoding="utf-8").read(),
     long_description_content_type="text/x-rst",
     python_requires=">=3.9",
-    packages=["loghandler", "loghandler.storage", "twisted.plugins"],
+    packages=["loghandler", "loghandler.storage", "loghandler.storage.s3", "twisted.plugins"],
     install_requires=[
         "twisted>=23.10",
         "treq>=23.11",

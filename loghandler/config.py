@@ -56,6 +56,7 @@ class Config:
     timestamp_max_ahead_s: float = 3600.0
     buffer_budget_bytes: int = 256 * MiB
     parts_in_flight: int = 2
+    completions_in_flight: int = 4
     access_log: bool = False
 
 
@@ -254,6 +255,12 @@ SETTINGS: tuple[Setting, ...] = (
         "parts_in_flight",
         _integer(1, 64),
         "parts one object uploads at once",
+    ),
+    Setting(
+        "COMPLETIONS_IN_FLIGHT",
+        "completions_in_flight",
+        _integer(1, 256),
+        "objects merged at once (each holds up to one part in memory)",
     ),
     Setting("ACCESS_LOG", "access_log", _flag, "1: log a line per HTTP request"),
 )

@@ -1,97 +1,31 @@
 """
-The storage interface the streams drive, and the values and errors it uses.
+The seam between the streams and storage (DESIGN.md section 7): an
+:class:`IObjectStore` opens one :class:`IObjectWriter` per stream, and the writer
+stages the stream's gzip parts and finally makes them part of the object key.  How
+(S3's staging upload and merge, Azure's append blob) is the store's business: part
+numbers, conditions and the 10,000-part limit live in the writer, not the stream.
 
-The operations are those of S3's multipart upload API
-(https://docs.aws.amazon.com/AmazonS3/latest/API/API_CreateMultipartUpload.html and
-its siblings), reduced to what the data path needs.  An implementation talks to S3
-(:mod:`loghandler.storage.s3`), keeps everything in memory for tests
-(:mod:`loghandler.storage.memory`) or discards the bytes (``NO_UPLOAD=1``).
-
-ETags are opaque strings passed back exactly as the store returned them (S3 returns
-them with their double quotes, and ``If-Match`` wants them so).
-
-A write ID is a random string that a writer attaches to the object it writes (S3 user
-metadata, ``x-amz-meta-loghandler-write-id``): when the answer to a write is lost and
-the write is tried again, HEAD tells whether the first try landed, so that no line is
-appended twice.
+Also the errors storage calls raise, shared by every store and classified by the one
+retry layer (:mod:`loghandler.retry`).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import attrs
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
 
-@attrs.frozen
-class ObjectInfo:
-    """
-    What HeadObject tells of an existing object.
-
-    :ivar size: the object's length in bytes.
-    :ivar etag: its ETag, quotes included.
-    :ivar write_id: the write ID of the PutObject or multipart upload that last wrote
-        it (user metadata ``x-amz-meta-loghandler-write-id``), or None.
-    """
-
-    size: int
-    etag: str
-    write_id: Optional[str] = None
-
-
-@attrs.frozen
-class CompletedPart:
-    """
-    One part of a multipart upload as CompleteMultipartUpload lists it.
-
-    :ivar number: the part number, 1 to 10,000.
-    :ivar etag: the ETag that UploadPart or UploadPartCopy returned for it.
-    """
-
-    number: int
-    etag: str
-
-
-@attrs.frozen
-class PendingUpload:
-    """
-    A multipart upload that was created and neither completed nor aborted
-    (ListMultipartUploads).
-
-    :ivar key: the object key it will complete as.
-    :ivar upload_id: its upload ID.
-    :ivar initiated: when it was created, in seconds since the Unix epoch.
-    """
-
-    key: str
-    upload_id: str
-    initiated: float
-
-
-@attrs.frozen
-class StoredPart:
-    """
-    One uploaded part as ListParts reports it.
-
-    :ivar number: the part number.
-    :ivar etag: its ETag.
-    :ivar size: its length in bytes.
-    """
-
-    number: int
-    etag: str
-    size: int
-
-
 class StorageError(Exception):
     """
-    A storage call failed for good (after the store's own retries).
+    A storage call got an error answer, or no usable answer.
 
-    :ivar status: the HTTP status, or 0 when no response came.
-    :ivar code: the store's error code (``NoSuchUpload``, ``EntityTooSmall``...), or "".
-    :ivar operation: the operation that failed, such as ``UploadPart``.
+    :ivar operation: the call that failed, such as ``UploadPart``.
+    :ivar status: the HTTP status, or 0 when no answer came.
+    :ivar code: the store's error code (``NoSuchUpload``, ``SlowDown``...), or "".
+    :ivar message: the store's message, or "".
     """
 
     def __init__(self, operation: str, status: int = 0, code: str = "", message: str = ""):
@@ -113,94 +47,94 @@ class PreconditionFailed(StorageError):
         super().__init__(operation, 412, "PreconditionFailed", message)
 
 
+class Abandoned(Exception):
+    """
+    The shutdown deadline passed (or the writer was abandoned) before this storage
+    work was done; nothing more is tried.
+    """
+
+
+@attrs.frozen
+class Finished:
+    """
+    How :meth:`IObjectWriter.finish` ended.
+
+    :ivar outcome: ``"merged"`` (the data are part of ``key``), ``"staged"`` (the data
+        are stored in the daemon's working area, ``staged_key``, and recovery merges
+        them), or ``"empty"`` (nothing was written).
+    :ivar key: the object key merged into (the stream's key or a rollover
+        ``{key}.N``), or None.
+    :ivar staged_key: where the data wait when ``outcome`` is ``"staged"``, else None.
+    """
+
+    outcome: str
+    key: Optional[str] = None
+    staged_key: Optional[str] = None
+
+
+class IObjectWriter(Interface):
+    """
+    The writer of one stream's data into one object key.  Calls: any number of
+    :meth:`part`, then one :meth:`finish` after every ``part`` Deferred fired; or
+    :meth:`abandon` at any time.
+    """
+
+    key = Attribute("The object key the data go to (str).")
+
+    def part(body: bytes) -> "Deferred[None]":
+        """
+        Store ``body`` (bytes of whole gzip members, at least the store's part size)
+        as the next piece of the stream's data.  Fires with None once it is stored;
+        every failure is retried (no piece is ever skipped).
+
+        :raises Abandoned: (errback) the writer was abandoned first.
+        """
+
+    def finish(tail: bytes) -> "Deferred[Finished]":
+        """
+        Store ``tail`` (whole gzip members, any size, possibly empty) after the parts
+        and make the stream's data part of the object key.
+
+        :returns: a Deferred firing with a :class:`Finished`.
+        :raises Abandoned: (errback) abandoned before the data were stored at all;
+            the caller reports them lost.
+        """
+
+    def abandon() -> None:
+        """
+        Stop: calls in flight are cancelled and their Deferreds errback with
+        :class:`Abandoned`, except a :meth:`finish` whose data are already staged,
+        which fires with ``Finished("staged", ...)``.
+        """
+
+
 class IObjectStore(Interface):
     """
-    An S3-like object store.  Every method returns a Deferred; a failed call errbacks
-    with :class:`StorageError`, a failed condition with :class:`PreconditionFailed`.
-    Keys are ``str`` (S3 object keys, no leading slash); bodies are ``bytes``.
+    Where objects are written: opens a writer per stream.
     """
 
     name = Attribute("A short name for logs: 's3', 'memory', 'discard'.")
+    problem = Attribute(
+        "None while storage works; else a short text saying why it fails for good"
+        " (access denied, no such bucket), for /healthz."
+    )
 
-    def head(key: str) -> "Deferred[Optional[ObjectInfo]]":
+    def open(key: str) -> IObjectWriter:
         """
-        HeadObject: the object's size and ETag, or None when there is no such key.
-        """
-
-    def get(key: str, if_match: str) -> "Deferred[bytes]":
-        """
-        GetObject of the whole object, only while its ETag is ``if_match``
-        (else :class:`PreconditionFailed`).
-        """
-
-    def put(
-        key: str,
-        body: bytes,
-        if_match: Optional[str] = None,
-        if_none_match: bool = False,
-        write_id: Optional[str] = None,
-    ) -> "Deferred[str]":
-        """
-        PutObject with ``Content-Type: application/gzip``; fires with the new ETag.
-
-        :param if_match: replace only the object with this ETag.
-        :param if_none_match: write only if the key does not exist (``If-None-Match: *``).
-        :param write_id: stored with the object, reported by :meth:`head`.
-        """
-
-    def create_upload(key: str, write_id: Optional[str] = None) -> "Deferred[str]":
-        """
-        CreateMultipartUpload with ``Content-Type: application/gzip``; fires with the
-        upload ID.  ``write_id`` is stored with the object the upload completes.
-        """
-
-    def upload_part(key: str, upload_id: str, number: int, body: bytes) -> "Deferred[str]":
-        """
-        UploadPart: store ``body`` as part ``number`` (1 to 10,000), replacing an
-        earlier upload of that number; fires with the part's ETag.
-        """
-
-    def upload_part_copy(
-        key: str, upload_id: str, number: int, source_key: str, if_match: str
-    ) -> "Deferred[str]":
-        """
-        UploadPartCopy: make the whole object ``source_key`` part ``number``, only
-        while its ETag is ``if_match`` (``x-amz-copy-source-if-match``); fires with the
-        part's ETag.  The source must be 5 MiB to 5 GiB.
-        """
-
-    def complete_upload(
-        key: str,
-        upload_id: str,
-        parts: Sequence[CompletedPart],
-        if_match: Optional[str] = None,
-        if_none_match: bool = False,
-    ) -> "Deferred[str]":
-        """
-        CompleteMultipartUpload with the given parts in ascending number order; fires
-        with the object's ETag.  An ``<Error>`` document inside a 200 answer is an
-        error.  ``if_match`` / ``if_none_match`` as for :meth:`put`.
-        """
-
-    def abort_upload(key: str, upload_id: str) -> "Deferred[None]":
-        """
-        AbortMultipartUpload: discard the upload and its parts.
-        """
-
-    def list_uploads(prefix: str) -> "Deferred[list[PendingUpload]]":
-        """
-        ListMultipartUploads under ``prefix``, all pages.
-        """
-
-    def list_parts(key: str, upload_id: str) -> "Deferred[list[StoredPart]]":
-        """
-        ListParts of one upload, all pages, in part number order.
+        A writer for one stream of ``key`` (an object key such as
+        ``chat/2020-03-30/content_logs_2020-03-30_3``).  Opening sends nothing.
         """
 
     def check() -> "Deferred[None]":
         """
-        Check that the bucket exists and can be reached with these credentials
-        (HeadBucket); :class:`StorageError` if not.
+        Fire when the store can be reached with these credentials; errback with
+        :class:`StorageError` if not.
+        """
+
+    def stopping(deadline: float) -> None:
+        """
+        The flush on stop began and must end by ``deadline`` (the clock's seconds):
+        retries that sleep are woken now, and no attempt may outlast the deadline.
         """
 
     def close() -> "Deferred[None]":

@@ -7,10 +7,11 @@ reactor timer, and :meth:`StreamRegistry.close_all` for the flush on stop
 
 from __future__ import annotations
 
-from typing import Optional
+import random
+from typing import Callable, Optional
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, DeferredSemaphore
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -47,16 +48,16 @@ class StreamSettings:
     How streams are run.
 
     :ivar part_size: compressed bytes per part.
-    :ivar lifetime_s: seconds after which a stream completes its object.
+    :ivar lifetime_s: seconds after which a stream completes its object; each
+        stream's timer is drawn in ``[0.9, 1] x lifetime_s`` so that pods started
+        together do not merge the same keys in lockstep.
     :ivar parts_in_flight: parts one stream uploads at once.
-    :ivar upload_slots: part uploads at once across all streams.
     :ivar budget_bytes: bytes held in memory for all streams before 503.
     """
 
     part_size: int
     lifetime_s: float
     parts_in_flight: int = 2
-    upload_slots: int = 8
     budget_bytes: int = 256 * 1024 * 1024
 
 
@@ -96,18 +97,26 @@ class StreamRegistry:
     :param store: the object store.
     :param clock: the reactor's clock.
     :param settings: how streams are run.
+    :param budget: the memory budget, shared with the store's merges; by default a
+        new one of ``settings.budget_bytes``.
+    :param uniform: draws a float in ``[a, b]`` (rotation jitter); injectable for tests.
     """
 
     _log = Logger()
 
     def __init__(
-        self, store: IObjectStore, clock: IReactorTime, settings: StreamSettings
+        self,
+        store: IObjectStore,
+        clock: IReactorTime,
+        settings: StreamSettings,
+        budget: Optional[MemoryBudget] = None,
+        uniform: Callable[[float, float], float] = random.uniform,
     ) -> None:
         self._store = store
         self._clock = clock
         self._settings = settings
-        self.budget = MemoryBudget(settings.budget_bytes)
-        self._slots = DeferredSemaphore(settings.upload_slots)
+        self._uniform = uniform
+        self.budget = budget if budget is not None else MemoryBudget(settings.budget_bytes)
         self._open: dict[str, _Open] = {}
         self._closing: set[ObjectStream] = set()
         self.stopping = False
@@ -118,6 +127,12 @@ class StreamRegistry:
     def open_keys(self) -> list[str]:
         """The keys with an open stream, sorted."""
         return sorted(self._open)
+
+    @property
+    def storage_problem(self) -> Optional[str]:
+        """Why storage fails until an operator acts, or None (the store's ``problem``)."""
+        problem: Optional[str] = self._store.problem
+        return problem
 
     @property
     def completing(self) -> int:
@@ -150,17 +165,18 @@ class StreamRegistry:
             self._log.failure("{key}: stream failed; completing it", key=key)
             self._complete(key)
             raise
-        if entry.stream.parts_exhausted:
-            self._log.info("{key}: 10,000 parts; completing the object early", key=key)
+        if entry.stream.must_finish:
+            self._log.info("{key}: the writer is full; completing the object early", key=key)
             self._complete(key)
 
     def _relieve(self) -> None:
         """
-        With the budget spent and no object completing, complete the open object that
-        buffers the most: many objects each holding part of a part would otherwise
-        refuse every message until they rotate.
+        With the budget spent and no completing object still holding unstored data in
+        memory, complete the open object that buffers the most: many objects each
+        holding part of a part would otherwise refuse every message until they rotate.
+        A completion that is merging (its data already stored) does not block this.
         """
-        if self._closing or not self._open:
+        if not self._open or any(stream.unstaged_bytes for stream in self._closing):
             return
         key = max(self._open, key=lambda k: self._open[k].stream.buffered_bytes)
         self._log.warn(
@@ -174,18 +190,17 @@ class StreamRegistry:
     def _start(self, key: str) -> _Open:
         settings = self._settings
         stream = ObjectStream(
-            key,
-            self._store,
+            self._store.open(key),
             self._clock,
             settings.part_size,
             settings.parts_in_flight,
-            self._slots,
             self.budget,
         )
         admission = _KeyAdmission()
         stream.registerProducer(admission, True)
         self.budget.change(STREAM_OVERHEAD_BYTES)
-        timer = self._clock.callLater(settings.lifetime_s, self._complete, key)
+        lifetime = settings.lifetime_s * self._uniform(0.9, 1.0)
+        timer = self._clock.callLater(lifetime, self._complete, key)
         return _Open(stream, admission, timer)
 
     def _complete(self, key: str) -> Optional[Deferred[None]]:

@@ -21,6 +21,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from loghandler.budget import MemoryBudget
 from loghandler.config import Config
 from loghandler.interfaces import IObjectStore
 from loghandler.message import Limits
@@ -94,6 +95,7 @@ class StreamService(Service):
             self._next_check.cancel()
             self._next_check = None
         started = self._clock.seconds()
+        self._store.stopping(started + self._timeout)
         flushing = self.registry.close_all()
         flushing.addTimeout(self._timeout, self._clock)
 
@@ -126,12 +128,15 @@ def build_service(
     store: IObjectStore,
     reactor: IReactorTime,
     now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+    budget: Optional[MemoryBudget] = None,
 ) -> MultiService:
     """
     The root service for ``config`` writing to ``store`` (an ``IObjectStore``).
 
     :param reactor: the reactor (clock and TCP listener).
     :param now_ms: the wall clock in Unix epoch milliseconds, for the timestamp window.
+    :param budget: the memory budget the store's merges also count in; by default
+        a new one of ``BUFFER_BUDGET_BYTES``.
     """
     registry = StreamRegistry(
         store,
@@ -142,6 +147,7 @@ def build_service(
             parts_in_flight=config.parts_in_flight,
             budget_bytes=config.buffer_budget_bytes,
         ),
+        budget,
     )
     limits = Limits(
         max_client_id=config.max_client_id,

@@ -1,48 +1,33 @@
 """
-The stream of one object key (DESIGN.md sections 3-5): NDJSON lines in, gzip parts out
-to an :class:`~loghandler.interfaces.IObjectStore`.
+The stream of one object key (DESIGN.md sections 3-5): NDJSON lines in, gzip parts
+out to an :class:`~loghandler.interfaces.IObjectWriter`.
 
 A stream is an ``IConsumer`` of lines.  It compresses them incrementally
-(:class:`~loghandler.gzipframe.GzipPartEncoder`), uploads a part as soon as it holds
-``part_size`` compressed bytes, keeps at most ``parts_in_flight`` parts in flight and
-queues the rest; while parts wait in that queue it pauses its registered
+(:class:`~loghandler.gzipframe.GzipPartEncoder`), hands a part to its writer as soon
+as it holds ``part_size`` compressed bytes, keeps at most ``parts_in_flight`` parts in
+flight and queues the rest; while parts wait in that queue it pauses its registered
 ``IPushProducer`` (backpressure), and resumes it once the queue drains.  :meth:`close`
-completes the object by appending (:mod:`loghandler.append`).
+hands the tail to the writer, which stages it and merges the object.
 
-Failed storage calls are retried with backoff, without end: the data stay in memory
-meanwhile (bounded by the memory budget) until they are written or the stream is
-abandoned at the shutdown deadline, which logs what was lost.
+The stream knows no part numbers, conditions or retries: the writer stores every part
+(retrying every failure) or is abandoned at the shutdown deadline, and the stream
+counts what was stored and logs what was not.
 """
 
 from __future__ import annotations
 
 import collections
-import uuid
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-from twisted.internet.defer import (
-    Deferred,
-    DeferredLock,
-    DeferredSemaphore,
-    ensureDeferred,
-    succeed,
-)
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.interfaces import IConsumer, IProducer, IPushProducer, IReactorTime
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from loghandler.append import FIRST_DATA_PART, MultipartUpload, append_object, choose_target
-from loghandler.backoff import Backoff
 from loghandler.budget import MemoryBudget
 from loghandler.gzipframe import GzipPartEncoder
-from loghandler.interfaces import IObjectStore, StorageError
-
-#: S3's largest part number (https://docs.aws.amazon.com/AmazonS3/latest/userguide/qfacts.html).
-MAX_PART_NUMBER = 10_000
-
-#: Waits between a stream's own retries of a failed storage call, in seconds.
-STREAM_BACKOFF = Backoff(base=1.0, cap=60.0)
+from loghandler.interfaces import Abandoned, Finished, IObjectWriter
 
 
 class StreamClosed(Exception):
@@ -52,14 +37,12 @@ class StreamClosed(Exception):
 @implementer(IConsumer)
 class ObjectStream:
     """
-    One object key's compressor, part queue and multipart upload.
+    One object key's compressor, part queue and writer.
 
-    :param key: the object key.
-    :param store: where parts go.
-    :param clock: for retry waits.
+    :param writer: stores the parts and finally the object (opened for this stream).
+    :param clock: for the stream's age.
     :param part_size: compressed bytes per part.
-    :param parts_in_flight: parts uploaded at once by this stream.
-    :param upload_slots: caps part uploads across all streams.
+    :param parts_in_flight: parts handed to the writer at once.
     :param budget: counts the bytes this stream holds.
     """
 
@@ -67,31 +50,21 @@ class ObjectStream:
 
     def __init__(
         self,
-        key: str,
-        store: IObjectStore,
+        writer: IObjectWriter,
         clock: IReactorTime,
         part_size: int,
         parts_in_flight: int,
-        upload_slots: DeferredSemaphore,
         budget: MemoryBudget,
-        backoff: Backoff = STREAM_BACKOFF,
     ) -> None:
-        self.key = key
-        self._store = store
+        self.key: str = writer.key
+        self._writer = writer
         self._clock = clock
         self._encoder = GzipPartEncoder(part_size)
         self._parts_in_flight = parts_in_flight
-        self._slots = upload_slots
         self._budget = budget
-        self._backoff = backoff
-        # (part number, body, lines in it) of the parts waiting for an upload slot.
-        self._queue: collections.deque[tuple[int, bytes, int]] = collections.deque()
-        self._upload: Optional[MultipartUpload] = None
-        self._next_number = FIRST_DATA_PART
-        self._write_id = uuid.uuid4().hex
-        # The part uploads in flight.
+        # (body, lines in it) of the parts waiting to be handed to the writer.
+        self._queue: collections.deque[tuple[bytes, int]] = collections.deque()
         self._part_uploads: set[Deferred[None]] = set()
-        self._upload_lock = DeferredLock()
         self._idle_waiters: list[Deferred[None]] = []
         self._producer: Optional[IPushProducer] = None
         self._paused = False
@@ -109,7 +82,7 @@ class ObjectStream:
 
     @property
     def paused(self) -> bool:
-        """Whether parts are waiting for an upload slot (the producer is paused)."""
+        """Whether parts are waiting to be handed to the writer (producer paused)."""
         return self._paused
 
     @property
@@ -118,12 +91,14 @@ class ObjectStream:
         return self._encoder.buffered_bytes
 
     @property
-    def parts_exhausted(self) -> bool:
-        """
-        Whether the upload is one part short of S3's 10,000-part limit: the stream must
-        be completed now (its tail takes the last number).
-        """
-        return self._next_number >= MAX_PART_NUMBER
+    def unstaged_bytes(self) -> int:
+        """Compressed bytes held in memory that the writer has not stored yet."""
+        return self._unstored_bytes + self._encoder.buffered_bytes
+
+    @property
+    def must_finish(self) -> bool:
+        """Whether the writer can take no more parts: the stream must complete now."""
+        return bool(self._writer.full)
 
     # IConsumer
 
@@ -153,20 +128,20 @@ class ObjectStream:
             self._budget.change(self._encoder.buffered_bytes - before)
         else:
             self._budget.change(len(part) - before)
-            self._queue.append((self._next_number, part, self.lines - self._lines_cut))
+            self._queue.append((part, self.lines - self._lines_cut))
             self._lines_cut = self.lines
             self._unstored_bytes += len(part)
-            self._next_number += 1
             self._pump()
 
     # uploads
 
     def _pump(self) -> None:
         while self._queue and len(self._part_uploads) < self._parts_in_flight:
-            number, body, lines = self._queue.popleft()
-            d = ensureDeferred(self._upload_part(number, body, lines))
+            body, lines = self._queue.popleft()
+            d = self._writer.part(body)
             self._part_uploads.add(d)
-            d.addErrback(self._log_failure, "uploading a part")
+            d.addCallback(self._part_stored, len(body), lines)
+            d.addErrback(self._log_failure, "storing a part")
             d.addBoth(self._part_done, d)
         if self._queue and not self._paused and self._producer is not None:
             self._paused = True
@@ -176,61 +151,22 @@ class ObjectStream:
             if self._producer is not None:
                 self._producer.resumeProducing()
 
+    def _part_stored(self, result: None, size: int, lines: int) -> None:
+        if self._done:  # an answer after the stream gave up: already released
+            return
+        self.stored_bytes += size
+        self._unstored_bytes -= size
+        self._lines_stored += lines
+        self._budget.change(-size)
+
     def _part_done(self, result: object, upload: Deferred[None]) -> None:
         self._part_uploads.discard(upload)
-        self._pump()
+        if not self._abandoned:
+            self._pump()
         if not self._queue and not self._part_uploads:
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
-
-    async def _upload_part(self, number: int, body: bytes, lines: int) -> None:
-        upload = await self._retrying("CreateMultipartUpload", self._ensure_upload)
-        etag = await self._retrying(
-            "UploadPart",
-            lambda: self._slots.run(
-                self._store.upload_part, upload.key, upload.upload_id, number, body
-            ),
-        )
-        upload.parts[number] = etag
-        self.stored_bytes += len(body)
-        self._unstored_bytes -= len(body)
-        self._lines_stored += lines
-        self._budget.change(-len(body))
-
-    async def _ensure_upload(self) -> MultipartUpload:
-        await self._upload_lock.acquire()
-        try:
-            if self._upload is None:
-                target, _ = await choose_target(self._store, self.key)
-                upload_id = await self._store.create_upload(target, self._write_id)
-                self._upload = MultipartUpload(target, upload_id)
-                self._log.info(
-                    "{key}: multipart upload {upload_id} created", key=target, upload_id=upload_id
-                )
-            return self._upload
-        finally:
-            self._upload_lock.release()
-
-    async def _retrying(
-        self, operation: str, call: Callable[[], Any]
-    ) -> Any:
-        attempt = 0
-        while True:
-            try:
-                return await call()
-            except StorageError as e:
-                delay = self._backoff.delay(attempt)
-                self._log.warn(
-                    "{key}: {operation} failed ({error}); retry {attempt} in {delay:.1f} s",
-                    key=self.key,
-                    operation=operation,
-                    error=str(e),
-                    attempt=attempt + 1,
-                    delay=delay,
-                )
-                attempt += 1
-                await deferLater(self._clock, delay, lambda: None)
 
     def _idle(self) -> Deferred[None]:
         if not self._queue and not self._part_uploads:
@@ -244,11 +180,11 @@ class ObjectStream:
     def close(self) -> Deferred[None]:
         """
         Stop taking lines and complete the object: wait for the parts in flight, then
-        append the tail (DESIGN.md section 5).  Calling it again waits for the same
-        completion.
+        hand the tail to the writer, which stages it and merges the object.  Calling
+        it again waits for the same completion.
 
-        :returns: a Deferred that fires with None once the object is complete, or once
-            the stream gave up (logged with what was lost).  It never errbacks.
+        :returns: a Deferred that fires with None once the object is complete, staged
+            for recovery, or given up (logged with what was lost).  It never errbacks.
         """
         if self._finishing is None:
             held = self._encoder.buffered_bytes
@@ -264,64 +200,67 @@ class ObjectStream:
         return waiter
 
     def abandon(self) -> None:
-        """Give up a completion in progress (the shutdown deadline passed)."""
-        if self._finishing is not None and not self._done:
-            self._abandoned = True
-            for upload in list(self._part_uploads):
-                upload.cancel()
+        """
+        Give up (the shutdown deadline passed): the writer cancels what it is doing;
+        what it staged stays staged, what it had not is reported lost.
+        """
+        if self._done or self._abandoned:
+            return
+        self._abandoned = True
+        self._writer.abandon()
+        if self._finishing is not None:
             self._finishing.cancel()
 
     async def _finish(self, tail: bytes) -> None:
         try:
             await self._idle()
-            if self._upload is not None:
-                self._upload.next_number = self._next_number
-            written = await self._retrying(
-                "append",
-                lambda: ensureDeferred(
-                    append_object(self._store, self.key, self._upload, tail, self._write_id)
-                ),
-            )
-            self.stored_bytes += len(tail)
-            self._unstored_bytes -= len(tail)
-            self._lines_stored = self.lines
-            self._log.info(
-                "{key}: completed as {written}: {lines} lines, {raw_bytes} bytes"
-                " -> {stored_bytes} gzip bytes in {seconds:.1f} s",
-                key=self.key,
-                written=written,
-                lines=self.lines,
-                raw_bytes=self.raw_bytes,
-                stored_bytes=self.stored_bytes,
-                seconds=self._clock.seconds() - self.started,
-            )
+            if self._abandoned:
+                raise Abandoned(self.key)
+            finished: Finished = await self._writer.finish(tail)
+            self._part_stored(None, len(tail), self.lines - self._lines_cut)
+            self._report(finished)
         except Exception:
             if not self._abandoned:
                 self._log.failure("{key}: completion failed", key=self.key)
-            # Cancelling may surface as CancelledError or as the HTTP client's own
-            # error (ConnectingCancelledError during a connect): both are the deadline.
             self._log.error(
-                "{key}: not completed{reason}: {lost_lines} lines ({lost_bytes} gzip bytes)"
-                " not stored; {upload}",
+                "{key}: not stored{reason}: {lost_lines} lines ({lost_bytes} gzip bytes)",
                 key=self.key,
                 reason=" by the shutdown deadline" if self._abandoned else "",
                 lost_lines=self.lines - self._lines_stored,
                 lost_bytes=self._unstored_bytes,
-                upload=(
-                    "multipart upload %s keeps the %d parts uploaded"
-                    % (self._upload.upload_id, len(self._upload.parts))
-                    if self._upload
-                    else "no multipart upload was created"
-                ),
             )
         finally:
-            self._budget.change(-len(tail))
+            # What was never stored frees its memory too.
+            self._budget.change(-self._unstored_bytes)
+            self._unstored_bytes = 0
             self._done = True
             waiters, self._done_waiters = self._done_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
 
-    def _log_failure(self, failure: Any, doing: str) -> None:
+    def _report(self, finished: Finished) -> None:
+        fields: dict[str, Any] = dict(
+            key=self.key,
+            lines=self.lines,
+            raw_bytes=self.raw_bytes,
+            stored_bytes=self.stored_bytes,
+            seconds=self._clock.seconds() - self.started,
+        )
+        if finished.outcome == "merged":
+            self._log.info(
+                "{key}: completed into {target}: {lines} lines, {raw_bytes} bytes"
+                " -> {stored_bytes} gzip bytes in {seconds:.1f} s",
+                target=finished.key,
+                **fields,
+            )
+        elif finished.outcome == "staged":
+            self._log.warn(
+                "{key}: {lines} lines ({stored_bytes} gzip bytes) stored in {staged_key},"
+                " not yet merged; recovery merges them",
+                staged_key=finished.staged_key,
+                **fields,
+            )
+
+    def _log_failure(self, failure: Failure, doing: str) -> None:
         if not self._abandoned:  # else the completion reports what was lost
             self._log.failure("{key}: failed {doing}", failure, key=self.key, doing=doing)
-

@@ -17,6 +17,7 @@ from twisted.application.service import IService
 from twisted.logger import Logger
 from twisted.python import usage
 
+from loghandler.budget import MemoryBudget
 from loghandler.config import SETTINGS, Config, ConfigError, from_environ
 from loghandler.interfaces import IObjectStore
 from loghandler.service import build_service
@@ -77,27 +78,44 @@ def load_config(options: Mapping[str, Any], environ: Mapping[str, str]) -> Confi
         raise
 
 
-def make_store(config: Config, reactor: Any) -> IObjectStore:
-    """The ``IObjectStore`` the configuration asks for."""
+def make_store(config: Config, reactor: Any, budget: MemoryBudget) -> IObjectStore:
+    """
+    The ``IObjectStore`` the configuration asks for: S3 (credentials from
+    ``AWS_ACCESS_KEY``/``AWS_ACCESS_SECRET`` or botocore's standard chain), or the
+    discard store for ``NO_UPLOAD=1``.  Merges count their memory in ``budget``.
+    """
     if config.no_upload:
         from loghandler.storage.discard import DiscardStore
 
         return DiscardStore()
-    from loghandler.storage.s3 import build_s3_store
+    from twisted.internet.threads import deferToThreadPool
+
+    from loghandler.storage.s3.client import build_s3_client
+    from loghandler.storage.s3.credentials import aws_credentials
+    from loghandler.storage.s3.writer import S3ObjectStore
 
     assert config.aws_bucket is not None and config.aws_region is not None
     try:
-        return build_s3_store(
-            reactor,
-            bucket=config.aws_bucket,
-            region=config.aws_region,
-            endpoint_url=config.aws_endpoint_url,
-            access_key=config.aws_access_key,
-            secret_key=config.aws_access_secret,
-        )
+        credentials = aws_credentials(config.aws_access_key, config.aws_access_secret)
     except ValueError as e:
         _exit(str(e))
         raise
+    client = build_s3_client(
+        reactor,
+        bucket=config.aws_bucket,
+        region=config.aws_region,
+        endpoint_url=config.aws_endpoint_url,
+        credentials=credentials,
+    )
+    return S3ObjectStore(
+        client,
+        reactor,
+        budget,
+        completions_in_flight=config.completions_in_flight,
+        defer_to_thread=lambda f, *args: deferToThreadPool(
+            reactor, reactor.getThreadPool(), f, *args
+        ),
+    )
 
 
 def makeService(options: Mapping[str, Any], reactor: Optional[Any] = None) -> IService:
@@ -107,7 +125,8 @@ def makeService(options: Mapping[str, Any], reactor: Optional[Any] = None) -> IS
 
         reactor = global_reactor
     config = load_config(options, os.environ)
-    store = make_store(config, reactor)
+    budget = MemoryBudget(config.buffer_budget_bytes)
+    store = make_store(config, reactor, budget)
     _log.info(
         "loghandler on {addr}:{port}, storage {store}, objects completed after {lifetime:g} s",
         addr=config.addr,
@@ -115,4 +134,4 @@ def makeService(options: Mapping[str, Any], reactor: Optional[Any] = None) -> IS
         store=store,
         lifetime=config.queue_timeout_s,
     )
-    return build_service(config, store, reactor)
+    return build_service(config, store, reactor, budget=budget)

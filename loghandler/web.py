@@ -124,8 +124,9 @@ class HealthResource(Resource):
     """
     ``GET /healthz``: 200 ``{"status": "ok", ...}`` while messages are taken; 503 with
     status ``"stopping"`` once the server stops, ``"storage not reachable"`` until the
-    bucket was reached, or ``"buffers full"`` while the memory budget is spent (a
-    readiness probe then sends traffic elsewhere).
+    bucket was reached, ``"storage failing: ..."`` while storage fails in a way only an
+    operator can fix (access denied, no such bucket), or ``"buffers full"`` while the
+    memory budget is spent (a readiness probe then sends traffic elsewhere).
     """
 
     isLeaf = True
@@ -146,6 +147,8 @@ class HealthResource(Resource):
             state = "stopping"
         elif not registry.ready:
             state = "storage not reachable"
+        elif registry.storage_problem is not None:
+            state = "storage failing: %s" % registry.storage_problem
         elif registry.budget.exhausted:
             state = "buffers full"
         else:

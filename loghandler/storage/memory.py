@@ -1,12 +1,24 @@
 """
-An in-memory :class:`~loghandler.interfaces.IObjectStore` with S3's rules, for unit
-tests: the part minimum for all but the last part, ETags, and the conditions
-``If-Match`` / ``If-None-Match: *`` everywhere, CompleteMultipartUpload included
-(which moto does not enforce).
+:class:`MemoryStore`: an in-memory :class:`~loghandler.storage.s3.api.IS3Client` with
+S3's rules, the reference that unit tests, the model-based test and the contract suite
+use (moto enforces fewer of them):
 
-Tests can make the next calls of an operation fail (:meth:`MemoryStore.fail`), hold
-calls until they release them (:meth:`MemoryStore.hold`), or run code just before an
-operation (:meth:`MemoryStore.before`), to play another writer.
+- metadata (the write IDs) is set only by PutObject and CreateMultipartUpload;
+- ``If-Match`` / ``If-None-Match: *`` on PutObject, GetObject and
+  CompleteMultipartUpload, ``x-amz-copy-source-if-match`` on UploadPartCopy: 412;
+- every part but the last at least ``min_part_size`` at completion (EntityTooSmall);
+- a completed or aborted upload is gone: NoSuchUpload;
+- a conditional CompleteMultipartUpload that races another write of the key answers
+  409 ConditionalRequestConflict and discards the upload (injected with
+  :meth:`MemoryStore.conflict`).
+
+Fault injection, per operation (``UploadPart``, ``CompleteMultipartUpload``...):
+:meth:`~MemoryStore.fail` (an error before the call lands), :meth:`~MemoryStore.lose_answer`
+(the call lands, then the answer is lost), :meth:`~MemoryStore.hold` (the call stalls
+until :meth:`~MemoryStore.release`; a caller that gives up cancels its Deferred, but
+the call still lands when released, as a request already sent may),
+:meth:`~MemoryStore.conflict` and :meth:`~MemoryStore.before` (run code first, to
+play another writer).
 """
 
 from __future__ import annotations
@@ -17,50 +29,91 @@ from typing import Any, Callable, Optional, Sequence
 
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionLost
 from twisted.python.failure import Failure
+from twisted.web.client import ResponseNeverReceived
 from zope.interface import implementer
 
 from loghandler.config import S3_MAX_PART_SIZE, S3_MIN_PART_SIZE
-from loghandler.interfaces import (
+from loghandler.interfaces import PreconditionFailed, StorageError
+from loghandler.storage.s3.api import (
+    MAX_WRITES,
     CompletedPart,
-    IObjectStore,
+    IS3Client,
+    ListedObject,
     ObjectInfo,
     PendingUpload,
-    PreconditionFailed,
-    StorageError,
     StoredPart,
 )
+
+#: S3's largest part number.
+_MAX_PART_NUMBER = 10_000
 
 
 def _etag(body: bytes) -> str:
     return '"%s"' % hashlib.md5(body).hexdigest()
 
 
+def lost_answer() -> ResponseNeverReceived:
+    """The exception treq raises when the connection drops before the answer."""
+    return ResponseNeverReceived([Failure(ConnectionLost("connection lost"))])
+
+
+@attrs.define
+class StoredObject:
+    """
+    A completed object.
+
+    :ivar body: its bytes.
+    :ivar etag: its ETag.
+    :ivar writes: the write IDs in its metadata.
+    :ivar last_modified: seconds, by the store's clock.
+    """
+
+    body: bytes
+    etag: str
+    writes: tuple[str, ...]
+    last_modified: float
+
+
 @attrs.define
 class _Upload:
     key: str
     initiated: float
-    write_id: Optional[str] = None
+    writes: tuple[str, ...] = ()
     parts: dict[int, tuple[bytes, str]] = attrs.field(factory=dict)
 
 
 @attrs.define
-class _Held:
+class Held:
+    """
+    A stalled call.
+
+    :ivar operation: its operation name.
+    :ivar key: its key.
+    :ivar run: carries the call out (lands it).
+    :ivar result: the caller's Deferred (it may have cancelled it).
+    """
+
     operation: str
+    key: str
     run: Callable[[], Any]
     result: Deferred[Any]
 
 
-@implementer(IObjectStore)
+@implementer(IS3Client)
 class MemoryStore:
     """
-    Objects and multipart uploads in dicts.
+    One bucket in dicts.
 
     :param min_part_size: bytes every part but the last must have at completion
         (S3: 5 MiB).
-    :param now: returns the time in seconds, for uploads' ``initiated``.
-    :ivar objects: key -> (body, ETag) of the completed objects.
+    :param now: the store's clock in seconds (uploads' ``initiated``, objects'
+        ``last_modified``).
+    :ivar objects: key -> :class:`StoredObject`.
+    :ivar uploads: upload ID -> the upload.
     :ivar calls: (operation, key) of every call, in order.
+    :ivar held: the stalled calls, oldest first.
     """
 
     name = "memory"
@@ -70,42 +123,64 @@ class MemoryStore:
     ) -> None:
         self.min_part_size = min_part_size
         self._now = now
-        self.objects: dict[str, tuple[bytes, str]] = {}
-        self.write_ids: dict[str, Optional[str]] = {}
+        self.objects: dict[str, StoredObject] = {}
         self.uploads: dict[str, _Upload] = {}
         self.calls: list[tuple[str, str]] = []
-        self.held: list[_Held] = []
-        self._failures: dict[str, list[Exception]] = {}
+        self.held: list[Held] = []
+        self.versioning_status = ""
+        self._failures: dict[str, list[BaseException]] = {}
         self._holding: set[str] = set()
         self._before: dict[str, list[Callable[[], None]]] = {}
         self._lost: dict[str, int] = {}
+        self._conflicts = 0
         self._ids = itertools.count(1)
 
-    # test controls
+    def __repr__(self) -> str:
+        return "<MemoryStore>"
 
-    def fail(self, operation: str, error: Exception, times: int = 1) -> None:
-        """Make the next ``times`` calls of ``operation`` (``UploadPart``...) fail."""
+    # -- test controls ---------------------------------------------------------
+
+    def fail(self, operation: str, error: BaseException, times: int = 1) -> None:
+        """Make the next ``times`` calls of ``operation`` fail with ``error``, unlanded."""
         self._failures.setdefault(operation, []).extend([error] * times)
+
+    def lose_answer(self, operation: str, times: int = 1) -> None:
+        """
+        Carry out the next ``times`` calls of ``operation`` but answer them with
+        :func:`lost_answer`, as when the connection drops after the write landed.
+        """
+        self._lost[operation] = self._lost.get(operation, 0) + times
 
     def hold(self, operation: str) -> None:
         """Keep calls of ``operation`` waiting in :attr:`held` until :meth:`release`."""
         self._holding.add(operation)
 
     def release(self, count: Optional[int] = None) -> None:
-        """Stop holding; run the first ``count`` held calls (all by default)."""
+        """
+        Stop holding; carry out the first ``count`` held calls (all by default), also
+        those whose caller gave up (their effect lands, their answer goes nowhere).
+        """
         if count is None:
             self._holding.clear()
             count = len(self.held)
         ready, self.held = self.held[:count], self.held[count:]
         for held in ready:
-            self._settle(held.run, held.result)
+            try:
+                value = held.run()
+            except Exception:
+                if not held.result.called:
+                    held.result.errback(Failure())
+            else:
+                if not held.result.called:
+                    held.result.callback(value)
 
-    def lose_answer(self, operation: str, times: int = 1) -> None:
+    def conflict(self, times: int = 1) -> None:
         """
-        Carry out the next ``times`` calls of ``operation`` but answer them with a
-        StorageError, as when the connection drops before the answer arrives.
+        Answer the next ``times`` conditional CompleteMultipartUploads with 409
+        ConditionalRequestConflict and discard their uploads, as S3 does when the
+        Complete races another write of the key.
         """
-        self._lost[operation] = self._lost.get(operation, 0) + times
+        self._conflicts += times
 
     def before(self, operation: str, action: Callable[[], None]) -> None:
         """Run ``action`` once, just before the next call of ``operation``."""
@@ -113,15 +188,14 @@ class MemoryStore:
 
     def body(self, key: str) -> bytes:
         """The stored bytes of ``key`` (KeyError if missing)."""
-        return self.objects[key][0]
+        return self.objects[key].body
 
-    def _settle(self, run: Callable[[], Any], result: Deferred[Any]) -> None:
-        try:
-            value = run()
-        except Exception:
-            result.errback(Failure())
-        else:
-            result.callback(value)
+    def store(self, key: str, body: bytes, writes: Sequence[str] = ()) -> str:
+        """Write ``body`` at ``key`` at once, as another program would; returns the ETag."""
+        self.objects[key] = StoredObject(bytes(body), _etag(body), tuple(writes), self._now())
+        return self.objects[key].etag
+
+    # -- plumbing ----------------------------------------------------------------
 
     def _call(self, operation: str, key: str, run: Callable[[], Any]) -> Deferred[Any]:
         self.calls.append((operation, key))
@@ -132,7 +206,7 @@ class MemoryStore:
             return fail(errors.pop(0))
         if operation in self._holding:
             result: Deferred[Any] = Deferred()
-            self.held.append(_Held(operation, run, result))
+            self.held.append(Held(operation, key, run, result))
             return result
         try:
             value = run()
@@ -140,7 +214,7 @@ class MemoryStore:
             return fail(e)
         if self._lost.get(operation):
             self._lost[operation] -= 1
-            return fail(StorageError(operation, 0, "ResponseNeverReceived", "answer lost"))
+            return fail(lost_answer())
         return succeed(value)
 
     def _check(
@@ -149,7 +223,7 @@ class MemoryStore:
         current = self.objects.get(key)
         if if_none_match and current is not None:
             raise PreconditionFailed(operation, f"{key} exists")
-        if if_match is not None and (current is None or current[1] != if_match):
+        if if_match is not None and (current is None or current.etag != if_match):
             raise PreconditionFailed(operation, f"{key} is not {if_match}")
 
     def _upload(self, operation: str, key: str, upload_id: str) -> _Upload:
@@ -158,7 +232,16 @@ class MemoryStore:
             raise StorageError(operation, 404, "NoSuchUpload", upload_id)
         return upload
 
-    # IObjectStore
+    @staticmethod
+    def _slice(operation: str, body: bytes, byte_range: Optional[tuple[int, int]]) -> bytes:
+        if byte_range is None:
+            return body
+        start, end = byte_range
+        if not 0 <= start < end or start >= len(body):
+            raise StorageError(operation, 416, "InvalidRange", f"{start}-{end}")
+        return body[start:end]
+
+    # -- IS3Client ---------------------------------------------------------------
 
     def head(self, key: str) -> Deferred[Optional[ObjectInfo]]:
         """HeadObject."""
@@ -167,18 +250,23 @@ class MemoryStore:
             current = self.objects.get(key)
             if current is None:
                 return None
-            return ObjectInfo(len(current[0]), current[1], self.write_ids.get(key))
+            return ObjectInfo(len(current.body), current.etag, current.writes)
 
         return self._call("HeadObject", key, run)
 
-    def get(self, key: str, if_match: str) -> Deferred[bytes]:
-        """GetObject with If-Match."""
+    def get(
+        self,
+        key: str,
+        if_match: Optional[str] = None,
+        byte_range: Optional[tuple[int, int]] = None,
+    ) -> Deferred[bytes]:
+        """GetObject, optionally with If-Match and a Range."""
 
         def run() -> bytes:
             if key not in self.objects:
                 raise StorageError("GetObject", 404, "NoSuchKey", key)
             self._check("GetObject", key, if_match, False)
-            return self.objects[key][0]
+            return self._slice("GetObject", self.objects[key].body, byte_range)
 
         return self._call("GetObject", key, run)
 
@@ -188,24 +276,22 @@ class MemoryStore:
         body: bytes,
         if_match: Optional[str] = None,
         if_none_match: bool = False,
-        write_id: Optional[str] = None,
+        writes: Sequence[str] = (),
     ) -> Deferred[str]:
         """PutObject with optional If-Match / If-None-Match: *."""
 
         def run() -> str:
             self._check("PutObject", key, if_match, if_none_match)
-            self.objects[key] = (bytes(body), _etag(body))
-            self.write_ids[key] = write_id
-            return self.objects[key][1]
+            return self.store(key, body, writes[-MAX_WRITES:])
 
         return self._call("PutObject", key, run)
 
-    def create_upload(self, key: str, write_id: Optional[str] = None) -> Deferred[str]:
+    def create_upload(self, key: str, writes: Sequence[str] = ()) -> Deferred[str]:
         """CreateMultipartUpload."""
 
         def run() -> str:
             upload_id = "upload-%d" % next(self._ids)
-            self.uploads[upload_id] = _Upload(key, self._now(), write_id)
+            self.uploads[upload_id] = _Upload(key, self._now(), tuple(writes[-MAX_WRITES:]))
             return upload_id
 
         return self._call("CreateMultipartUpload", key, run)
@@ -215,7 +301,7 @@ class MemoryStore:
 
         def run() -> str:
             upload = self._upload("UploadPart", key, upload_id)
-            if not 1 <= number <= 10_000 or len(body) > S3_MAX_PART_SIZE:
+            if not 1 <= number <= _MAX_PART_NUMBER or len(body) > S3_MAX_PART_SIZE:
                 raise StorageError("UploadPart", 400, "InvalidArgument", str(number))
             upload.parts[number] = (bytes(body), _etag(body))
             return upload.parts[number][1]
@@ -223,18 +309,25 @@ class MemoryStore:
         return self._call("UploadPart", key, run)
 
     def upload_part_copy(
-        self, key: str, upload_id: str, number: int, source_key: str, if_match: str
+        self,
+        key: str,
+        upload_id: str,
+        number: int,
+        source_key: str,
+        if_match: str,
+        byte_range: Optional[tuple[int, int]] = None,
     ) -> Deferred[str]:
-        """UploadPartCopy with x-amz-copy-source-if-match."""
+        """UploadPartCopy with x-amz-copy-source-if-match and an optional range."""
 
         def run() -> str:
-            upload = self._upload("UploadPartCopy", key, upload_id)
+            operation = "UploadPartCopy"
+            upload = self._upload(operation, key, upload_id)
             if source_key not in self.objects:
-                raise StorageError("UploadPartCopy", 404, "NoSuchKey", source_key)
-            self._check("UploadPartCopy", source_key, if_match, False)
-            body = self.objects[source_key][0]
+                raise StorageError(operation, 404, "NoSuchKey", source_key)
+            self._check(operation, source_key, if_match, False)
+            body = self._slice(operation, self.objects[source_key].body, byte_range)
             if len(body) > S3_MAX_PART_SIZE:
-                raise StorageError("UploadPartCopy", 400, "InvalidRequest", "source too large")
+                raise StorageError(operation, 400, "InvalidRequest", "source too large")
             upload.parts[number] = (body, _etag(body))
             return upload.parts[number][1]
 
@@ -253,6 +346,10 @@ class MemoryStore:
         def run() -> str:
             operation = "CompleteMultipartUpload"
             upload = self._upload(operation, key, upload_id)
+            if self._conflicts and (if_match is not None or if_none_match):
+                self._conflicts -= 1
+                del self.uploads[upload_id]
+                raise StorageError(operation, 409, "ConditionalRequestConflict", key)
             numbers = [part.number for part in parts]
             if not parts or numbers != sorted(set(numbers)):
                 raise StorageError(operation, 400, "InvalidPartOrder")
@@ -269,8 +366,9 @@ class MemoryStore:
                 b"".join(bytes.fromhex(upload.parts[n][1].strip('"')) for n in numbers)
             ).hexdigest()
             etag = '"%s-%d"' % (digest, len(parts))
-            self.objects[key] = (b"".join(bodies), etag)
-            self.write_ids[key] = upload.write_id
+            self.objects[key] = StoredObject(
+                b"".join(bodies), etag, upload.writes, self._now()
+            )
             del self.uploads[upload_id]
             return etag
 
@@ -284,6 +382,14 @@ class MemoryStore:
             del self.uploads[upload_id]
 
         return self._call("AbortMultipartUpload", key, run)
+
+    def delete(self, key: str) -> Deferred[None]:
+        """DeleteObject; a missing key is no error."""
+
+        def run() -> None:
+            self.objects.pop(key, None)
+
+        return self._call("DeleteObject", key, run)
 
     def list_uploads(self, prefix: str) -> Deferred[list[PendingUpload]]:
         """ListMultipartUploads under a prefix, ordered by key then upload ID."""
@@ -311,6 +417,22 @@ class MemoryStore:
             ]
 
         return self._call("ListParts", key, run)
+
+    def list_objects(self, prefix: str) -> Deferred[list[ListedObject]]:
+        """ListObjectsV2 under a prefix, in key order."""
+
+        def run() -> list[ListedObject]:
+            return [
+                ListedObject(key, len(obj.body), obj.etag, obj.last_modified)
+                for key, obj in sorted(self.objects.items())
+                if key.startswith(prefix)
+            ]
+
+        return self._call("ListObjectsV2", prefix, run)
+
+    def versioning(self) -> Deferred[str]:
+        """GetBucketVersioning: :attr:`versioning_status`."""
+        return self._call("GetBucketVersioning", "", lambda: self.versioning_status)
 
     def check(self) -> Deferred[None]:
         """HeadBucket: reachable unless a test made it fail (:meth:`fail`)."""

@@ -1,0 +1,311 @@
+"""
+The one retry layer (DESIGN.md section 7): every failed storage call is classified
+here, once, into a :class:`Fault`, and only here is a call tried again.
+
+- ``TRANSIENT`` (no usable answer: refused, cut, timed out; 5xx; SlowDown,
+  RequestTimeout, InternalError; and any exception of a type nobody expected): the
+  call may or may not have landed; it is tried again after a wait drawn with full
+  jitter, each attempt signed anew by the client, taking its own upload slot, with a
+  timeout capped by the time left before the shutdown deadline.  Writers make every
+  write safe to repeat (part numbers, write IDs, conditions), so a landed write that
+  is sent again stores nothing twice.
+- ``PERMANENT`` (access denied, no such bucket, a wrong region): fails until an
+  operator acts.  Logged once per cause, reported as the store's ``problem`` (so
+  ``/healthz`` answers 503 with it), and tried again slowly: the data stay in memory
+  and go out once the operator fixed it.
+- ``CONFLICT`` (412 Precondition Failed, 409 ConditionalRequestConflict): another
+  writer changed the key; raised to the caller, which redoes its merge from the HEAD.
+- ``GONE`` (NoSuchUpload, NoSuchKey): the upload or object is not there (any more);
+  raised to the caller, which checks whether its own write landed, never "recreate".
+- ``INVALID`` (any other 4xx): this request can never succeed as sent; raised.
+
+Nothing is retried past the shutdown deadline (:meth:`RetryLayer.stopping`):
+sleeping retries are woken when the flush starts, and at the deadline a call raises
+:class:`~loghandler.interfaces.Abandoned`.
+
+Backoff: "Exponential Backoff And Jitter", AWS Architecture Blog, 2015;
+https://docs.aws.amazon.com/sdkref/latest/guide/feature-retry-behavior.html.
+S3 error codes: https://docs.aws.amazon.com/AmazonS3/latest/API/ErrorResponses.html
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Callable, Optional, TypeVar
+
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from loghandler.backoff import Backoff
+from loghandler.interfaces import Abandoned, StorageError
+
+_T = TypeVar("_T")
+
+
+class Fault(enum.Enum):
+    """What a failed storage call means (see the module docstring)."""
+
+    TRANSIENT = "transient"
+    PERMANENT = "permanent"
+    CONFLICT = "conflict"
+    GONE = "gone"
+    INVALID = "invalid"
+
+
+#: Statuses and codes of failures worth another attempt.
+_TRANSIENT_STATUSES = frozenset({0, 408, 429, 500, 502, 503, 504})
+_TRANSIENT_CODES = frozenset({"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable"})
+#: Failures that last until an operator acts.
+_PERMANENT_STATUSES = frozenset({301, 307, 401, 403})
+_PERMANENT_CODES = frozenset(
+    {
+        "NoSuchBucket",
+        "AccessDenied",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "ExpiredToken",
+        "AuthorizationHeaderMalformed",
+        "AccountProblem",
+        "PermanentRedirect",
+    }
+)
+_GONE_CODES = frozenset({"NoSuchUpload", "NoSuchKey"})
+
+
+def classify(error: BaseException) -> Fault:
+    """
+    The :class:`Fault` of one failed call: ``error`` is what the client raised (a
+    :class:`~loghandler.interfaces.StorageError` for an error answer, the HTTP
+    client's exception when no answer came, or anything else).
+    """
+    if not isinstance(error, StorageError):
+        return Fault.TRANSIENT
+    if error.status in (409, 412) or error.code in (
+        "PreconditionFailed",
+        "ConditionalRequestConflict",
+    ):
+        return Fault.CONFLICT
+    if error.code in _GONE_CODES:
+        return Fault.GONE
+    if error.code in _PERMANENT_CODES or error.status in _PERMANENT_STATUSES:
+        return Fault.PERMANENT
+    if error.status in _TRANSIENT_STATUSES or error.code in _TRANSIENT_CODES:
+        return Fault.TRANSIENT
+    return Fault.INVALID
+
+
+class StorageFault(Exception):
+    """
+    A call failed in a way its caller must handle (``CONFLICT``, ``GONE``,
+    ``INVALID``).
+
+    :ivar fault: the class.
+    :ivar operation: the call, such as ``CompleteMultipartUpload``.
+    :ivar error: what the client raised.
+    """
+
+    def __init__(self, fault: Fault, operation: str, error: BaseException) -> None:
+        super().__init__(f"{operation}: {fault.value}: {error}")
+        self.fault = fault
+        self.operation = operation
+        self.error = error
+
+
+class RetryLayer:
+    """
+    Runs storage calls until they succeed, fail in a way the caller handles, or the
+    shutdown deadline passes.
+
+    :param clock: for waits and timeouts.
+    :param attempt_timeout: seconds one attempt may take, answer included.
+    :param backoff: waits between attempts after a transient failure.
+    :param permanent_backoff: waits after a permanent one.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        attempt_timeout: float = 120.0,
+        backoff: Backoff = Backoff(base=0.2, cap=30.0),
+        permanent_backoff: Backoff = Backoff(base=5.0, cap=60.0),
+    ) -> None:
+        self._clock = clock
+        self._attempt_timeout = attempt_timeout
+        self._backoff = backoff
+        self._permanent_backoff = permanent_backoff
+        self._deadline: Optional[float] = None
+        self._sleeping: set[Deferred[None]] = set()
+        self._unexpected_logged: set[type] = set()
+        #: None while storage works, else why it fails for good (for /healthz).
+        self.problem: Optional[str] = None
+        #: Attempts that failed and were tried again, by operation.
+        self.retries: dict[str, int] = {}
+
+    # -- the deadline ------------------------------------------------------------
+
+    def stopping(self, deadline: float) -> None:
+        """
+        The flush began and ends at ``deadline`` (clock seconds): wake every sleeping
+        retry now; no attempt or wait goes past the deadline.
+        """
+        self._deadline = deadline
+        sleeping, self._sleeping = self._sleeping, set()
+        for sleep in sleeping:
+            sleep.callback(None)
+
+    def time_left(self) -> Optional[float]:
+        """Seconds until the deadline, or None before the flush began."""
+        if self._deadline is None:
+            return None
+        return self._deadline - self._clock.seconds()
+
+    def _check_time(self) -> None:
+        left = self.time_left()
+        if left is not None and left <= 0:
+            raise Abandoned("the shutdown deadline passed")
+
+    async def wait(self, seconds: float) -> None:
+        """
+        Sleep ``seconds``, less when the flush starts meanwhile (woken) or the
+        deadline comes first.
+
+        :raises Abandoned: the deadline passed.
+        """
+        self._check_time()
+        left = self.time_left()
+        if left is not None:
+            seconds = min(seconds, left)
+        sleep: Deferred[None] = Deferred()
+        self._sleeping.add(sleep)
+        timer = self._clock.callLater(seconds, lambda: sleep.called or sleep.callback(None))
+        try:
+            await sleep
+        finally:
+            self._sleeping.discard(sleep)
+            if timer.active():
+                timer.cancel()
+        self._check_time()
+
+    # -- calls ---------------------------------------------------------------------
+
+    async def call(
+        self,
+        operation: str,
+        key: str,
+        call: Callable[[], "Deferred[_T]"],
+        slots: Optional[DeferredSemaphore] = None,
+        cancelled: Callable[[], bool] = lambda: False,
+    ) -> _T:
+        """
+        Run ``call()`` (one attempt of ``operation`` on ``key``) until it succeeds.
+
+        :param slots: an attempt holds one of these while it runs (upload slots),
+            none while it waits to be retried.
+        :param cancelled: tells whether the caller gave up; checked after a failure.
+        :returns: the call's result.
+        :raises StorageFault: ``CONFLICT``, ``GONE`` or ``INVALID``.
+        :raises Abandoned: the deadline passed or the caller gave up.
+        """
+        attempt = 0
+        while True:
+            self._check_time()
+            try:
+                result = await self._attempt(call, slots)
+            except Exception as error:
+                if cancelled() or isinstance(error, Abandoned):
+                    raise Abandoned(f"{operation} {key}") from error
+                if isinstance(error, CancelledError):
+                    # Cancelled from outside, not by our own timeout (that one
+                    # raises TimeoutError): the caller is giving up.
+                    raise Abandoned(f"{operation} {key}") from error
+                fault = classify(error)
+                if fault in (Fault.CONFLICT, Fault.GONE, Fault.INVALID):
+                    raise StorageFault(fault, operation, error) from error
+                delay = self._retrying(fault, operation, key, error, attempt)
+                await self.wait(delay)
+                attempt += 1
+            else:
+                if self.problem is not None:
+                    self._log.info(
+                        "storage works again ({operation} {key} succeeded)",
+                        operation=operation,
+                        key=key,
+                    )
+                    self.problem = None
+                return result
+
+    async def _attempt(
+        self, call: Callable[[], "Deferred[_T]"], slots: Optional[DeferredSemaphore]
+    ) -> _T:
+        if slots is not None:
+            await slots.acquire()
+        try:
+            self._check_time()
+            timeout = self._attempt_timeout
+            left = self.time_left()
+            if left is not None:
+                timeout = min(timeout, left)
+            result: _T = await call().addTimeout(timeout, self._clock)
+            return result
+        finally:
+            if slots is not None:
+                slots.release()
+
+    def _retrying(
+        self, fault: Fault, operation: str, key: str, error: BaseException, attempt: int
+    ) -> float:
+        """Log a failure that is retried; the seconds to wait."""
+        self.retries[operation] = self.retries.get(operation, 0) + 1
+        reason = _describe(error)
+        if fault is Fault.PERMANENT:
+            delay = self._permanent_backoff.delay(attempt)
+            problem = f"{operation} fails: {reason}"
+            if self.problem != problem:
+                self.problem = problem
+                self._log.error(
+                    "storage fails until this is fixed: {operation} {key}: {reason};"
+                    " the data stay in memory and are retried every {cap:g} s at most",
+                    operation=operation,
+                    key=key,
+                    reason=reason,
+                    cap=self._permanent_backoff.cap,
+                )
+            return delay
+        if not isinstance(error, (StorageError, DeferredTimeoutError)) and not _is_network(error):
+            if type(error) not in self._unexpected_logged:
+                self._unexpected_logged.add(type(error))
+                self._log.failure(
+                    "unexpected error from {operation} {key}; retrying it",
+                    error_type=type(error).__name__,
+                    operation=operation,
+                    key=key,
+                )
+        delay = self._backoff.delay(attempt)
+        self._log.warn(
+            "{operation} {key} failed ({reason}); retry {attempt} in {delay:.2f} s",
+            operation=operation,
+            key=key,
+            reason=reason,
+            attempt=attempt + 1,
+            delay=delay,
+        )
+        return delay
+
+
+def _is_network(error: BaseException) -> bool:
+    """Whether ``error`` is one of Twisted's connection or HTTP client errors."""
+    module = type(error).__module__
+    return module.startswith("twisted.internet") or module.startswith("twisted.web")
+
+
+def _describe(error: BaseException) -> str:
+    """A short text for a failure, for logs."""
+    if isinstance(error, StorageError):
+        return f"{error.status} {error.code}".strip() if error.status else str(error)
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+

@@ -1,0 +1,387 @@
+"""
+Merge a staging object into its key (DESIGN.md section 5, step 3): the key's bytes,
+then the staging object's, written as one new version of the key under a condition
+on the version it replaces, so that nothing another writer merged meanwhile is
+overwritten and nothing is merged twice.
+
+1. HEAD the key K (and its rollovers ``{K}.1``, ``{K}.2``..., while one is over
+   :data:`ROLLOVER_BYTES`).  When one lists the staging object's write ID, the merge
+   landed (an earlier attempt whose answer was lost): done.
+2. Both K and the staging object S under the part size: GET both, decompress, and
+   PutObject one re-compressed gzip member (small objects stay one member) with
+   ``If-Match`` K's ETag (``If-None-Match: *`` when K is missing), metadata: K's write
+   IDs plus S's, newest last, at most 16.
+3. Else: CreateMultipartUpload on K with that metadata (after the HEAD, since S3 sets
+   metadata at creation), then parts: pieces of at least the part size by
+   UploadPartCopy (``x-amz-copy-source-if-match``, ranges of at most 5 GiB), shorter
+   pieces by ranged GETs joined and uploaded by UploadPart, so that every part but
+   the last reaches the part size; CompleteMultipartUpload with the same condition.
+4. 412 or 409 (another writer got there first) or NoSuchUpload (a Complete that did
+   land, or an upload S3 discarded): abort the merge upload and start again at 1,
+   after a jittered wait.  The merge needs only S, never memory, so it can be
+   redone any number of times, by this process or by recovery.
+
+The merge holds at most one part (``part_size`` bytes) plus the small objects of
+step 2 in memory, counted in the memory budget.
+
+S3 API pages: HeadObject, GetObject, PutObject, CreateMultipartUpload, UploadPart,
+UploadPartCopy, CompleteMultipartUpload, AbortMultipartUpload; "Conditional requests"
+(https://docs.aws.amazon.com/AmazonS3/latest/userguide/conditional-requests.html).
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any, Callable, Optional, Sequence
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from loghandler.backoff import Backoff
+from loghandler.budget import MemoryBudget
+from loghandler.config import GiB, S3_MAX_PART_SIZE
+from loghandler.keys import rollover_key
+from loghandler.retry import Fault, RetryLayer, StorageFault
+from loghandler.storage.s3.api import MAX_WRITES, CompletedPart, IS3Client, ObjectInfo
+
+#: A key over this many bytes takes no more merges: they go to ``{key}.1``, ... (a
+#: copied part holds at most 5 GiB; the margin covers other writers' merges).
+ROLLOVER_BYTES = 4 * GiB
+
+#: Waits before a merge is redone after a conflict, in seconds.
+CONFLICT_BACKOFF = Backoff(base=0.05, cap=5.0)
+
+_GZIP_WBITS = 16 + zlib.MAX_WBITS
+
+_log = Logger()
+
+
+class StagedDataGone(Exception):
+    """
+    The staging object to merge is missing and the key does not list its write ID:
+    someone deleted it.  Nothing is left to merge.
+    """
+
+
+@attrs.frozen
+class Staged:
+    """
+    A staging object to merge.
+
+    :ivar key: its key, under ``_loghandler/staging/``.
+    :ivar size: its length in bytes.
+    :ivar etag: its ETag.
+    :ivar write_id: its write ID (the last entry of its metadata).
+    """
+
+    key: str
+    size: int
+    etag: str
+    write_id: str
+
+
+def single_member(bodies: Sequence[bytes]) -> bytes:
+    """
+    The gzip data of ``bodies`` (each whole gzip members, RFC 1952) decompressed and
+    compressed again as one member, level 6.  One body that is already one member is
+    returned as it is.
+    """
+    out = zlib.compressobj(6, zlib.DEFLATED, _GZIP_WBITS)
+    chunks = []
+    members = 0
+    for body in bodies:
+        data = body
+        while data:
+            d = zlib.decompressobj(_GZIP_WBITS)
+            chunks.append(out.compress(d.decompress(data)))
+            members += 1
+            data = d.unused_data
+    if len(bodies) == 1 and members == 1:
+        return bodies[0]
+    chunks.append(out.flush(zlib.Z_FINISH))
+    return b"".join(chunks)
+
+
+@attrs.define
+class Merger:
+    """
+    Merges staging objects into keys.
+
+    :ivar client: the S3 calls.
+    :ivar retry: the retry layer.
+    :ivar part_size: the smallest part, bytes (S3: 5 MiB); also the size under which
+        objects are merged by re-compression.
+    :ivar budget: counts the bytes a merge holds.
+    :ivar defer_to_thread: runs CPU work (re-compression) off the reactor thread.
+    :ivar conflict_backoff: waits before a merge is redone.
+    """
+
+    client: IS3Client
+    retry: RetryLayer
+    part_size: int
+    budget: MemoryBudget
+    defer_to_thread: Callable[..., "Deferred[Any]"]
+    conflict_backoff: Backoff = CONFLICT_BACKOFF
+
+    async def merge(
+        self, staged: Staged, key: str, cancelled: Callable[[], bool] = lambda: False
+    ) -> str:
+        """
+        Merge ``staged`` into ``key`` (or its rollover), then delete it.
+
+        :returns: the key merged into.
+        :raises StagedDataGone: see there.
+        :raises StorageFault: INVALID (a request S3 refuses as malformed).
+        :raises Abandoned: the deadline passed; ``staged`` stays for recovery.
+        """
+        conflicts = 0
+        while True:
+            target, info = await self._target(key, staged.write_id, cancelled)
+            if info is not None and staged.write_id in info.writes:
+                _log.info(
+                    "{key}: the merge of {staged} had landed already",
+                    key=target,
+                    staged=staged.key,
+                )
+                break
+            try:
+                await self._merge_once(staged, target, info, cancelled)
+                break
+            except StorageFault as e:
+                if e.fault is Fault.INVALID:
+                    raise
+                if e.fault is Fault.GONE and e.operation in ("GetObject", "UploadPartCopy"):
+                    await self._check_staged(staged, target, cancelled)
+                _log.info(
+                    "{key}: merging {staged} again: {operation} answered {fault}",
+                    key=target,
+                    staged=staged.key,
+                    operation=e.operation,
+                    fault=e.fault.value,
+                )
+                await self.retry.wait(self.conflict_backoff.delay(conflicts))
+                conflicts += 1
+        await self._call("DeleteObject", staged.key, lambda: self.client.delete(staged.key), cancelled)
+        return target
+
+    async def _check_staged(self, staged: Staged, target: str, cancelled: Callable[[], bool]) -> None:
+        """After a NoSuchKey: is the staging object itself gone (not just K changed)?"""
+        info = await self._call("HeadObject", staged.key, lambda: self.client.head(staged.key), cancelled)
+        if info is None:
+            latest = await self._call("HeadObject", target, lambda: self.client.head(target), cancelled)
+            if latest is None or staged.write_id not in latest.writes:
+                raise StagedDataGone(staged.key)
+
+    async def _call(
+        self, operation: str, key: str, call: Callable[[], "Deferred[Any]"], cancelled: Callable[[], bool]
+    ) -> Any:
+        return await self.retry.call(operation, key, call, cancelled=cancelled)
+
+    async def _target(
+        self, key: str, write_id: str, cancelled: Callable[[], bool]
+    ) -> tuple[str, Optional[ObjectInfo]]:
+        """
+        The key that takes the merge: ``key`` or the first rollover not over
+        :data:`ROLLOVER_BYTES` (or missing), and its HEAD; or, when one of them lists
+        ``write_id``, that one.
+        """
+        generation = 0
+        while True:
+            target = rollover_key(key, generation)
+            info = await self._call("HeadObject", target, lambda: self.client.head(target), cancelled)
+            if info is None or write_id in info.writes or info.size <= ROLLOVER_BYTES:
+                return target, info
+            generation += 1
+
+    async def _merge_once(
+        self,
+        staged: Staged,
+        target: str,
+        info: Optional[ObjectInfo],
+        cancelled: Callable[[], bool],
+    ) -> None:
+        """One attempt of steps 2-3; a StorageFault means: start again at the HEAD."""
+        writes = ((info.writes if info else ()) + (staged.write_id,))[-MAX_WRITES:]
+        condition: dict[str, Any] = (
+            {"if_none_match": True} if info is None else {"if_match": info.etag}
+        )
+        if staged.size < self.part_size and (info is None or info.size < self.part_size):
+            await self._merge_small(staged, target, info, writes, condition, cancelled)
+            return
+        upload_id = await self._call(
+            "CreateMultipartUpload",
+            target,
+            lambda: self.client.create_upload(target, writes),
+            cancelled,
+        )
+        try:
+            parts = await self._upload_pieces(staged, target, info, upload_id, cancelled)
+            await self._call(
+                "CompleteMultipartUpload",
+                target,
+                lambda: self.client.complete_upload(target, upload_id, parts, **condition),
+                cancelled,
+            )
+        except BaseException:
+            await self._abort(target, upload_id)
+            raise
+        _log.info(
+            "{key}: merged {staged} ({size} bytes) by multipart upload",
+            key=target,
+            staged=staged.key,
+            size=staged.size,
+        )
+
+    async def _abort(self, key: str, upload_id: str) -> None:
+        """Abort a merge upload that will not complete; gone already is fine."""
+        try:
+            await self.retry.call(
+                "AbortMultipartUpload", key, lambda: self.client.abort_upload(key, upload_id)
+            )
+        except StorageFault as e:
+            if e.fault is not Fault.GONE:
+                _log.warn(
+                    "{key}: could not abort merge upload {upload_id}: {error}",
+                    key=key,
+                    upload_id=upload_id,
+                    error=str(e),
+                )
+        except Exception as e:  # the deadline: listed for recovery by its key
+            _log.warn(
+                "{key}: merge upload {upload_id} not aborted ({error})",
+                key=key,
+                upload_id=upload_id,
+                error=str(e),
+            )
+
+    async def _merge_small(
+        self,
+        staged: Staged,
+        target: str,
+        info: Optional[ObjectInfo],
+        writes: tuple[str, ...],
+        condition: dict[str, Any],
+        cancelled: Callable[[], bool],
+    ) -> None:
+        held = staged.size + (info.size if info else 0)
+        self.budget.change(held)
+        try:
+            bodies = []
+            if info is not None:
+                etag = info.etag
+                bodies.append(
+                    await self._call(
+                        "GetObject", target, lambda: self.client.get(target, etag), cancelled
+                    )
+                )
+            bodies.append(
+                await self._call(
+                    "GetObject",
+                    staged.key,
+                    lambda: self.client.get(staged.key, staged.etag),
+                    cancelled,
+                )
+            )
+            body = await self.defer_to_thread(single_member, bodies)
+            del bodies
+            await self._call(
+                "PutObject",
+                target,
+                lambda: self.client.put(target, body, writes=writes, **condition),
+                cancelled,
+            )
+        finally:
+            self.budget.change(-held)
+        _log.info(
+            "{key}: merged {staged} ({size} bytes) by PutObject",
+            key=target,
+            staged=staged.key,
+            size=staged.size,
+        )
+
+    async def _upload_pieces(
+        self,
+        staged: Staged,
+        target: str,
+        info: Optional[ObjectInfo],
+        upload_id: str,
+        cancelled: Callable[[], bool],
+    ) -> list[CompletedPart]:
+        """
+        Upload K's bytes then S's as parts of the merge upload; every part but the
+        last at least ``part_size``.
+        """
+        sources: list[tuple[str, str, int]] = []
+        if info is not None and info.size:
+            sources.append((target, info.etag, info.size))
+        sources.append((staged.key, staged.etag, staged.size))
+        parts: list[CompletedPart] = []
+        pending: list[tuple[str, str, int, int]] = []  # (key, etag, start, end) to GET
+        pending_bytes = 0
+
+        async def flush() -> None:
+            nonlocal pending, pending_bytes
+            number = len(parts) + 1
+            self.budget.change(pending_bytes)
+            try:
+                chunks = []
+                for key, etag, start, end in pending:
+                    chunks.append(
+                        await self._call(
+                            "GetObject",
+                            key,
+                            lambda: self.client.get(key, etag, (start, end)),
+                            cancelled,
+                        )
+                    )
+                body = b"".join(chunks)
+                del chunks
+                etag_ = await self._call(
+                    "UploadPart",
+                    target,
+                    lambda: self.client.upload_part(target, upload_id, number, body),
+                    cancelled,
+                )
+            finally:
+                self.budget.change(-pending_bytes)
+            parts.append(CompletedPart(number, etag_))
+            pending, pending_bytes = [], 0
+
+        for index, (key, etag, size) in enumerate(sources):
+            last_source = index == len(sources) - 1
+            position = 0
+            if pending_bytes:
+                take = min(size, self.part_size - pending_bytes)
+                pending.append((key, etag, 0, take))
+                pending_bytes += take
+                position = take
+                if pending_bytes >= self.part_size:
+                    await flush()
+            while position < size:
+                left = size - position
+                if left >= self.part_size or (last_source and not pending_bytes):
+                    chunk = min(left, S3_MAX_PART_SIZE)
+                    if 0 < left - chunk < self.part_size:
+                        chunk = left - self.part_size
+                    number = len(parts) + 1
+                    start, end = position, position + chunk
+                    whole = start == 0 and end == size
+                    copied = await self._call(
+                        "UploadPartCopy",
+                        target,
+                        lambda: self.client.upload_part_copy(
+                            target, upload_id, number, key, etag, None if whole else (start, end)
+                        ),
+                        cancelled,
+                    )
+                    parts.append(CompletedPart(number, copied))
+                    position = end
+                else:
+                    pending.append((key, etag, position, size))
+                    pending_bytes += left
+                    position = size
+        if pending:
+            await flush()
+        return parts
+

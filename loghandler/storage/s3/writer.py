@@ -1,0 +1,399 @@
+"""
+The S3 side of the writer seam (DESIGN.md sections 5 and 7): :class:`S3ObjectStore`
+opens an :class:`S3ObjectWriter` per stream, which
+
+1. stages: writes the stream's parts into a multipart upload on its own staging key,
+   ``_loghandler/staging/{writer_id}/{key}/{n}`` (nobody else writes there, so no
+   conditions are needed; part numbers 1, 2, ... in the order the parts come);
+2. completes the staging upload at finish (or, when the whole stream is one small
+   tail, PutObjects it), giving the staging object S;
+3. merges S into the key (:mod:`loghandler.storage.s3.merge`), at most
+   ``completions_in_flight`` merges at once, and deletes S.
+
+Every call goes through the one retry layer (:mod:`loghandler.retry`); no failure of
+any kind skips a part.  A staging upload aborted from outside (NoSuchUpload on a
+part) is replaced by a new one, and the parts that were in it are reported lost.  A
+CreateMultipartUpload that had to be retried may have created more than one upload:
+the extra ones are aborted.  What cannot be merged before the shutdown deadline
+stays staged, for recovery.
+
+S3 API pages: CreateMultipartUpload, UploadPart, CompleteMultipartUpload, PutObject,
+ListMultipartUploads, AbortMultipartUpload, HeadObject, GetBucketVersioning.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Callable, Optional
+
+from twisted.internet.defer import (
+    Deferred,
+    DeferredSemaphore,
+    ensureDeferred,
+    maybeDeferred,
+)
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from loghandler.budget import MemoryBudget
+from loghandler.config import S3_MIN_PART_SIZE
+from loghandler.interfaces import Abandoned, Finished, IObjectStore, IObjectWriter
+from loghandler.retry import Fault, RetryLayer, StorageFault
+from loghandler.storage.s3.api import CompletedPart, IS3Client
+from loghandler.storage.s3.merge import ROLLOVER_BYTES, Merger, Staged
+
+#: S3's largest part number (https://docs.aws.amazon.com/AmazonS3/latest/userguide/qfacts.html).
+MAX_PART_NUMBER = 10_000
+
+#: The daemon's working area in the bucket; readers use ``chat/``.
+STAGING_PREFIX = "_loghandler/staging/"
+
+
+def staging_key(writer_id: str, key: str, sequence: int) -> str:
+    """``_loghandler/staging/{writer_id}/{key}/{sequence}``."""
+    return f"{STAGING_PREFIX}{writer_id}/{key}/{sequence}"
+
+
+def _synchronously(f: Callable[..., Any], *args: Any) -> "Deferred[Any]":
+    return maybeDeferred(f, *args)
+
+
+@implementer(IObjectStore)
+class S3ObjectStore:
+    """
+    An :class:`~loghandler.interfaces.IObjectStore` on one S3 bucket.
+
+    :param client: the bucket's calls (``S3Client``, or ``MemoryStore`` in tests).
+    :param clock: for retries and timeouts.
+    :param budget: counts the bytes merges hold; a private one by default.
+    :param part_size: S3's smallest part for all but the last (5 MiB), bytes.
+    :param upload_slots: part uploads at once across all writers.
+    :param completions_in_flight: merges at once (``COMPLETIONS_IN_FLIGHT``).
+    :param writer_id: this process's writer ID (random hex by default).
+    :param retry: the retry layer (one for the store).
+    :param defer_to_thread: runs CPU work (re-compression) off the reactor thread.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        client: IS3Client,
+        clock: IReactorTime,
+        budget: Optional[MemoryBudget] = None,
+        *,
+        part_size: int = S3_MIN_PART_SIZE,
+        upload_slots: int = 8,
+        completions_in_flight: int = 4,
+        writer_id: Optional[str] = None,
+        retry: Optional[RetryLayer] = None,
+        defer_to_thread: Callable[..., "Deferred[Any]"] = _synchronously,
+    ) -> None:
+        self.client = client
+        self.clock = clock
+        self.writer_id = writer_id or uuid.uuid4().hex
+        self.retry = retry or RetryLayer(clock)
+        self.part_size = part_size
+        self.upload_slots = DeferredSemaphore(upload_slots)
+        self.merge_slots = DeferredSemaphore(completions_in_flight)
+        self.merger = Merger(
+            client, self.retry, part_size, budget or MemoryBudget(2**62), defer_to_thread
+        )
+        self._sequence: dict[str, int] = {}
+        self.name = client.name
+
+    def __repr__(self) -> str:
+        return f"<S3ObjectStore {self.client!r} writer {self.writer_id}>"
+
+    @property
+    def problem(self) -> Optional[str]:
+        """Why storage fails for good, or None (see :class:`RetryLayer`)."""
+        return self.retry.problem
+
+    def open(self, key: str) -> "S3ObjectWriter":
+        """A writer for the next stream of ``key``; sends nothing yet."""
+        sequence = self._sequence.get(key, 0) + 1
+        self._sequence[key] = sequence
+        return S3ObjectWriter(self, key, staging_key(self.writer_id, key, sequence))
+
+    def check(self) -> "Deferred[None]":
+        """
+        HeadBucket (one attempt); then, in the background, warn when the bucket is
+        versioned: every merge keeps the replaced object as a noncurrent version.
+        """
+
+        def versioned(status: str) -> None:
+            if status == "Enabled":
+                self._log.warn(
+                    "the bucket is versioned: every merge keeps the object it replaced as a"
+                    " noncurrent version, so storage grows with the square of the merges;"
+                    " add a lifecycle rule with NoncurrentVersionExpiration"
+                )
+
+        def checked(result: None) -> None:
+            self.client.versioning().addCallbacks(
+                versioned,
+                lambda f: self._log.info(
+                    "could not read the bucket's versioning ({error})",
+                    error=f.getErrorMessage(),
+                ),
+            )
+
+        return self.client.check().addCallback(checked)
+
+    def stopping(self, deadline: float) -> None:
+        """Wake sleeping retries; nothing is tried past ``deadline`` (clock seconds)."""
+        self.retry.stopping(deadline)
+
+    def close(self) -> "Deferred[None]":
+        """Close the client's connections."""
+        return self.client.close()
+
+
+@implementer(IObjectWriter)
+class S3ObjectWriter:
+    """
+    One stream's staging upload and its merge (see the module docstring).
+
+    :ivar key: the object key.
+    :ivar staging_key: where the stream's data are staged.
+    :ivar write_id: the staging object's write ID, carried into the key's metadata.
+    """
+
+    _log = Logger()
+
+    def __init__(self, store: S3ObjectStore, key: str, staging_key: str) -> None:
+        self._store = store
+        self._client = store.client
+        self._retry = store.retry
+        self.key = key
+        self.staging_key = staging_key
+        self.write_id = uuid.uuid4().hex
+        self._upload_id: Optional[str] = None
+        self._creating: Optional[Deferred[str]] = None
+        self._next_number = 1
+        self._parts: dict[int, tuple[str, int]] = {}  # number -> (ETag, size)
+        self._active: set[Deferred[Any]] = set()
+        self._abandoned = False
+        self._staged: Optional[Staged] = None
+        self.staged_bytes = 0
+
+    @property
+    def full(self) -> bool:
+        """
+        Whether the stream must finish now: one part number is left for the tail, or
+        the staged bytes reached the rollover size.
+        """
+        return self._next_number >= MAX_PART_NUMBER or self.staged_bytes >= ROLLOVER_BYTES
+
+    def _cancelled(self) -> bool:
+        return self._abandoned
+
+    def _track(self, d: "Deferred[Any]") -> "Deferred[Any]":
+        self._active.add(d)
+        d.addBoth(self._untrack, d)
+        return d
+
+    def _untrack(self, result: object, d: "Deferred[Any]") -> object:
+        self._active.discard(d)
+        return result
+
+    async def _call(
+        self,
+        operation: str,
+        call: Callable[[], "Deferred[Any]"],
+        slots: Optional[DeferredSemaphore] = None,
+    ) -> Any:
+        return await self._retry.call(
+            operation, self.staging_key, call, slots=slots, cancelled=self._cancelled
+        )
+
+    # -- IObjectWriter -------------------------------------------------------------
+
+    def part(self, body: bytes) -> "Deferred[None]":
+        """Upload ``body`` as the next part of the staging upload."""
+        if self._abandoned:
+            return Deferred.fromCoroutine(_raise(Abandoned(self.key)))
+        number = self._next_number
+        self._next_number += 1
+        self.staged_bytes += len(body)
+        return self._track(ensureDeferred(self._upload_part(number, body)))
+
+    async def _upload_part(self, number: int, body: bytes) -> None:
+        while True:
+            upload_id = await self._ensure_upload()
+            try:
+                etag = await self._call(
+                    "UploadPart",
+                    lambda: self._client.upload_part(self.staging_key, upload_id, number, body),
+                    self._store.upload_slots,
+                )
+            except StorageFault as e:
+                if e.fault is Fault.GONE:
+                    self._replace_upload(upload_id)
+                    continue
+                raise
+            self._parts[number] = (etag, len(body))
+            return
+
+    def _replace_upload(self, upload_id: str) -> None:
+        """The staging upload was aborted from outside: its parts are lost."""
+        if self._upload_id != upload_id:
+            return
+        lost = sum(size for _, size in self._parts.values())
+        self._log.error(
+            "{key}: staging upload {upload_id} was aborted by someone else: {parts} parts"
+            " ({lost} gzip bytes) in it are lost; going on in a new upload",
+            key=self.key,
+            upload_id=upload_id,
+            parts=len(self._parts),
+            lost=lost,
+        )
+        self._upload_id = None
+        self._parts.clear()
+
+    async def _ensure_upload(self) -> str:
+        if self._upload_id is not None:
+            return self._upload_id
+        if self._creating is None:
+            self._creating = ensureDeferred(self._create_upload())
+            self._creating.addBoth(self._created)
+        upload_id: str = await _shield(self._creating)
+        return upload_id
+
+    def _created(self, result: Any) -> Any:
+        self._creating = None
+        if not isinstance(result, Failure):
+            self._upload_id = result
+        return result
+
+    async def _create_upload(self) -> str:
+        attempts = 0
+
+        def create() -> "Deferred[str]":
+            nonlocal attempts
+            attempts += 1
+            return self._client.create_upload(self.staging_key, (self.write_id,))
+
+        upload_id: str = await self._call("CreateMultipartUpload", create)
+        if attempts > 1:
+            # An attempt whose answer was lost may have created an upload too.
+            pending = await self._call(
+                "ListMultipartUploads", lambda: self._client.list_uploads(self.staging_key)
+            )
+            for extra in pending:
+                if extra.key == self.staging_key and extra.upload_id != upload_id:
+                    await self._abort(extra.upload_id)
+        return upload_id
+
+    async def _abort(self, upload_id: str) -> None:
+        try:
+            await self._call(
+                "AbortMultipartUpload",
+                lambda: self._client.abort_upload(self.staging_key, upload_id),
+            )
+        except StorageFault as e:
+            if e.fault is not Fault.GONE:
+                raise
+
+    def finish(self, tail: bytes) -> "Deferred[Finished]":
+        """Stage ``tail`` after the parts, complete the staging object, merge it."""
+        result: Deferred[Finished] = Deferred()
+
+        def done(outcome: Any) -> None:
+            if isinstance(outcome, Failure) and self._staged is not None:
+                if not outcome.check(Abandoned):
+                    self._log.failure("{key}: merge failed", outcome, key=self.key)
+                outcome = Finished("staged", staged_key=self._staged.key)
+            if isinstance(outcome, Failure):
+                result.errback(outcome)
+            else:
+                result.callback(outcome)
+
+        self._track(ensureDeferred(self._finish(tail))).addBoth(done)
+        return result
+
+    async def _finish(self, tail: bytes) -> Finished:
+        if self._abandoned:
+            raise Abandoned(self.key)
+        if self._upload_id is None and not self._parts and self._creating is None:
+            if not tail:
+                return Finished("empty")
+            etag = await self._call(
+                "PutObject",
+                lambda: self._client.put(self.staging_key, tail, writes=(self.write_id,)),
+                self._store.upload_slots,
+            )
+            self._staged = Staged(self.staging_key, len(tail), etag, self.write_id)
+        else:
+            if tail:
+                await self.part(tail)
+            await self._complete_staging()
+        staged = self._staged
+        assert staged is not None
+        await self._store.merge_slots.acquire()
+        try:
+            target = await self._store.merger.merge(staged, self.key, self._cancelled)
+        finally:
+            self._store.merge_slots.release()
+        return Finished("merged", key=target)
+
+    async def _complete_staging(self) -> None:
+        while True:
+            upload_id = await self._ensure_upload()
+            numbers = sorted(self._parts)
+            if numbers != list(range(1, self._next_number)):
+                # A replaced upload lost parts: complete with what it holds.
+                self._log.warn(
+                    "{key}: completing staging upload {upload_id} with parts {numbers}",
+                    key=self.key,
+                    upload_id=upload_id,
+                    numbers=numbers,
+                )
+            parts = [CompletedPart(n, self._parts[n][0]) for n in numbers]
+            size = sum(self._parts[n][1] for n in numbers)
+            try:
+                etag = await self._call(
+                    "CompleteMultipartUpload",
+                    lambda: self._client.complete_upload(self.staging_key, upload_id, parts),
+                )
+            except StorageFault as e:
+                if e.fault is not Fault.GONE:
+                    raise
+                # NoSuchUpload: an attempt whose answer was lost completed it, or
+                # someone aborted it.
+                info = await self._call("HeadObject", lambda: self._client.head(self.staging_key))
+                if info is not None and self.write_id in info.writes:
+                    self._staged = Staged(self.staging_key, info.size, info.etag, self.write_id)
+                    return
+                self._replace_upload(upload_id)
+                raise
+            self._staged = Staged(self.staging_key, size, etag, self.write_id)
+            return
+
+    def abandon(self) -> None:
+        """Cancel every call in flight; staged data stay for recovery."""
+        self._abandoned = True
+        for d in list(self._active):
+            d.cancel()
+
+
+async def _raise(error: Exception) -> None:
+    raise error
+
+
+def _shield(d: "Deferred[Any]") -> "Deferred[Any]":
+    """A Deferred that fires like ``d`` but whose cancellation leaves ``d`` running."""
+    out: Deferred[Any] = Deferred()
+
+    def forward(result: Any) -> None:
+        if not out.called:
+            if isinstance(result, Failure):
+                out.errback(result)
+            else:
+                out.callback(result)
+
+    d.addBoth(forward)
+    return out
