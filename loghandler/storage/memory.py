@@ -54,6 +54,15 @@ def _etag(body: bytes) -> str:
     return '"%s"' % hashlib.md5(body).hexdigest()
 
 
+#: A fault step (:meth:`MemoryStore.lose_answer`, :attr:`MemoryStore.chaos`): carry
+#: the call out, then lose its answer.
+LOST = Exception("answer lost")
+#: A :attr:`MemoryStore.chaos` step: hold the call until :meth:`MemoryStore.release`.
+STALL = Exception("stall")
+#: A :attr:`MemoryStore.chaos` step: a conditional Complete answers 409.
+CONFLICT = Exception("conflict")
+
+
 def lost_answer() -> ResponseNeverReceived:
     """The exception treq raises when the connection drops before the answer."""
     return ResponseNeverReceived([Failure(ConnectionLost("connection lost"))])
@@ -128,28 +137,37 @@ class MemoryStore:
         self.calls: list[tuple[str, str]] = []
         self.held: list[Held] = []
         self.versioning_status = ""
-        self._failures: dict[str, list[BaseException]] = {}
+        # operation -> what its next calls do: None (answer), an exception (fail
+        # before landing) or LOST (land, then lose the answer).
+        self._script: dict[str, list[Optional[BaseException]]] = {}
         self._holding: set[str] = set()
         self._before: dict[str, list[Callable[[], None]]] = {}
-        self._lost: dict[str, int] = {}
         self._conflicts = 0
         self._ids = itertools.count(1)
+        #: When set, called with the operation name for each call that no scripted
+        #: fault applies to: None (answer), an exception (fail before landing),
+        #: :data:`LOST`, :data:`STALL` or :data:`CONFLICT`.
+        self.chaos: Optional[Callable[[str], Optional[BaseException]]] = None
 
     def __repr__(self) -> str:
         return "<MemoryStore>"
 
     # -- test controls ---------------------------------------------------------
 
-    def fail(self, operation: str, error: BaseException, times: int = 1) -> None:
-        """Make the next ``times`` calls of ``operation`` fail with ``error``, unlanded."""
-        self._failures.setdefault(operation, []).extend([error] * times)
+    def fail(self, operation: str, error: BaseException, times: int = 1, after: int = 0) -> None:
+        """
+        Make ``times`` calls of ``operation`` fail with ``error``, unlanded, once
+        ``after`` more calls of it (beyond those already scripted) went through.
+        """
+        self._script.setdefault(operation, []).extend([None] * after + [error] * times)
 
-    def lose_answer(self, operation: str, times: int = 1) -> None:
+    def lose_answer(self, operation: str, times: int = 1, after: int = 0) -> None:
         """
-        Carry out the next ``times`` calls of ``operation`` but answer them with
-        :func:`lost_answer`, as when the connection drops after the write landed.
+        Carry out ``times`` calls of ``operation`` (after ``after`` more, as for
+        :meth:`fail`) but answer them with :func:`lost_answer`, as when the
+        connection drops after the write landed.
         """
-        self._lost[operation] = self._lost.get(operation, 0) + times
+        self._script.setdefault(operation, []).extend([None] * after + [LOST] * times)
 
     def hold(self, operation: str) -> None:
         """Keep calls of ``operation`` waiting in :attr:`held` until :meth:`release`."""
@@ -201,10 +219,16 @@ class MemoryStore:
         self.calls.append((operation, key))
         for action in self._before.pop(operation, []):
             action()
-        errors = self._failures.get(operation)
-        if errors:
-            return fail(errors.pop(0))
-        if operation in self._holding:
+        script = self._script.get(operation)
+        step = script.pop(0) if script else None
+        if step is None and self.chaos is not None:
+            step = self.chaos(operation)
+            if step is CONFLICT:
+                self._conflicts += 1
+                step = None
+        if step is not None and step is not LOST and step is not STALL:
+            return fail(step)
+        if operation in self._holding or step is STALL:
             result: Deferred[Any] = Deferred()
             self.held.append(Held(operation, key, run, result))
             return result
@@ -212,8 +236,7 @@ class MemoryStore:
             value = run()
         except Exception as e:
             return fail(e)
-        if self._lost.get(operation):
-            self._lost[operation] -= 1
+        if step is LOST:
             return fail(lost_answer())
         return succeed(value)
 

@@ -123,6 +123,12 @@ class Merger:
     budget: MemoryBudget
     defer_to_thread: Callable[..., "Deferred[Any]"]
     conflict_backoff: Backoff = CONFLICT_BACKOFF
+    #: Bytes merges hold in memory now (also counted in ``budget``).
+    holding: int = 0
+
+    def _hold(self, size: int) -> None:
+        self.holding += size
+        self.budget.change(size)
 
     async def merge(
         self, staged: Staged, key: str, cancelled: Callable[[], bool] = lambda: False
@@ -265,7 +271,7 @@ class Merger:
         cancelled: Callable[[], bool],
     ) -> None:
         held = staged.size + (info.size if info else 0)
-        self.budget.change(held)
+        self._hold(held)
         try:
             bodies = []
             if info is not None:
@@ -292,7 +298,7 @@ class Merger:
                 cancelled,
             )
         finally:
-            self.budget.change(-held)
+            self._hold(-held)
         _log.info(
             "{key}: merged {staged} ({size} bytes) by PutObject",
             key=target,
@@ -323,7 +329,7 @@ class Merger:
         async def flush() -> None:
             nonlocal pending, pending_bytes
             number = len(parts) + 1
-            self.budget.change(pending_bytes)
+            self._hold(pending_bytes)
             try:
                 chunks = []
                 for key, etag, start, end in pending:
@@ -344,7 +350,7 @@ class Merger:
                     cancelled,
                 )
             finally:
-                self.budget.change(-pending_bytes)
+                self._hold(-pending_bytes)
             parts.append(CompletedPart(number, etag_))
             pending, pending_bytes = [], 0
 
