@@ -124,14 +124,16 @@ class Writer:
 class WritePathMachine(RuleBasedStateMachine):
     """The rules and invariants described in the module docstring."""
 
-    @initialize(rng=st.randoms(use_true_random=False))
-    def setup(self, rng: random.Random) -> None:
+    @initialize(seed=st.integers(0, 2**32 - 1))
+    def setup(self, seed: int) -> None:
         self.clock = Clock()
         self.s3 = MemoryStore(min_part_size=PART, now=self.clock.seconds)
         self.writers = [Writer("a", self.s3, self.clock), Writer("b", self.s3, self.clock)]
         self.acked: set[bytes] = set()
         self.next_id = 1
-        self.rng = rng
+        # Its own generator: storms also act during the flush in teardown, after
+        # hypothesis stopped drawing.
+        self.rng = random.Random(seed)
         # operation -> (fault, probability) while a storm is on.
         self.storms: dict[str, tuple[str, float]] = {}
         self.s3.chaos = self.chaos
@@ -282,8 +284,14 @@ class WritePathMachine(RuleBasedStateMachine):
         assert len(done) == len(self.writers), "flush did not end"
         lines = self.stored()
         staged: list[bytes] = []
+        merged_writes = {
+            write for key, obj in s3.objects.items() if key.startswith("chat/") for write in obj.writes
+        }
         for key, obj in s3.objects.items():
-            if key.startswith(STAGING_PREFIX):
+            # A staging object whose write ID a key lists was merged: one that
+            # reappears (a timed-out PutObject that landed late) is garbage that
+            # recovery deletes without merging.
+            if key.startswith(STAGING_PREFIX) and obj.writes[-1] not in merged_writes:
                 staged.extend(read_lines(obj.body))
         for upload_id, upload in s3.uploads.items():
             assert upload.key.startswith(STAGING_PREFIX), "upload left: %s" % upload.key
