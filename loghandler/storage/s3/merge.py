@@ -215,12 +215,16 @@ class Merger:
         if staged.size < self.part_size and (info is None or info.size < self.part_size):
             await self._merge_small(staged, target, info, writes, condition, cancelled)
             return
-        upload_id = await self._call(
-            "CreateMultipartUpload",
-            target,
-            lambda: self.client.create_upload(target, writes),
-            cancelled,
-        )
+        attempts = 0
+
+        def create() -> "Deferred[str]":
+            nonlocal attempts
+            attempts += 1
+            return self.client.create_upload(target, writes)
+
+        upload_id = await self._call("CreateMultipartUpload", target, create, cancelled)
+        if attempts > 1:
+            await self._abort_others(target, upload_id, cancelled)
         try:
             parts = await self._upload_pieces(staged, target, info, upload_id, cancelled)
             await self._call(
@@ -238,6 +242,27 @@ class Merger:
             staged=staged.key,
             size=staged.size,
         )
+
+    async def _abort_others(
+        self, key: str, upload_id: str, cancelled: Callable[[], bool]
+    ) -> None:
+        """
+        After a CreateMultipartUpload that had to be retried (an earlier attempt may
+        have created an upload whose ID never reached us), abort every other upload
+        on ``key``.  Merge uploads on a key are never precious: one of another
+        writer's merges that is aborted gets NoSuchUpload and redoes its merge.
+        """
+        pending = await self._call(
+            "ListMultipartUploads", key, lambda: self.client.list_uploads(key), cancelled
+        )
+        for other in pending:
+            if other.key == key and other.upload_id != upload_id:
+                _log.info(
+                    "{key}: aborting upload {upload_id}, perhaps left by a retried create",
+                    key=key,
+                    upload_id=other.upload_id,
+                )
+                await self._abort(key, other.upload_id)
 
     async def _abort(self, key: str, upload_id: str) -> None:
         """Abort a merge upload that will not complete; gone already is fine."""

@@ -257,10 +257,13 @@ class S3ObjectWriter:
     async def _ensure_upload(self) -> str:
         if self._upload_id is not None:
             return self._upload_id
-        if self._creating is None:
-            self._creating = ensureDeferred(self._create_upload())
-            self._creating.addBoth(self._created)
-        upload_id: str = await _shield(self._creating)
+        creating = self._creating
+        if creating is None:
+            # Parts that come while the upload is being created wait for the same
+            # creation; cancelling one of them does not cancel it.
+            creating = self._creating = ensureDeferred(self._create_upload())
+            creating.addBoth(self._created)
+        upload_id: str = await _shield(creating)
         return upload_id
 
     def _created(self, result: Any) -> Any:

@@ -1,0 +1,412 @@
+"""
+Tests for the S3 writer (:mod:`loghandler.storage.s3.writer`) and the merge
+(:mod:`loghandler.storage.s3.merge`) over the in-memory S3 (:class:`MemoryStore`) on a
+``task.Clock``: the bytes that land, the calls made, what is left in the bucket.
+
+The ``Defect*`` classes are regression tests for the six defects of issue 5, each
+reproducing the scenario that lost or doubled lines on the append protocol.
+"""
+
+from __future__ import annotations
+
+import gzip
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectingCancelledError, DNSLookupError
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from loghandler.backoff import Backoff
+from loghandler.budget import MemoryBudget
+from loghandler.interfaces import Finished, IObjectStore, IObjectWriter, StorageError
+from loghandler.registry import StreamRegistry, StreamSettings
+from loghandler.retry import RetryLayer
+from loghandler.storage import memory
+from loghandler.storage.memory import MemoryStore
+from loghandler.storage.s3 import merge
+from loghandler.storage.s3.merge import single_member
+from loghandler.storage.s3.writer import STAGING_PREFIX, S3ObjectStore, S3ObjectWriter
+from tests.helpers import members, message, noise_line, read_lines
+
+KEY = "chat/2020-03-30/content_logs_2020-03-30_3"
+PART = 4096
+
+
+def gzip_of(lines: list[bytes]) -> bytes:
+    """One gzip member holding ``lines``."""
+    return gzip.compress(b"".join(lines))
+
+
+def noise(first: int, count: int) -> list[bytes]:
+    """``count`` poorly compressible lines numbered from ``first``."""
+    return [noise_line(n) for n in range(first, first + count)]
+
+
+class WriterCase(SynchronousTestCase):
+    """A memory S3, a store over it, helpers to write a whole stream."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.s3 = MemoryStore(min_part_size=PART, now=self.clock.seconds)
+        self.budget = MemoryBudget(1 << 40)
+        self.store = self.make_store()
+
+    def make_store(self, **kwargs: Any) -> S3ObjectStore:
+        kwargs.setdefault(
+            "retry", RetryLayer(self.clock, attempt_timeout=10.0, backoff=Backoff(1.0, 8.0))
+        )
+        return S3ObjectStore(self.s3, self.clock, self.budget, part_size=PART, **kwargs)
+
+    def write(self, lines: list[bytes], store: S3ObjectStore | None = None) -> Deferred[Finished]:
+        """Open a writer, hand it ``lines`` in parts of PART and a tail; finish."""
+        writer = (store or self.store).open(KEY)
+        return self.write_to(writer, lines)
+
+    def write_to(self, writer: S3ObjectWriter, lines: list[bytes]) -> Deferred[Finished]:
+        data = gzip_of(lines)
+        # Whole-member parts: cut the lines into groups whose gzip reaches PART.
+        group: list[bytes] = []
+        for line in lines:
+            group.append(line)
+            body = gzip_of(group)
+            if len(body) >= PART:
+                writer.part(body)
+                group = []
+        self.assertTrue(data)
+        return writer.finish(gzip_of(group) if group else b"")
+
+    def run_until(self, d: Deferred[Any], seconds: float = 600.0) -> Any:
+        """Advance the clock in small steps until ``d`` fired; its result."""
+        step = 0.1
+        while not d.called and seconds > 0:
+            self.clock.advance(step)
+            seconds -= step
+        return self.successResultOf(d)
+
+    def stored(self, key: str = KEY) -> list[bytes]:
+        return read_lines(self.s3.body(key))
+
+    def leftovers(self) -> tuple[list[str], list[str]]:
+        """Keys under _loghandler/ and uploads still open."""
+        return (
+            [k for k in self.s3.objects if k.startswith("_loghandler/")],
+            [u.key for u in self.s3.uploads.values()],
+        )
+
+
+class StagingTests(WriterCase):
+    """Stage, then merge: the calls and the bytes."""
+
+    def test_provides_interfaces(self) -> None:
+        """The store and its writers provide the seam's interfaces."""
+        self.assertTrue(verifyObject(IObjectStore, self.store))
+        self.assertTrue(verifyObject(IObjectWriter, self.store.open(KEY)))
+
+    def test_small_stream_new_key(self) -> None:
+        """
+        A stream that is one small tail: PutObject of the staging object, HEAD, GET,
+        PutObject If-None-Match of the key, delete the staging object: 5 requests.
+        """
+        lines = [message(n).to_line() for n in range(1, 50)]
+        finished = self.run_until(self.write(lines))
+        self.assertEqual(finished, Finished("merged", key=KEY))
+        self.assertEqual(self.stored(), lines)
+        self.assertEqual(
+            [op for op, _ in self.s3.calls],
+            ["PutObject", "HeadObject", "GetObject", "PutObject", "DeleteObject"],
+        )
+        self.assertEqual(self.leftovers(), ([], []))
+        self.assertEqual(len(self.s3.objects[KEY].writes), 1)
+
+    def test_staging_key(self) -> None:
+        """Staging keys carry the writer ID, the key and the stream's number."""
+        store = self.make_store(writer_id="w1")
+        self.assertEqual(store.open(KEY).staging_key, STAGING_PREFIX + "w1/" + KEY + "/1")
+        self.assertEqual(store.open(KEY).staging_key, STAGING_PREFIX + "w1/" + KEY + "/2")
+
+    def test_idle_stream_uploads_nothing(self) -> None:
+        """A writer finished with nothing sends no request."""
+        finished = self.run_until(self.store.open(KEY).finish(b""))
+        self.assertEqual(finished, Finished("empty"))
+        self.assertEqual(self.s3.calls, [])
+
+    def test_small_into_small_is_one_member(self) -> None:
+        """Key and staging object both small: the result is one re-compressed member."""
+        base = [message(n).to_line() for n in range(1, 20)]
+        self.s3.store(KEY, gzip_of(base[:10]) + gzip_of(base[10:]), ["old"])
+        new = [message(n).to_line() for n in range(20, 40)]
+        self.run_until(self.write(new))
+        self.assertEqual(self.stored(), base + new)
+        self.assertEqual(len(members(self.s3.body(KEY))), 1)
+        self.assertEqual(self.s3.objects[KEY].writes[0], "old")
+
+    def test_multipart_stream_into_large_key_copies(self) -> None:
+        """
+        A large key and a multipart staging object: the merge copies both by
+        UploadPartCopy (no GET of either) and completes with If-Match.
+        """
+        base = noise(0, 60)
+        self.s3.store(KEY, gzip_of(base))
+        self.assertGreaterEqual(len(self.s3.body(KEY)), PART)
+        new = noise(100, 80)
+        self.run_until(self.write(new))
+        self.assertEqual(self.stored(), base + new)
+        merge_calls = [op for op, key in self.s3.calls if key == KEY]
+        self.assertEqual(
+            merge_calls,
+            ["HeadObject", "CreateMultipartUpload", "UploadPartCopy", "UploadPartCopy",
+             "CompleteMultipartUpload"],
+        )
+        self.assertEqual(self.leftovers(), ([], []))
+
+    def test_small_key_large_staged(self) -> None:
+        """
+        A small key and a large staging object: part 1 is the key plus the start of
+        the staging object (ranged GETs), the rest is copied as a range.
+        """
+        base = [message(1).to_line()]
+        self.s3.store(KEY, gzip_of(base))
+        new = noise(100, 120)
+        self.run_until(self.write(new))
+        self.assertEqual(self.stored(), base + new)
+        ops = [op for op, _ in self.s3.calls]
+        self.assertIn("UploadPartCopy", ops)
+        self.assertEqual(ops.count("GetObject"), 2)
+
+    def test_rollover(self) -> None:
+        """A key over the rollover size takes no merge: the data go to ``{key}.1``."""
+        self.patch(merge, "ROLLOVER_BYTES", PART)
+        base = noise(0, 60)
+        self.s3.store(KEY, gzip_of(base))
+        new = [message(1).to_line()]
+        finished = self.run_until(self.write(new))
+        self.assertEqual(finished.key, KEY + ".1")
+        self.assertEqual(self.stored(KEY), base)
+        self.assertEqual(self.stored(KEY + ".1"), new)
+
+    def test_versioned_bucket_warns(self) -> None:
+        """check() warns when the bucket is versioned, naming the lifecycle rule."""
+        self.s3.versioning_status = "Enabled"
+        with capturedLogs() as events:
+            self.successResultOf(self.store.check())
+        self.assertTrue(
+            [e for e in events if "NoncurrentVersionExpiration" in e["log_format"]]
+        )
+
+    def test_single_member(self) -> None:
+        """single_member joins members into one; one member is returned as it is."""
+        one = gzip_of([b"a\n"])
+        self.assertIs(single_member([one]), one)
+        joined = single_member([one, gzip_of([b"b\n"]) + gzip_of([b"c\n"])])
+        self.assertEqual(len(members(joined)), 1)
+        self.assertEqual(gzip.decompress(joined), b"a\nb\nc\n")
+
+
+class DefectUnexpectedErrorTests(WriterCase):
+    """Defect 1: a part failing with an error other than StorageError was skipped."""
+
+    def test_part_failing_unexpectedly_is_retried(self) -> None:
+        """
+        UploadPart failing with a DNS error, a cancelled connect and a RuntimeError is
+        retried; the object has every line, no gap, and the budget is back to 0.
+        """
+        registry = StreamRegistry(
+            self.store, self.clock, StreamSettings(part_size=PART, lifetime_s=60), self.budget
+        )
+        self.s3.fail("UploadPart", DNSLookupError("s3"))
+        self.s3.fail("UploadPart", ConnectingCancelledError(None))
+        self.s3.fail("UploadPart", RuntimeError("credential refresh failed"))
+        lines = noise(0, 200)
+        for n, line in enumerate(lines):
+            registry.accept(_message_for(line, n))
+        done = registry.close_all()
+        self.run_until(done)
+        self.assertEqual(len(self.stored()), len(lines))
+        self.assertEqual(self.budget.held, 0)
+        self.assertEqual(self.leftovers(), ([], []))
+        self.flushLoggedErrors(RuntimeError)
+
+
+def _message_for(line: bytes, n: int) -> Any:
+    """A Message whose canonical line is ``line``'s text with content_id n + 1."""
+    import json
+
+    from loghandler.message import Message
+
+    value = json.loads(line)
+    return Message(value["text"], n + 1, 3, value["timestamp"])
+
+
+class DefectLostAnswerThenOtherWriterTests(WriterCase):
+    """Defect 2: a lost answer, then another writer's merge, doubled the tail."""
+
+    def test_landed_merge_found_behind_another(self) -> None:
+        """
+        Our merge PutObject lands but its answer is lost; another writer merges into
+        the key before our retry; the retry (412) finds our write ID in the key's
+        list (not only as the latest) and merges nothing again.
+        """
+        ours = [message(n).to_line() for n in range(1, 10)]
+        theirs = [message(n).to_line() for n in range(100, 110)]
+        other = self.make_store(writer_id="other")
+        self.s3.lose_answer("PutObject", after=1)  # the staging put passes; the merge's answer is lost
+        d = self.write(ours)
+        self.assertFalse(d.called)  # waiting to retry
+        self.run_until(self.write(theirs, other))
+        self.run_until(d)
+        stored = self.stored()
+        self.assertEqual(sorted(stored), sorted(ours + theirs))
+        self.assertEqual(self.leftovers(), ([], []))
+
+
+class DefectLeftUploadsTests(WriterCase):
+    """Defect 3: a retried append left its old multipart upload behind."""
+
+    def test_conflict_on_merge_complete_leaves_no_upload(self) -> None:
+        """409 on the merge's Complete (S3 discards it) and a 412: merged once, no upload left."""
+        base = noise(0, 60)
+        self.s3.store(KEY, gzip_of(base))
+        self.s3.conflict()
+        new = noise(100, 80)
+        other = [message(7).to_line()]
+        self.s3.before(
+            "CompleteMultipartUpload",
+            lambda: self.s3.before(
+                "CompleteMultipartUpload", lambda: self.s3.store(KEY, gzip_of(base + other))
+            ),
+        )
+        self.run_until(self.write(new))
+        self.assertEqual(self.stored(), base + other + new)
+        self.assertEqual(self.leftovers(), ([], []))
+
+    def test_retried_create_aborts_extra_upload(self) -> None:
+        """A CreateMultipartUpload whose answer was lost: the extra upload is aborted."""
+        self.s3.lose_answer("CreateMultipartUpload")
+        lines = noise(0, 120)
+        self.run_until(self.write(lines))
+        self.assertEqual(self.stored(), lines)
+        self.assertEqual(self.leftovers(), ([], []))
+        self.assertIn("AbortMultipartUpload", [op for op, _ in self.s3.calls])
+
+
+class DefectNoSuchUploadTests(WriterCase):
+    """Defect 4: NoSuchUpload was retried forever."""
+
+    def test_lost_answer_to_staging_complete(self) -> None:
+        """The staging Complete lands, its answer is lost: the retry's NoSuchUpload is
+        resolved by HEAD (our write ID), and the merge goes on."""
+        self.s3.lose_answer("CompleteMultipartUpload")
+        lines = noise(0, 120)
+        self.run_until(self.write(lines), seconds=60)
+        self.assertEqual(self.stored(), lines)
+        self.assertEqual(self.leftovers(), ([], []))
+
+    def test_staging_upload_aborted_from_outside(self) -> None:
+        """
+        The staging upload is aborted by someone else: the writer says which parts
+        were lost, goes on in a new upload and finishes (no endless retry).
+        """
+        writer = self.store.open(KEY)
+        first = noise(0, 60)
+        self.successResultOf(writer.part(gzip_of(first)))
+        (upload_id,) = list(self.s3.uploads)
+        self.successResultOf(self.s3.abort_upload(writer.staging_key, upload_id))
+        rest = noise(100, 60)
+        with capturedLogs() as events:
+            writer.part(gzip_of(rest))
+            d = writer.finish(gzip_of([message(1).to_line()]))
+            self.run_until(d, seconds=60)
+        self.assertEqual(self.stored(), rest + [message(1).to_line()])
+        self.assertTrue([e for e in events if e.get("upload_id") == upload_id and "lost" in e])
+
+
+class DefectStopAndJitterTests(WriterCase):
+    """Defect 5: stop did not wake sleeping retries; conflicts retried in lockstep."""
+
+    def test_stop_wakes_sleeping_retry(self) -> None:
+        """A part waiting 50 s to be retried is retried at once when the flush starts."""
+        store = self.make_store(
+            retry=RetryLayer(self.clock, backoff=Backoff(100.0, 100.0, uniform=lambda a, b: 50.0))
+        )
+        self.s3.fail("PutObject", StorageError("PutObject", 503, "SlowDown"))
+        d = store.open(KEY).finish(gzip_of([message(1).to_line()]))
+        self.clock.advance(1)
+        self.assertFalse(d.called)
+        store.stopping(self.clock.seconds() + 25)
+        self.run_until(d, seconds=1)
+        self.assertEqual(self.stored(), [message(1).to_line()])
+
+    def test_conflict_retry_waits_with_jitter(self) -> None:
+        """After a 412 the merge waits a jittered delay before redoing."""
+        draws: list[tuple[float, float]] = []
+
+        def uniform(low: float, high: float) -> float:
+            draws.append((low, high))
+            return high / 2
+
+        self.store.merger.conflict_backoff = Backoff(0.5, 5.0, uniform=uniform)
+        self.s3.before("PutObject", lambda: None)
+        other = [message(9).to_line()]
+        self.s3.before(
+            "HeadObject", lambda: self.s3.before("GetObject", lambda: self.s3.store(KEY, gzip_of(other)))
+        )
+        self.run_until(self.write([message(1).to_line()]))
+        self.assertEqual(draws, [(0.0, 0.5)])
+        self.assertEqual(sorted(self.stored()), sorted(other + [message(1).to_line()]))
+
+
+class DefectCompletionMemoryTests(WriterCase):
+    """Defect 6: completion memory was outside the budget and unbounded at stop."""
+
+    def test_merges_bounded_and_counted(self) -> None:
+        """
+        With COMPLETIONS_IN_FLIGHT 1 only one merge runs at once, and the bytes it
+        holds (the GETs of key and staging object) are in the budget meanwhile.
+        """
+        store = self.make_store(completions_in_flight=1)
+        self.s3.hold("PutObject")
+        keys = ["chat/2020-03-30/content_logs_2020-03-30_%d" % n for n in (1, 2, 3)]
+        writers = [store.open(k) for k in keys]
+        finishing = [w.finish(gzip_of([message(n).to_line()])) for n, w in enumerate(writers)]
+        self.s3.release()  # the staging puts land; each merge's PutObject is held
+        self.s3.hold("PutObject")
+        self.assertEqual(len([h for h in self.s3.held if h.key in keys]), 0)
+        self.s3.release()
+        self.assertEqual(len(self.s3.held), 0)
+        for d in finishing:
+            self.run_until(d)
+        heads = [k for op, k in self.s3.calls if op == "HeadObject"]
+        self.assertEqual(heads, keys)
+        self.assertEqual(self.budget.held, 0)
+
+    def test_merge_holds_budget(self) -> None:
+        """While a merge waits on its PutObject, the budget counts what it holds."""
+        base = [message(1).to_line()]
+        self.s3.store(KEY, gzip_of(base))
+        self.s3.hold("PutObject")
+        d = self.write([message(2).to_line()])
+        self.s3.release(1)  # the staging put lands; the merge's PutObject is held
+        self.assertEqual([h.key for h in self.s3.held], [KEY])
+        held = self.store.merger.holding
+        self.assertGreater(held, 0)
+        self.assertEqual(self.budget.held, held)
+        self.s3.release()
+        self.run_until(d)
+        self.assertEqual(self.budget.held, 0)
+
+
+class MemoryModelTests(SynchronousTestCase):
+    """The faults the memory S3 models, as the writer sees them."""
+
+    def test_lost_answer_is_response_never_received(self) -> None:
+        """A lost answer fails like treq does when the connection drops."""
+        from twisted.web.client import ResponseNeverReceived
+
+        s3 = MemoryStore()
+        s3.lose_answer("PutObject")
+        self.failureResultOf(s3.put("k", b"x"), ResponseNeverReceived)
+        self.assertEqual(s3.body("k"), b"x")
+        self.assertIs(memory.LOST, memory.LOST)
