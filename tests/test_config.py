@@ -53,6 +53,7 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(config.timestamp_max_ahead_s, 3600.0)
         self.assertEqual(config.buffer_budget_bytes, 256 * MiB)
         self.assertEqual(config.parts_in_flight, 2)
+        self.assertEqual(config.completions_in_flight, 4)
         self.assertIs(config.access_log, False)
 
     def test_defaults_equal_config_defaults(self) -> None:
@@ -103,6 +104,7 @@ class ValueTests(SynchronousTestCase):
                 TIMESTAMP_MAX_AHEAD_S="30",
                 BUFFER_BUDGET_BYTES=str(64 * MiB),
                 PARTS_IN_FLIGHT="4",
+                COMPLETIONS_IN_FLIGHT="16",
                 ACCESS_LOG="yes",
             )
         )
@@ -125,6 +127,7 @@ class ValueTests(SynchronousTestCase):
                 timestamp_max_ahead_s=30.0,
                 buffer_budget_bytes=64 * MiB,
                 parts_in_flight=4,
+                completions_in_flight=16,
                 access_log=True,
             ),
         )
@@ -260,6 +263,24 @@ class ErrorTests(SynchronousTestCase):
         """PARTS_IN_FLIGHT=0 is refused."""
         self.assertConfigError(dict(BASE, PARTS_IN_FLIGHT="0"), "PARTS_IN_FLIGHT", "got 0")
 
+    def test_completions_in_flight_range(self) -> None:
+        """COMPLETIONS_IN_FLIGHT takes 1 to 256; 0, 257 and non-integers are refused."""
+        self.assertEqual(
+            self.assertConfigError(dict(BASE, COMPLETIONS_IN_FLIGHT="0"), "COMPLETIONS_IN_FLIGHT"),
+            "COMPLETIONS_IN_FLIGHT: must be from 1 to 256, got 0",
+        )
+        self.assertConfigError(dict(BASE, COMPLETIONS_IN_FLIGHT="257"), "COMPLETIONS_IN_FLIGHT", "got 257")
+        self.assertEqual(
+            self.assertConfigError(dict(BASE, COMPLETIONS_IN_FLIGHT="2.5"), "COMPLETIONS_IN_FLIGHT"),
+            "COMPLETIONS_IN_FLIGHT: must be an integer, got '2.5'",
+        )
+        for text, value in (("1", 1), (" 256 ", 256), ("", 4)):
+            self.assertEqual(
+                from_environ(dict(BASE, COMPLETIONS_IN_FLIGHT=text)).completions_in_flight,
+                value,
+                text,
+            )
+
     def test_shutdown_timeout_negative(self) -> None:
         """SHUTDOWN_TIMEOUT_S=-5 is refused."""
         self.assertConfigError(dict(BASE, SHUTDOWN_TIMEOUT_S="-5"), "SHUTDOWN_TIMEOUT_S", "'-5'")
@@ -322,6 +343,7 @@ class ErrorTests(SynchronousTestCase):
             "TIMESTAMP_MAX_AHEAD_S": "-1",
             "BUFFER_BUDGET_BYTES": "1",
             "PARTS_IN_FLIGHT": "65",
+            "COMPLETIONS_IN_FLIGHT": "1\n2",
             "ACCESS_LOG": "2\n",
         }
         for variable, value in bad.items():
@@ -350,9 +372,12 @@ class TapOptionsTests(SynchronousTestCase):
     def test_option_names(self) -> None:
         """Options mirror variable names: --queue-timeout-min and --access-log exist."""
         options = _tap().Options()
-        options.parseOptions(["--queue-timeout-min", "0.05", "--access-log"])
+        options.parseOptions(
+            ["--queue-timeout-min", "0.05", "--access-log", "--completions-in-flight", "8"]
+        )
         self.assertEqual(
-            options.overrides(), {"QUEUE_TIMEOUT_MIN": "0.05", "ACCESS_LOG": "1"}
+            options.overrides(),
+            {"QUEUE_TIMEOUT_MIN": "0.05", "ACCESS_LOG": "1", "COMPLETIONS_IN_FLIGHT": "8"},
         )
 
     def test_no_secret_options(self) -> None:
@@ -418,6 +443,7 @@ class HelpTests(SynchronousTestCase):
         self.assertEqual(shown["NO_UPLOAD"], "0")
         self.assertEqual(shown["PART_SIZE_BYTES"], str(5 * MiB))
         self.assertEqual(shown["AWS_BUCKET"], "")
+        self.assertEqual(shown["COMPLETIONS_IN_FLIGHT"], "4")
 
     def test_help_text(self) -> None:
         """The option help names the variable and its default."""
@@ -427,6 +453,8 @@ class HelpTests(SynchronousTestCase):
         self.assertIn("--queue-timeout-min=", text)
         self.assertIn("[PORT,", text)
         self.assertIn("default 8902]", " ".join(text.split()))
+        self.assertIn("--completions-in-flight=", text)
+        self.assertIn("[COMPLETIONS_IN_FLIGHT, default 4]", " ".join(text.split()))
         self.assertNotIn("--aws-access-secret", text)
 
 
@@ -465,7 +493,6 @@ class CheckedValueTests(SynchronousTestCase):
             20 * MiB,
         )
 
-
     def test_bucket_name(self) -> None:
         """AWS_BUCKET must follow S3's naming rules."""
         for bad in ("bad bucket name", "bkt/../xyz", "Logs", "ab", "a..b", "-logs", "x" * 64):
@@ -478,3 +505,121 @@ class CheckedValueTests(SynchronousTestCase):
         self.assertAlmostEqual(
             from_environ(dict(BASE, QUEUE_TIMEOUT_MIN="0.01")).queue_timeout_s, 0.6
         )
+
+
+class MakeStoreTests(SynchronousTestCase):
+    """
+    ``loghandler.tap.make_store`` wires the configuration into the store: the S3
+    client from ``build_s3_client`` with ``aws_credentials``, and the settings of
+    the S3 writer (``COMPLETIONS_IN_FLIGHT``, the shared memory budget).  The client
+    and credentials functions are replaced here: only the wiring is under test.
+    """
+
+    def replace(self, module_name: str, name: str, value: object) -> None:
+        """
+        Set ``module_name.name`` to ``value`` for this test; a module that cannot be
+        imported is stood in for by an empty one.
+        """
+        import importlib
+
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            module = ModuleType(module_name)
+            self.patch(sys, "modules", dict(sys.modules, **{module_name: module}))
+        missing = object()
+        old = getattr(module, name, missing)
+        setattr(module, name, value)
+
+        def restore() -> None:
+            if old is missing:
+                delattr(module, name)
+            else:
+                setattr(module, name, old)
+
+        self.addCleanup(restore)
+
+    def test_s3_store(self) -> None:
+        """
+        The S3 store gets the client built for the bucket, region, endpoint and the
+        static credentials, the shared budget, and COMPLETIONS_IN_FLIGHT merge slots.
+        """
+        from loghandler.budget import MemoryBudget
+        from loghandler.storage.memory import MemoryStore
+        from loghandler.storage.s3.writer import S3ObjectStore
+
+        tap = _tap()
+        built: list[tuple[object, dict[str, object]]] = []
+        client = MemoryStore()  # stands in for the S3 client
+        credentials = object()
+        self.replace(
+            "loghandler.storage.s3.credentials",
+            "aws_credentials",
+            lambda key, secret: credentials if (key, secret) == ("AKID", "sekrit") else None,
+        )
+
+        def build_s3_client(reactor: object, **kwargs: object) -> object:
+            built.append((reactor, kwargs))
+            return client
+
+        self.replace("loghandler.storage.s3.client", "build_s3_client", build_s3_client)
+        config = from_environ(
+            dict(
+                BASE,
+                AWS_ENDPOINT_URL="http://127.0.0.1:5000",
+                AWS_ACCESS_KEY="AKID",
+                AWS_ACCESS_SECRET="sekrit",
+                COMPLETIONS_IN_FLIGHT="7",
+            )
+        )
+        reactor = object()
+        budget = MemoryBudget(64 * MiB)
+        store = tap.make_store(config, reactor, budget)
+        self.assertIsInstance(store, S3ObjectStore)
+        self.assertEqual(
+            built,
+            [
+                (
+                    reactor,
+                    dict(
+                        bucket="logs",
+                        region="eu-west-1",
+                        endpoint_url="http://127.0.0.1:5000",
+                        credentials=credentials,
+                    ),
+                )
+            ],
+        )
+        self.assertIs(store.client, client)
+        self.assertIs(store.clock, reactor)
+        self.assertEqual(store.merge_slots.limit, 7)
+        self.assertIs(store.merger.budget, budget)
+
+    def test_credentials_error_exits(self) -> None:
+        """An error from the credential chain exits with code 2 and its one line."""
+        tap = _tap()
+
+        def refuse(key: object, secret: object) -> object:
+            raise ValueError("no AWS credentials: set AWS_ACCESS_KEY and AWS_ACCESS_SECRET")
+
+        self.replace("loghandler.storage.s3.credentials", "aws_credentials", refuse)
+        self.replace("loghandler.storage.s3.client", "build_s3_client", lambda *a, **k: None)
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        from loghandler.budget import MemoryBudget
+
+        with self.assertRaises(SystemExit) as raised:
+            tap.make_store(from_environ(BASE), object(), MemoryBudget(64 * MiB))
+        self.assertEqual(raised.exception.code, 2)
+        self.assertEqual(
+            stderr.getvalue(),
+            "loghandler: no AWS credentials: set AWS_ACCESS_KEY and AWS_ACCESS_SECRET\n",
+        )
+
+    def test_no_upload_discards(self) -> None:
+        """NO_UPLOAD=1 gives the discard store, which needs no bucket or credentials."""
+        from loghandler.budget import MemoryBudget
+        from loghandler.storage.discard import DiscardStore
+
+        store = _tap().make_store(from_environ({"NO_UPLOAD": "1"}), object(), MemoryBudget(MiB))
+        self.assertIsInstance(store, DiscardStore)

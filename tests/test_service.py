@@ -1,31 +1,63 @@
 """
-Tests for :mod:`loghandler.service`: the service tree, the listener, and the flush on
-stop bounded by ``SHUTDOWN_TIMEOUT_S``, on a ``MemoryReactorClock``.
+Tests for :mod:`loghandler.service`: the service tree, the listener, the storage
+check at start, and the flush on stop bounded by ``SHUTDOWN_TIMEOUT_S`` (waking
+retries that sleep, abandoning what storage does not take in time), on a
+``MemoryReactorClock`` with the S3 writer over the in-memory S3.
 """
 
 from __future__ import annotations
 
+import os
+
+from twisted.application.service import MultiService
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
+from loghandler.backoff import Backoff
+from loghandler.budget import MemoryBudget
 from loghandler.config import Config
+from loghandler.interfaces import StorageError
 from loghandler.keys import key_for
-from loghandler.service import StreamService, build_service, listen_description
+from loghandler.message import Message
+from loghandler.registry import Busy
+from loghandler.retry import RetryLayer
+from loghandler.service import CHECK_INTERVAL_S, StreamService, build_service, listen_description
 from loghandler.storage.memory import MemoryStore
+from loghandler.storage.s3.writer import S3ObjectStore
 from tests.helpers import DAY_START_MS, message, read_lines
+
+PART = 16 * 1024
+KEY = key_for(DAY_START_MS + 1000, 3)
 
 
 class ServiceTests(SynchronousTestCase):
-    """The root service listens, and flushes on stop."""
+    """The root service listens, checks the store, and flushes on stop."""
 
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
-        self.store = MemoryStore()
-        config = Config(addr="127.0.0.1", port=8902, shutdown_timeout_s=25, no_upload=True)
-        self.root = build_service(config, self.store, self.reactor, lambda: DAY_START_MS)
-        self.root.startService()
-        (self.streams,) = [s for s in self.root if isinstance(s, StreamService)]
+        self.mem = MemoryStore(min_part_size=PART, now=self.reactor.seconds)
+        self.root, self.streams = self.build(self.mem, port=8902)
+
+    def build(
+        self, mem: MemoryStore, port: int, backoff: Backoff = Backoff(base=0.2, cap=30.0)
+    ) -> tuple[MultiService, StreamService]:
+        """A started root service over ``mem``, and its StreamService."""
+        config = Config(
+            addr="127.0.0.1", port=port, shutdown_timeout_s=25, part_size=PART, no_upload=False
+        )
+        budget = MemoryBudget(config.buffer_budget_bytes)
+        self.store = S3ObjectStore(
+            mem,
+            self.reactor,
+            budget,
+            part_size=PART,
+            retry=RetryLayer(self.reactor, backoff=backoff),
+        )
+        root = build_service(config, self.store, self.reactor, lambda: DAY_START_MS, budget)
+        root.startService()
+        (streams,) = [s for s in root if isinstance(s, StreamService)]
+        return root, streams
 
     def test_listens(self) -> None:
         """The listener binds ADDR and PORT."""
@@ -42,56 +74,93 @@ class ServiceTests(SynchronousTestCase):
         reachable yet' and the error is logged; the check is retried and then
         messages are taken.
         """
-        from loghandler.interfaces import StorageError
-        from loghandler.registry import Busy
-        from loghandler.service import CHECK_INTERVAL_S
-
-        self.root.stopService()
-        store = MemoryStore()
-        store.fail("HeadBucket", StorageError("HeadBucket", 404), times=2)
-        config = Config(addr="127.0.0.1", port=8903, no_upload=True)
-        root = build_service(config, store, self.reactor, lambda: DAY_START_MS)
+        self.successResultOf(self.root.stopService())
+        mem = MemoryStore(min_part_size=PART, now=self.reactor.seconds)
+        mem.fail("HeadBucket", StorageError("HeadBucket", 404, "NoSuchBucket"), times=2)
         with capturedLogs() as events:
-            root.startService()
-        (streams,) = [s for s in root if isinstance(s, StreamService)]
+            root, streams = self.build(mem, port=8903)
         with self.assertRaises(Busy) as caught:
             streams.registry.accept(message(1))
         self.assertEqual(caught.exception.reason, "storage is not reachable yet")
-        self.assertTrue(any("not reachable" in e.get("log_format", "") for e in events))
+        (unreachable,) = [e for e in events if "not reachable" in (e.get("log_format") or "")]
+        self.assertIn("NoSuchBucket", unreachable["error"])
         self.reactor.advance(CHECK_INTERVAL_S)
         self.assertRaises(Busy, streams.registry.accept, message(1))
         self.reactor.advance(CHECK_INTERVAL_S)
         streams.registry.accept(message(1))
-        self.assertEqual(store.calls.count(("HeadBucket", "")), 3)
+        self.assertEqual(mem.calls.count(("HeadBucket", "")), 3)
         self.successResultOf(root.stopService())
-        self.assertEqual(len(store.objects), 1)
+        self.assertEqual(list(mem.objects), [KEY])
+        self.assertEqual(read_lines(mem.body(KEY)), [message(1).to_line()])
 
     def test_stop_flushes(self) -> None:
         """stopService completes every object before its Deferred fires."""
         self.streams.registry.accept(message(1))
         self.streams.registry.accept(message(2, client_id=4))
-        self.store.hold("PutObject")
+        self.mem.hold("PutObject")
         with capturedLogs() as events:
             stopping = self.root.stopService()
             self.assertNoResult(stopping)
-            self.store.release()
+            self.mem.release()
             self.successResultOf(stopping)
+        self.assertEqual(sorted(self.mem.objects), sorted([KEY, key_for(DAY_START_MS + 1000, 4)]))
+        self.assertEqual(read_lines(self.mem.body(KEY)), [message(1).to_line()])
         self.assertEqual(
-            read_lines(self.store.body(key_for(DAY_START_MS + 1000, 3))), [message(1).to_line()]
+            read_lines(self.mem.body(key_for(DAY_START_MS + 1000, 4))),
+            [message(2, client_id=4).to_line()],
         )
-        self.assertEqual(len(self.store.objects), 2)
-        self.assertTrue(any("flush on stop done" in e.get("log_format", "") for e in events))
+        self.assertTrue(any("flush on stop done" in (e.get("log_format") or "") for e in events))
+        self.assertEqual(self.streams.registry.budget.held, 0)
+
+    def test_stop_wakes_retries_in_backoff(self) -> None:
+        """
+        A part that failed (503) and sleeps in backoff is tried again as soon as the
+        stop begins: the flush is done at once, long before the backoff would have
+        ended, with every line stored.
+        """
+        self.successResultOf(self.root.stopService())
+        mem = MemoryStore(min_part_size=PART, now=self.reactor.seconds)
+        # Waits of 10 s, then 20 s (the upper bound of each backoff interval).
+        root, streams = self.build(
+            mem, port=8903, backoff=Backoff(base=10.0, cap=60.0, uniform=lambda a, b: b)
+        )
+        mem.fail("UploadPart", StorageError("UploadPart", 503, "SlowDown"), times=2)
+        sent = []
+        n = 0
+        while ("UploadPart" not in [op for op, _ in mem.calls]):  # until the first part
+            n += 1
+            m = Message(os.urandom(500).hex(), n, 3, DAY_START_MS + 1000)
+            streams.registry.accept(m)
+            sent.append(m.to_line())
+        self.reactor.advance(10)  # the second attempt fails too: 20 s more
+        self.assertEqual([op for op, _ in mem.calls].count("UploadPart"), 2)
+        started = self.reactor.seconds()
+        with capturedLogs() as events:
+            stopping = root.stopService()
+            self.successResultOf(stopping)
+        self.assertEqual(self.reactor.seconds(), started)
+        self.assertTrue(any("flush on stop done" in (e.get("log_format") or "") for e in events))
+        self.assertEqual(list(mem.objects), [KEY])
+        self.assertEqual(read_lines(mem.body(KEY)), sent)
 
     def test_stop_deadline(self) -> None:
-        """A flush that cannot finish ends at the deadline and logs what was lost."""
+        """
+        With storage stalled past the deadline, the stop fires at the deadline and
+        the log names the key and the lines that were not stored, as a deadline loss
+        (no traceback).
+        """
         self.streams.registry.accept(message(1))
-        self.store.hold("PutObject")
+        self.streams.registry.accept(message(2))
+        self.mem.hold("PutObject")
         with capturedLogs() as events:
             stopping = self.root.stopService()
             self.reactor.advance(24.9)
             self.assertNoResult(stopping)
             self.reactor.advance(0.1)
             self.successResultOf(stopping)
-        formats = [e.get("log_format", "") for e in events]
-        self.assertTrue(any("passed its deadline" in f for f in formats), formats)
-        self.assertTrue(any("lost_bytes" in e for e in events))
+        (lost,) = [e for e in events if "lost_lines" in e]
+        self.assertEqual((lost["key"], lost["lost_lines"]), (KEY, 2))
+        self.assertIn("by the shutdown deadline", lost["reason"])
+        self.assertFalse([e for e in events if e.get("log_failure")], "no traceback")
+        self.assertEqual(self.mem.objects, {})
+        self.assertEqual(self.streams.registry.budget.held, 0)

@@ -1,6 +1,7 @@
 """
 Tests for :mod:`loghandler.web` through ``StubTreq`` with the real ``LogSite`` (its
-body limit, no form parsing): status codes, JSON bodies, and what reaches storage.
+body limit, no form parsing): status codes, JSON bodies, and what reaches storage
+(the S3 writer over the in-memory S3, objects read back line by line).
 """
 
 from __future__ import annotations
@@ -10,17 +11,25 @@ from typing import Any, Optional
 
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
+from twisted.web.http_headers import Headers
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
+from loghandler.backoff import Backoff
+from loghandler.budget import MemoryBudget
+from loghandler.interfaces import StorageError
 from loghandler.keys import key_for
 from loghandler.message import Limits
 from loghandler.registry import StreamRegistry, StreamSettings
+from loghandler.retry import RetryLayer
 from loghandler.storage.memory import MemoryStore
+from loghandler.storage.s3.writer import S3ObjectStore
 from loghandler.web import BoundedBody, make_site
 from tests.helpers import DAY_START_MS, read_lines
 
 NOW_MS = DAY_START_MS + 3_600_000
 MAX_BODY = 1024
+PART = 16 * 1024
 
 
 def body(**fields: Any) -> bytes:
@@ -40,9 +49,19 @@ class WebCase(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.clock = Clock()
-        self.store = MemoryStore()
+        self.mem = MemoryStore(min_part_size=PART, now=self.clock.seconds)
+        budget = MemoryBudget(256 * 1024 * 1024)
+        # Retries after a permanent failure wait 60 s at most (their upper bound).
+        retry = RetryLayer(
+            self.clock, permanent_backoff=Backoff(base=5.0, cap=60.0, uniform=lambda a, b: b)
+        )
+        self.store = S3ObjectStore(self.mem, self.clock, budget, part_size=PART, retry=retry)
         self.registry = StreamRegistry(
-            self.store, self.clock, StreamSettings(part_size=5 * 1024 * 1024, lifetime_s=60)
+            self.store,
+            self.clock,
+            StreamSettings(part_size=PART, lifetime_s=60),
+            budget,
+            uniform=lambda a, b: b,
         )
         site = self.site = make_site(self.registry, Limits(), lambda: NOW_MS, MAX_BODY)
         self.client = StubTreq(site.resource)
@@ -52,7 +71,7 @@ class WebCase(SynchronousTestCase):
 
     def request(
         self, method: str, path: str, data: Optional[bytes] = None, headers: Any = None
-    ) -> tuple[int, dict[str, Any], Any]:
+    ) -> tuple[int, Headers, Any]:
         """Send a request; answer (status, headers, parsed JSON body)."""
         response = self.successResultOf(
             self.client.request(method, "http://example.test" + path, data=data, headers=headers)
@@ -67,7 +86,8 @@ class WebCase(SynchronousTestCase):
         """Complete every object and read back the one key the tests use."""
         self.successResultOf(self.registry.close_all())
         key = key_for(NOW_MS, 3)
-        return read_lines(self.store.body(key)) if key in self.store.objects else []
+        self.assertLessEqual(set(self.mem.objects), {key})
+        return read_lines(self.mem.body(key)) if key in self.mem.objects else []
 
 
 class PostTests(WebCase):
@@ -195,7 +215,7 @@ class RoutingTests(WebCase):
 
     def test_health_buffers_full(self) -> None:
         """/healthz is 503 'buffers full' while the budget is spent, with the counts."""
-        self.store.hold("PutObject")
+        self.mem.hold("PutObject")
         self.assertEqual(self.request("POST", "/log", body())[0], 200)
         self.clock.advance(60)
         self.registry.budget.change(self.registry.budget.limit)
@@ -210,6 +230,33 @@ class RoutingTests(WebCase):
         self.registry.ready = False
         status, _, answer = self.request("GET", "/healthz")
         self.assertEqual((status, answer["status"]), (503, "storage not reachable"))
+
+    def test_health_storage_failing(self) -> None:
+        """
+        While storage answers 403 (a permanent failure only an operator can fix),
+        /healthz is 503 with the reason and the error is logged once; messages are
+        still held and stored once storage takes them, and /healthz is 200 again.
+        """
+        self.mem.fail("PutObject", StorageError("PutObject", 403, "AccessDenied"), times=3)
+        self.assertEqual(self.request("POST", "/log", body(content_id=1))[0], 200)
+        with capturedLogs() as events:
+            self.clock.advance(60)  # rotation: the staging write is refused
+            status, _, answer = self.request("GET", "/healthz")
+            self.assertEqual(status, 503)
+            self.assertEqual(answer["status"], "storage failing: PutObject fails: 403 AccessDenied")
+            self.assertEqual(answer["completing_objects"], 1)
+            self.clock.advance(60)  # refused again
+            self.assertEqual(self.request("GET", "/healthz")[0], 503)
+            self.clock.advance(60)  # refused a third time
+            self.assertEqual(self.request("GET", "/healthz")[0], 503)
+            self.clock.advance(60)  # taken
+        texts = [e.get("log_format") or "" for e in events]
+        self.assertEqual(len([t for t in texts if "until this is fixed" in t]), 1, texts)
+        self.assertEqual(len([t for t in texts if "storage works again" in t]), 1, texts)
+        status, _, answer = self.request("GET", "/healthz")
+        self.assertEqual((status, answer["status"]), (200, "ok"))
+        self.assertEqual(answer["completing_objects"], 0)
+        self.assertEqual([json.loads(line)["content_id"] for line in self.stored_lines()], [1])
 
     def test_health_below_404(self) -> None:
         """Paths below /healthz are JSON 404s."""
