@@ -2,12 +2,15 @@
 End to end: ``twistd -n loghandler`` as a subprocess against moto's S3 server.
 
 POST messages over 10 clients and 2 UTC dates, SIGTERM, then read every object back
-with botocore: keys exact, every object whole gzip members with
-``Content-Type: application/gzip`` and no ``Content-Encoding``, every acknowledged
-message present exactly once in its own client's and date's object, no other line.
-Further runs on the same keys append: the GET-and-rewrite path for small objects, and
-a large client's multipart upload at S3's real 5 MiB minimum followed by the
-UploadPartCopy path.
+with botocore: keys exact (nothing left staged under ``_loghandler/``, no pending
+multipart upload), every object whole gzip members with
+``Content-Type: application/gzip``, no ``Content-Encoding`` and its write IDs in
+``x-amz-meta-loghandler-writes``, every acknowledged message present exactly once in
+its own client's and date's object, no other line.  Further runs on the same keys
+merge after what is there (DESIGN.md section 5): small objects by GET, one
+re-compressed member and PutObject (they stay one member); a large client's stream
+staged in S3's real 5 MiB parts and merged by multipart upload; then small streams
+merged after that large object by UploadPartCopy.
 
 The figures of each run (messages sent and found, objects and sizes, flush seconds)
 are written to ``e2e-report.json`` in trial's working directory.
@@ -198,18 +201,36 @@ class EndToEndTests(SynchronousTestCase):
             "sigterm_to_exit_seconds": round(flush_seconds, 3),
         }
 
+    def merged(self, object_key: str) -> list[str]:
+        """How the last run's merges into ``object_key`` went, from its log."""
+        return re.findall(
+            r"%s: merged \S+ \(\d+ bytes\) by (PutObject|multipart upload)" % re.escape(object_key),
+            self.last_log,
+        )
+
     def check_bucket(self, figures: dict[str, Any]) -> None:
-        """Every object holds exactly the acknowledged lines of its key."""
+        """
+        Every object holds exactly the acknowledged lines of its key; nothing else is
+        in the bucket (no staging object, no pending upload); objects under 5 MiB are
+        one gzip member.
+        """
         listing = self.s3.list_objects_v2(Bucket=self.moto.bucket)
+        self.assertFalse(listing.get("IsTruncated"))
         sizes = {o["Key"]: o["Size"] for o in listing.get("Contents", [])}
         self.assertEqual(sorted(sizes), sorted(self.expected))
+        uploads = self.s3.list_multipart_uploads(Bucket=self.moto.bucket)
+        self.assertEqual(uploads.get("Uploads", []), [])
         found = 0
         for object_key, want in self.expected.items():
             answer = self.s3.get_object(Bucket=self.moto.bucket, Key=object_key)
             data = answer["Body"].read()
             self.assertEqual(answer["ContentType"], "application/gzip")
             self.assertNotIn("ContentEncoding", answer)
+            writes = answer["Metadata"].get("loghandler-writes", "").split(",")
+            self.assertTrue(1 <= len(writes) <= 16 and all(writes), answer["Metadata"])
             self.assertGreaterEqual(len(members(data)), 1)
+            if len(data) < 5 * 1024 * 1024:
+                self.assertEqual(len(members(data)), 1, object_key)
             lines = read_lines(data)
             got = Counter(line.decode("utf-8") for line in lines)
             self.assertEqual(got, want, object_key)
@@ -226,12 +247,13 @@ class EndToEndTests(SynchronousTestCase):
         with open(os.path.join(self.workdir, "e2e-report.json"), "w") as f:
             json.dump(self.report, f, indent=2)
 
-    def test_two_dates_ten_clients_then_appends(self) -> None:
+    def test_two_dates_ten_clients_then_merges(self) -> None:
         """
         20,000 messages over 10 clients and 2 UTC dates plus bad requests; SIGTERM;
-        every object exact.  A second run on the same keys appends; a third adds a
-        large client (multipart at 5 MiB parts) and a fourth appends to its 5 MiB+
-        object by UploadPartCopy.
+        every object exact.  A second run on the same keys merges after them
+        (PutObject of one member); a third adds a large client (staged in 5 MiB
+        parts, merged by multipart upload) and a fourth merges after its 5 MiB+
+        object by multipart upload with UploadPartCopy.
         """
         now = int(time.time() * 1000)
         today = now - now % MS_PER_DAY
@@ -258,11 +280,13 @@ class EndToEndTests(SynchronousTestCase):
         second = self.run_daemon(batch(2_000, 100_001))
         self.check_bucket(second)
         self.assertEqual(second["found"], 22_000)
+        self.assertIn("by PutObject", self.last_log)
+        self.assertNotIn("by multipart upload", self.last_log)
 
         # A large client: random text compresses poorly, so its stream fills 5 MiB
-        # parts (multipart upload) and appends them to its small existing object.
+        # parts (a staging multipart upload), merged after its small existing object.
         big_key = key(dates[1], 1)
-        big = [
+        big: list[tuple[bytes, Optional[str]]] = [
             (message_body(200_001 + n, 1, dates[1], os.urandom(24_000).hex()), big_key)
             for n in range(500)
         ]
@@ -270,12 +294,13 @@ class EndToEndTests(SynchronousTestCase):
         self.check_bucket(third)
         size = self.s3.head_object(Bucket=self.moto.bucket, Key=big_key)["ContentLength"]
         self.assertGreater(size, 10 * 1024 * 1024)
-        self.assertIn("multipart upload", self.last_log)
-        self.assertIn("by GetObject", self.last_log)
+        self.assertIn("by multipart upload", self.last_log)
+        self.assertEqual(self.merged(big_key), ["multipart upload"])
 
         fourth = self.run_daemon(batch(1_000, 300_001))
         self.check_bucket(fourth)
-        self.assertIn("by UploadPartCopy", self.last_log)
+        self.assertEqual(self.merged(big_key), ["multipart upload"])
+        self.assertIn("by PutObject", self.last_log)
         self.assertEqual(fourth["found"], 22_000 + 500 + 1_000)
 
 

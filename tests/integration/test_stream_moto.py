@@ -1,7 +1,14 @@
 """
-The streams and registry on the real reactor against S3Store on moto: rotation by the
-reactor timer followed by an append (GetObject path), a multipart upload of real
-5 MiB parts, and an append to a 5 MiB+ object by UploadPartCopy.
+The streams and registry on the real reactor, through the S3 writer
+(:class:`~loghandler.storage.s3.writer.S3ObjectStore`) and the S3 HTTP client on
+moto: rotation by the reactor timer, then a second stream merged after the first
+(the small path: GET both, one re-compressed member, PutObject with If-Match); a
+stream of more than two real 5 MiB parts staged by multipart upload and merged;
+then a small stream merged after that large object (the UploadPartCopy path).
+Every object is read back and compared line by line; nothing is left staged.
+
+Needs ``build_s3_client`` and ``aws_credentials``
+(:mod:`loghandler.storage.s3.client`, :mod:`loghandler.storage.s3.credentials`).
 """
 
 from __future__ import annotations
@@ -10,15 +17,19 @@ import os
 
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 
+from loghandler.budget import MemoryBudget
 from loghandler.config import MiB
 from loghandler.keys import key_for
 from loghandler.message import Message
 from loghandler.registry import Busy, StreamRegistry, StreamSettings
-from loghandler.storage.s3 import build_s3_store
-from tests.helpers import DAY_START_MS, message, read_lines
+from loghandler.storage.s3.client import build_s3_client
+from loghandler.storage.s3.credentials import aws_credentials
+from loghandler.storage.s3.writer import STAGING_PREFIX, S3ObjectStore
+from tests.helpers import DAY_START_MS, members, message, read_lines
 from tests.integration.moto import shared_moto
 
 LIFETIME = 0.3
@@ -26,66 +37,88 @@ KEY = key_for(DAY_START_MS, 3)
 
 
 class StreamOnMotoTests(TestCase):
-    """Objects written by the registry to moto, read back byte for byte."""
+    """Objects written by the registry to moto, read back line by line."""
 
     def setUp(self) -> None:
         self.moto = shared_moto()
         self.moto.reset()
         pool = HTTPConnectionPool(reactor, persistent=True)
         self.addCleanup(pool.closeCachedConnections)
-        self.store = build_s3_store(
+        self.client = build_s3_client(
             reactor,
             bucket=self.moto.bucket,
             region=self.moto.region,
             endpoint_url=self.moto.endpoint_url,
-            access_key=self.moto.access_key,
-            secret_key=self.moto.secret_key,
+            credentials=aws_credentials(self.moto.access_key, self.moto.secret_key),
             pool=pool,
         )
+        self.budget = MemoryBudget(256 * MiB)
+        self.store = S3ObjectStore(self.client, reactor, self.budget, part_size=5 * MiB)
         self.registry = self.make_registry(LIFETIME)
 
     def make_registry(self, lifetime: float) -> StreamRegistry:
+        """A registry over the store, flushed at cleanup."""
         registry = StreamRegistry(
-            self.store, reactor, StreamSettings(part_size=5 * MiB, lifetime_s=lifetime)
+            self.store,
+            reactor,
+            StreamSettings(part_size=5 * MiB, lifetime_s=lifetime),
+            self.budget,
         )
         self.addCleanup(registry.close_all)
         return registry
 
-    async def object_lines(self, key: str = KEY) -> list[bytes]:
-        info = await self.store.head(key)
+    async def object_body(self, key: str = KEY) -> bytes:
+        """The bytes of ``key`` as stored."""
+        info = await self.client.head(key)
         assert info is not None, key
-        return read_lines(await self.store.get(key, info.etag))
+        body: bytes = await self.client.get(key, info.etag)
+        self.assertEqual(len(body), info.size)
+        return body
+
+    async def assertNothingStaged(self) -> None:
+        """No staging object and no multipart upload is left in the bucket."""
+        self.assertEqual(await self.client.list_objects(STAGING_PREFIX), [])
+        self.assertEqual(await self.client.list_uploads(""), [])
 
     async def rotated(self) -> None:
         """Wait past the stream lifetime and for the completions it started."""
         await deferLater(reactor, LIFETIME + 0.1, lambda: None)
-        for _ in range(100):
-            if not self.registry._closing:
+        for _ in range(200):
+            if not self.registry.completing:
                 return
             await deferLater(reactor, 0.05, lambda: None)
         self.fail("completion did not finish")
 
-    async def test_rotation_then_append(self) -> None:
+    async def test_rotation_then_merge(self) -> None:
         """
         The reactor timer completes the object with no new message; a later stream
-        for the key appends (GetObject and PutObject with If-Match).
+        of the key is merged after it, and the object stays one gzip member.
         """
-        first = [message(n) for n in range(1, 51)]
+        first = [message(n, timestamp=DAY_START_MS) for n in range(1, 51)]
         for m in first:
             self.registry.accept(m)
         await self.rotated()
-        self.assertEqual(await self.object_lines(), [m.to_line() for m in first])
-        second = [message(n) for n in range(51, 101)]
-        for m in second:
-            self.registry.accept(m)
-        await self.rotated()
-        self.assertEqual(await self.object_lines(), [m.to_line() for m in first + second])
+        self.assertEqual(read_lines(await self.object_body()), [m.to_line() for m in first])
+        second = [message(n, timestamp=DAY_START_MS) for n in range(51, 101)]
+        with capturedLogs() as events:
+            for m in second:
+                self.registry.accept(m)
+            await self.rotated()
+        body = await self.object_body()
+        self.assertEqual(read_lines(body), [m.to_line() for m in first + second])
+        self.assertEqual(len(members(body)), 1)
+        self.assertTrue(
+            any("by PutObject" in (e.get("log_format") or "") for e in events),
+            [e.get("log_format") for e in events],
+        )
+        await self.assertNothingStaged()
+        self.assertEqual(self.budget.held, 0)
 
-    async def test_multipart_then_copy_append(self) -> None:
+    async def test_multipart_then_copy_merge(self) -> None:
         """
-        A stream with more than 10 MiB of compressed data uploads 5 MiB parts (moto
-        enforces the minimum) and completes; the next stream appends by copying the
-        object in as part 1.
+        A stream with more than 10 MiB of compressed data stages 5 MiB parts (moto
+        enforces the minimum) and merges them into the key; the next stream is
+        merged after that object by copying it in (UploadPartCopy).
         """
         registry = self.make_registry(lifetime=60)
         big = [Message(os.urandom(20_000).hex(), n, 3, DAY_START_MS) for n in range(1, 700)]
@@ -97,14 +130,26 @@ class StreamOnMotoTests(TestCase):
                 except Busy:
                     # Backpressure: parts wait for upload; retry as a client would.
                     await deferLater(reactor, 0.02, lambda: None)
-        await registry.close_all()
-        info = await self.store.head(KEY)
+        with capturedLogs() as events:
+            await registry.close_all()
+        self.assertTrue(
+            any("by multipart upload" in (e.get("log_format") or "") for e in events),
+            [e.get("log_format") for e in events],
+        )
+        info = await self.client.head(KEY)
         assert info is not None
         self.assertGreater(info.size, 10 * MiB)
-        # A multipart ETag ends in the number of parts: at least two of 5 MiB and
-        # more, then the tail.
-        self.assertGreaterEqual(int(info.etag.strip('"').rsplit("-", 1)[1]), 3, info.etag)
-        self.registry.accept(message(5000))
-        await self.rotated()
-        lines = await self.object_lines()
-        self.assertEqual(lines, [m.to_line() for m in big] + [message(5000).to_line()])
+        self.registry.accept(message(5000, timestamp=DAY_START_MS))
+        with capturedLogs() as events:
+            await self.rotated()
+        self.assertTrue(
+            any("by multipart upload" in (e.get("log_format") or "") for e in events),
+            [e.get("log_format") for e in events],
+        )
+        body = await self.object_body()
+        self.assertEqual(
+            read_lines(body), [m.to_line() for m in big] + [message(5000, timestamp=DAY_START_MS).to_line()]
+        )
+        await self.assertNothingStaged()
+        self.assertEqual(self.budget.held, 0)
+
