@@ -11,7 +11,7 @@ retry layer (:mod:`loghandler.retry`).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -90,10 +90,14 @@ class IObjectWriter(Interface):
         :raises Abandoned: (errback) the writer was abandoned first.
         """
 
-    def finish(tail: bytes) -> "Deferred[Finished]":
+    def finish(
+        tail: bytes, on_staged: Optional[Callable[[], None]] = None
+    ) -> "Deferred[Finished]":
         """
         Store ``tail`` (whole gzip members, any size, possibly empty) after the parts
-        and make the stream's data part of the object key.
+        and make the stream's data part of the object key.  ``on_staged`` is called
+        once all the data are stored (staged), before they are merged: from then on
+        nothing of the stream needs to be held in memory.
 
         :returns: a Deferred firing with a :class:`Finished`.
         :raises Abandoned: (errback) abandoned before the data were stored at all;

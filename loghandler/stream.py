@@ -216,10 +216,19 @@ class ObjectStream:
             await self._idle()
             if self._abandoned:
                 raise Abandoned(self.key)
-            finished: Finished = await self._writer.finish(tail)
-            self._part_stored(None, len(tail), self.lines - self._lines_cut)
+            staged: list[bool] = []
+
+            def on_staged() -> None:
+                if not staged:
+                    staged.append(True)
+                    self._part_stored(None, len(tail), self.lines - self._lines_cut)
+
+            finished: Finished = await self._writer.finish(tail, on_staged)
+            on_staged()
             self._report(finished)
-        except Exception:
+        except Exception as e:
+            if isinstance(e, Abandoned):  # the deadline, seen first by the writer
+                self._abandoned = True
             if not self._abandoned:
                 self._log.failure("{key}: completion failed", key=self.key)
             self._log.error(

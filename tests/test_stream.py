@@ -6,7 +6,7 @@ budget and what is reported lost.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
@@ -61,7 +61,9 @@ class ControlledWriter:
         self.pending.append(("part", body, d))
         return d  # type: ignore[return-value]
 
-    def finish(self, tail: bytes) -> "Deferred[Finished]":
+    def finish(
+        self, tail: bytes, on_staged: Optional[Callable[[], None]] = None
+    ) -> "Deferred[Finished]":
         d: Deferred[object] = Deferred(lambda _: None)
         self.pending.append(("finish", tail, d))
         return d  # type: ignore[return-value]

@@ -6,7 +6,7 @@ completion) runs with nothing sent anywhere and no credentials needed.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
@@ -34,9 +34,13 @@ class DiscardWriter:
         self._store.bytes_discarded += len(body)
         return succeed(None)
 
-    def finish(self, tail: bytes) -> "Deferred[Finished]":
+    def finish(
+        self, tail: bytes, on_staged: Optional[Callable[[], None]] = None
+    ) -> "Deferred[Finished]":
         """Count and drop ``tail``; the object counts as merged."""
         self._store.bytes_discarded += len(tail)
+        if on_staged is not None:
+            on_staged()
         return succeed(Finished("merged", key=self.key))
 
     def abandon(self) -> None:

@@ -172,7 +172,7 @@ class S3ObjectWriter:
         self.staging_key = staging_key
         self.write_id = uuid.uuid4().hex
         self._upload_id: Optional[str] = None
-        self._creating: Optional[Deferred[str]] = None
+        self._creating: Optional[list[Deferred[str]]] = None
         self._next_number = 1
         self._parts: dict[int, tuple[str, int]] = {}  # number -> (ETag, size)
         self._active: set[Deferred[Any]] = set()
@@ -257,20 +257,26 @@ class S3ObjectWriter:
     async def _ensure_upload(self) -> str:
         if self._upload_id is not None:
             return self._upload_id
-        creating = self._creating
-        if creating is None:
-            # Parts that come while the upload is being created wait for the same
-            # creation; cancelling one of them does not cancel it.
-            creating = self._creating = ensureDeferred(self._create_upload())
-            creating.addBoth(self._created)
-        upload_id: str = await _shield(creating)
+        # Parts that come while the upload is being created wait for the same
+        # creation; cancelling one of them does not cancel it.
+        waiter: Deferred[str] = Deferred()
+        if self._creating is not None:
+            self._creating.append(waiter)
+        else:
+            self._creating = [waiter]
+            ensureDeferred(self._create_upload()).addBoth(self._created)
+        upload_id: str = await waiter
         return upload_id
 
-    def _created(self, result: Any) -> Any:
-        self._creating = None
+    def _created(self, result: Any) -> None:
+        waiters, self._creating = self._creating or [], None
         if not isinstance(result, Failure):
             self._upload_id = result
-        return result
+        for waiter in waiters:
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
 
     async def _create_upload(self) -> str:
         attempts = 0
@@ -301,8 +307,13 @@ class S3ObjectWriter:
             if e.fault is not Fault.GONE:
                 raise
 
-    def finish(self, tail: bytes) -> "Deferred[Finished]":
-        """Stage ``tail`` after the parts, complete the staging object, merge it."""
+    def finish(
+        self, tail: bytes, on_staged: Optional[Callable[[], None]] = None
+    ) -> "Deferred[Finished]":
+        """
+        Stage ``tail`` after the parts, complete the staging object (then call
+        ``on_staged``), merge it.
+        """
         result: Deferred[Finished] = Deferred()
 
         def done(outcome: Any) -> None:
@@ -315,10 +326,10 @@ class S3ObjectWriter:
             else:
                 result.callback(outcome)
 
-        self._track(ensureDeferred(self._finish(tail))).addBoth(done)
+        self._track(ensureDeferred(self._finish(tail, on_staged))).addBoth(done)
         return result
 
-    async def _finish(self, tail: bytes) -> Finished:
+    async def _finish(self, tail: bytes, on_staged: Optional[Callable[[], None]]) -> Finished:
         if self._abandoned:
             raise Abandoned(self.key)
         if self._upload_id is None and not self._parts and self._creating is None:
@@ -336,6 +347,8 @@ class S3ObjectWriter:
             await self._complete_staging()
         staged = self._staged
         assert staged is not None
+        if on_staged is not None:
+            on_staged()
         await self._store.merge_slots.acquire()
         try:
             target = await self._store.merger.merge(staged, self.key, self._cancelled)
@@ -386,17 +399,3 @@ class S3ObjectWriter:
 async def _raise(error: Exception) -> None:
     raise error
 
-
-def _shield(d: "Deferred[Any]") -> "Deferred[Any]":
-    """A Deferred that fires like ``d`` but whose cancellation leaves ``d`` running."""
-    out: Deferred[Any] = Deferred()
-
-    def forward(result: Any) -> None:
-        if not out.called:
-            if isinstance(result, Failure):
-                out.errback(result)
-            else:
-                out.callback(result)
-
-    d.addBoth(forward)
-    return out
