@@ -80,6 +80,10 @@ class IObjectWriter(Interface):
     """
 
     key = Attribute("The object key the data go to (str).")
+    full = Attribute(
+        "True when the writer can take no more parts (S3: 10,000 parts or the"
+        " rollover size staged): the stream must finish now."
+    )
 
     def part(body: bytes) -> "Deferred[None]":
         """

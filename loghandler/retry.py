@@ -181,7 +181,11 @@ class RetryLayer:
             seconds = min(seconds, left)
         sleep: Deferred[None] = Deferred()
         self._sleeping.add(sleep)
-        timer = self._clock.callLater(seconds, lambda: sleep.called or sleep.callback(None))
+        def wake() -> None:
+            if not sleep.called:
+                sleep.callback(None)
+
+        timer = self._clock.callLater(seconds, wake)
         try:
             await sleep
         finally:
