@@ -1,6 +1,8 @@
 """
-Unit tests of :mod:`loghandler.storage.s3`, without a network: the store's requests go
-through ``treq.testing.StubTreq`` to a scripted fake S3 resource that records them.
+Unit tests of the S3 client modules (:mod:`loghandler.storage.s3.documents`,
+:mod:`~loghandler.storage.s3.transport`, :mod:`~loghandler.storage.s3.client`,
+:mod:`~loghandler.storage.s3.credentials`), without a network: requests go through
+``treq.testing.StubTreq`` to a scripted fake S3 resource that records them exactly.
 Signatures are checked by an independent Signature Version 4 verifier written here
 from AWS's description, not by botocore.
 """
@@ -9,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import random
 from datetime import datetime, timezone
 from typing import Any, Callable, Optional
 from urllib.parse import quote, unquote
@@ -22,26 +23,30 @@ from twisted.internet import defer
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import LogLevel, capturedLogs
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import HTTPConnectionPool, ResponseNeverReceived
+from twisted.web.client import HTTPConnectionPool, ResponseDone, ResponseFailed, ResponseNeverReceived
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 from zope.interface.verify import verifyObject
 
-from loghandler.interfaces import (
+from loghandler.interfaces import PreconditionFailed, StorageError
+from loghandler.storage.s3 import credentials as credentials_module
+from loghandler.storage.s3 import documents
+from loghandler.storage.s3.api import (
     CompletedPart,
-    IObjectStore,
+    IS3Client,
+    ListedObject,
     ObjectInfo,
     PendingUpload,
-    PreconditionFailed,
-    StorageError,
     StoredPart,
 )
-from loghandler.storage import s3
-from loghandler.storage.s3 import S3Store, build_s3_store
+from loghandler.storage.s3.client import S3Client, build_s3_client
+from loghandler.storage.s3.credentials import aws_credentials
+from loghandler.storage.s3.transport import SigV4Transport, read_body
 
 ENDPOINT = "https://s3.eu-west-1.amazonaws.com"
 BUCKET = "logs-bucket"
@@ -52,6 +57,8 @@ NS = ' xmlns="http://s3.amazonaws.com/doc/2006-03-01/"'
 #: 2026-01-31T12:00:00Z, the test clock's start.
 START = 1769860800.0
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+#: The headers every request signs.
+BASE_SIGNED = ["host", "x-amz-content-sha256", "x-amz-date"]
 
 
 @attrs.frozen
@@ -120,12 +127,12 @@ def verify_sigv4(
     secret: str = SECRET_KEY,
     region: str = REGION,
     access_key: str = ACCESS_KEY,
-) -> str:
+) -> list[str]:
     """
     Check ``received``'s Authorization as S3 would (Signature Version 4,
     https://docs.aws.amazon.com/AmazonS3/latest/API/sig-v4-header-based-auth.html),
     and that X-Amz-Content-SHA256 is the body's hash.  Returns the signed header
-    names, ``;``-joined.
+    names.
 
     :raises AssertionError: when anything does not match.
     """
@@ -170,7 +177,7 @@ def verify_sigv4(
         key = hmac.new(key, part.encode(), hashlib.sha256).digest()
     expected = hmac.new(key, string_to_sign.encode(), hashlib.sha256).hexdigest()
     assert fields["Signature"] == expected, "signature mismatch"
-    return fields["SignedHeaders"]
+    return signed
 
 
 def error_xml(code: str, message: str = "msg", namespace: str = "") -> bytes:
@@ -183,21 +190,58 @@ def error_xml(code: str, message: str = "msg", namespace: str = "") -> bytes:
     ).encode()
 
 
-class UpperBound(random.Random):
+class Hanging:
     """
-    A "random" source whose ``uniform(a, b)`` is always ``b``: the longest backoff.
+    An HTTP client whose requests never answer; records each request's Deferred and
+    whether it was cancelled.
     """
 
-    def uniform(self, a: float, b: float) -> float:
-        """
-        ``b``.
-        """
-        return b
+    def __init__(self) -> None:
+        self.requests: list["defer.Deferred[Any]"] = []
+        self.cancelled = 0
+
+    def request(self, method: str, url: bytes, **kwargs: Any) -> "defer.Deferred[Any]":
+        """A Deferred that fires only when cancelled (with CancelledError)."""
+
+        def cancel(d: "defer.Deferred[Any]") -> None:
+            self.cancelled += 1
+
+        self.requests.append(defer.Deferred(cancel))
+        return self.requests[-1]
 
 
-class S3StoreTestCase(SynchronousTestCase):
+class Failing:
+    """An HTTP client whose requests fail at once with ``error``."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def request(self, method: str, url: bytes, **kwargs: Any) -> "defer.Deferred[Any]":
+        """A failed Deferred."""
+        return defer.fail(self.error)
+
+
+class FakeRefreshable:
     """
-    Builds stores on a fake S3 with a test clock, and signs with that clock's time.
+    Refreshable credentials that always need a refresh; counts refreshes.
+    """
+
+    def __init__(self) -> None:
+        self.refreshes = 0
+
+    def refresh_needed(self) -> bool:
+        """Always."""
+        return True
+
+    def get_frozen_credentials(self) -> Any:
+        """Fresh credentials (counted)."""
+        self.refreshes += 1
+        return Credentials(ACCESS_KEY, SECRET_KEY).get_frozen_credentials()
+
+
+class ClientTestCase(SynchronousTestCase):
+    """
+    Builds clients on a fake S3 with a test clock, and signs with that clock's time.
     """
 
     def setUp(self) -> None:
@@ -211,468 +255,828 @@ class S3StoreTestCase(SynchronousTestCase):
             "get_current_datetime",
             lambda: datetime.fromtimestamp(self.clock.seconds(), timezone.utc),
         )
-        self.hashed_in_thread: list[int] = []
+        self.on_thread: list[str] = []
 
     def defer_to_thread(self, f: Callable[..., Any], *args: Any) -> "defer.Deferred[Any]":
         """
-        Record that ``f`` ran "on a thread" (its first argument's length), run it now.
+        Record that ``f`` ran "on a thread" (its name), run it now.
         """
-        self.hashed_in_thread.append(len(args[0]) if args else -1)
+        self.on_thread.append(getattr(f, "__name__", repr(f)))
         return defer.succeed(f(*args))
 
-    def store(
+    def client(
         self,
         answers: list[Answer],
-        client: Any = None,
-        credentials: Optional[Callable[[], Any]] = None,
+        http: Any = None,
+        credentials: Any = None,
+        endpoint: str = ENDPOINT,
         **kwargs: Any,
-    ) -> tuple[S3Store, FakeS3]:
+    ) -> tuple[S3Client, FakeS3]:
         """
-        An S3Store on a FakeS3 scripted with ``answers``; ``kwargs`` go to S3Store.
+        An S3Client on a FakeS3 scripted with ``answers`` (or on ``http``);
+        ``kwargs`` go to the SigV4Transport.
         """
         fake = FakeS3(answers)
-        kwargs.setdefault("random", random.Random(1234))
-        store = S3Store(
-            client if client is not None else StubTreq(fake),
-            ENDPOINT,
-            BUCKET,
+        transport = SigV4Transport(
+            http if http is not None else StubTreq(fake),
+            endpoint,
             REGION,
-            credentials or (lambda: Credentials(ACCESS_KEY, SECRET_KEY)),
-            self.clock,
+            credentials or Credentials(ACCESS_KEY, SECRET_KEY),
             self.defer_to_thread,
             **kwargs,
         )
-        return store, fake
+        return S3Client(transport, BUCKET), fake
 
-    def only(self, fake: FakeS3) -> Received:
+    def only(self, fake: FakeS3, signed: tuple[str, ...] = ()) -> Received:
         """
-        The one request ``fake`` received, signature checked.
+        The one request ``fake`` received; its signature checked, and its signed
+        headers exactly the base ones plus ``signed``.
         """
         self.assertEqual(len(fake.received), 1, fake.received)
-        verify_sigv4(fake.received[0])
-        return fake.received[0]
+        request = fake.received[0]
+        self.assertEqual(verify_sigv4(request), sorted(BASE_SIGNED + list(signed)))
+        return request
 
 
-class HelperTests(SynchronousTestCase):
+class DocumentTests(SynchronousTestCase):
     """
-    The pure helpers: URLs, query strings, XML in and out, timestamps.
+    The pure XML and query-string helpers.
     """
 
-    def test_url_quotes_key(self) -> None:
+    def test_query_string(self) -> None:
         """
-        url() is path-style and percent-encodes the key except ``/`` and RFC 3986's
-        unreserved characters; query pairs are sorted and quoted, None gives a bare
-        name.
+        Pairs are sorted and RFC 3986 quoted; None gives a bare name.
         """
-        store = S3Store(None, ENDPOINT + "/", BUCKET, REGION, lambda: None, Clock())
         self.assertEqual(
-            store.url("a b/ü+%=?#~._-x.gz"),
-            f"{ENDPOINT}/{BUCKET}/a%20b/%C3%BC%2B%25%3D%3F%23~._-x.gz",
+            documents.query_string(
+                [("uploadId", "a+b/c= ~"), ("partNumber", "2"), ("uploads", None)]
+            ),
+            "partNumber=2&uploadId=a%2Bb%2Fc%3D%20~&uploads",
         )
-        self.assertEqual(
-            store.url("k", [("uploadId", "a+b/c="), ("partNumber", "2"), ("uploads", None)]),
-            f"{ENDPOINT}/{BUCKET}/k?partNumber=2&uploadId=a%2Bb%2Fc%3D&uploads",
-        )
-        self.assertEqual(
-            store.url(None, [("prefix", "logs/2026")]), f"{ENDPOINT}/{BUCKET}?prefix=logs%2F2026"
-        )
+        self.assertEqual(documents.query_string([]), "")
 
     def test_complete_body(self) -> None:
         """
         The CompleteMultipartUpload document lists the parts in the order given, with
-        namespace, quoted ETags kept.
+        the namespace, quoted ETags kept (escaped as XML needs).
         """
-        body = s3.complete_body([CompletedPart(1, '"aa"'), CompletedPart(2, '"bb"')])
+        body = documents.complete_body([CompletedPart(1, '"aa"'), CompletedPart(2, '"b&b"')])
         self.assertEqual(
             body,
             b"<?xml version='1.0' encoding='utf-8'?>\n"
             b'<CompleteMultipartUpload xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
             b'<Part><PartNumber>1</PartNumber><ETag>"aa"</ETag></Part>'
-            b'<Part><PartNumber>2</PartNumber><ETag>"bb"</ETag></Part>'
+            b'<Part><PartNumber>2</PartNumber><ETag>"b&amp;b"</ETag></Part>'
             b"</CompleteMultipartUpload>",
         )
 
     def test_parse_error(self) -> None:
         """
-        parse_error reads Code and Message with or without the S3 namespace, and
-        gives empty strings for an empty body, HTML, or another document.
+        parse_error reads Code and Message with or without the namespace, after
+        leading white space, and gives empty strings for an empty body, HTML, or
+        another document.
         """
-        self.assertEqual(s3.parse_error(error_xml("SlowDown", "Reduce")), ("SlowDown", "Reduce"))
-        self.assertEqual(s3.parse_error(error_xml("NoSuchKey", "x", NS)), ("NoSuchKey", "x"))
-        self.assertEqual(s3.parse_error(b""), ("", ""))
-        self.assertEqual(s3.parse_error(b"<html><h1>500</h1"), ("", ""))
-        self.assertEqual(s3.parse_error(b"<CopyPartResult><ETag>e</ETag></CopyPartResult>"), ("", ""))
+        self.assertEqual(documents.parse_error(error_xml("SlowDown", "Reduce")), ("SlowDown", "Reduce"))
+        self.assertEqual(documents.parse_error(error_xml("NoSuchKey", "x", NS)), ("NoSuchKey", "x"))
+        self.assertEqual(documents.parse_error(b"\n  " + error_xml("InternalError")), ("InternalError", "msg"))
+        self.assertEqual(documents.parse_error(b""), ("", ""))
+        self.assertEqual(documents.parse_error(b"<html><h1>500</h1"), ("", ""))
+        self.assertEqual(documents.parse_error(b"<CopyPartResult><ETag>e</ETag></CopyPartResult>"), ("", ""))
 
     def test_parse_timestamp(self) -> None:
         """
         S3 timestamps become epoch seconds: with Z and milliseconds, without a
         fraction, with an offset, and without a zone (taken as UTC).
         """
-        self.assertEqual(s3.parse_timestamp("2026-01-31T12:00:00.000Z"), START)
-        self.assertEqual(s3.parse_timestamp("2026-01-31T12:00:00.250Z"), START + 0.25)
-        self.assertEqual(s3.parse_timestamp("2026-01-31T12:00:00Z"), START)
-        self.assertEqual(s3.parse_timestamp("2026-01-31T13:00:00+01:00"), START)
-        self.assertEqual(s3.parse_timestamp("2026-01-31T12:00:00"), START)
-        self.assertRaises(ValueError, s3.parse_timestamp, "yesterday")
+        self.assertEqual(documents.parse_timestamp("2026-01-31T12:00:00.000Z"), START)
+        self.assertEqual(documents.parse_timestamp("2026-01-31T12:00:00.250Z"), START + 0.25)
+        self.assertEqual(documents.parse_timestamp("2026-01-31T12:00:00Z"), START)
+        self.assertEqual(documents.parse_timestamp("2026-01-31T13:00:00+01:00"), START)
+        self.assertEqual(documents.parse_timestamp("2026-01-31T12:00:00"), START)
+        self.assertRaises(ValueError, documents.parse_timestamp, "yesterday")
+
+    def test_parse_upload_id_and_etags(self) -> None:
+        """
+        UploadId and ETag come out of their documents, with or without the
+        namespace; another root, a missing or empty element is a DocumentError.
+        """
+        self.assertEqual(
+            documents.parse_upload_id(
+                f"<InitiateMultipartUploadResult{NS}><UploadId>u+1</UploadId>"
+                "</InitiateMultipartUploadResult>".encode()
+            ),
+            "u+1",
+        )
+        self.assertEqual(
+            documents.parse_etag(b'<CopyPartResult><ETag>"c"</ETag></CopyPartResult>', "CopyPartResult"),
+            '"c"',
+        )
+        for body in (
+            b"<InitiateMultipartUploadResult/>",
+            b"<InitiateMultipartUploadResult><UploadId></UploadId></InitiateMultipartUploadResult>",
+            b"<Other><UploadId>u</UploadId></Other>",
+            b"not xml",
+        ):
+            self.assertRaises(documents.DocumentError, documents.parse_upload_id, body)
+
+    def test_parse_pages(self) -> None:
+        """
+        Listing pages give their entries and the next page's markers only when
+        truncated; truncated without a marker is a DocumentError, and so is a
+        malformed number or time.
+        """
+        page = documents.parse_parts(
+            b"<ListPartsResponse><IsTruncated>true</IsTruncated>"
+            b"<NextPartNumberMarker>2</NextPartNumberMarker>"
+            b'<Part><PartNumber>2</PartNumber><ETag>"p"</ETag><Size>7</Size></Part>'
+            b"</ListPartsResponse>"
+        )
+        self.assertEqual(page, documents.Page([StoredPart(2, '"p"', 7)], ("2",)))
+        self.assertRaises(
+            documents.DocumentError,
+            documents.parse_parts,
+            b"<ListPartsResult><IsTruncated>true</IsTruncated></ListPartsResult>",
+        )
+        self.assertRaises(
+            documents.DocumentError,
+            documents.parse_parts,
+            b"<ListPartsResult><Part><PartNumber>x</PartNumber><ETag>e</ETag><Size>1</Size>"
+            b"</Part></ListPartsResult>",
+        )
+        self.assertRaises(
+            documents.DocumentError,
+            documents.parse_objects,
+            b"<ListBucketResult><Contents><Key>k</Key><Size>1</Size><ETag>e</ETag>"
+            b"<LastModified>soon</LastModified></Contents></ListBucketResult>",
+        )
+        self.assertEqual(
+            documents.parse_uploads(b"<ListMultipartUploadsResult/>"), documents.Page([], None)
+        )
+
+    def test_parse_versioning(self) -> None:
+        """
+        Status, or "" without one; moto's root name is accepted too.
+        """
+        self.assertEqual(
+            documents.parse_versioning(
+                f"<VersioningConfiguration{NS}><Status>Enabled</Status></VersioningConfiguration>".encode()
+            ),
+            "Enabled",
+        )
+        self.assertEqual(documents.parse_versioning(f"<VersioningConfiguration{NS}/>".encode()), "")
+        self.assertEqual(documents.parse_versioning(b"<GetBucketVersioningResponse/>"), "")
+        self.assertRaises(documents.DocumentError, documents.parse_versioning, b"")
 
 
-class OperationTests(S3StoreTestCase):
+class TransportTests(ClientTestCase):
     """
-    Each operation's exact request and how its answer is read.
+    Signing and the HTTP exchange.
+    """
+
+    def test_signed_request(self) -> None:
+        """
+        A request carries Host, X-Amz-Date, the payload's SHA-256 and an
+        Authorization over exactly those and the given headers; the URL is the
+        endpoint, the path and the sorted query.
+        """
+        fake = FakeS3([(200, {"X-Answer": "yes"}, b"answer")])
+        transport = SigV4Transport(
+            StubTreq(fake), ENDPOINT + "/", REGION, Credentials(ACCESS_KEY, SECRET_KEY)
+        )
+        answer = self.successResultOf(
+            transport.send("PUT", "/b/k%20x", [("b", "2"), ("a", None)], {"X-Amz-Meta-A": "v"}, b"body")
+        )
+        self.assertEqual((answer.status, answer.body, answer.header("x-answer")), (200, b"answer", "yes"))
+        self.assertIsNone(answer.header("x-missing"))
+        (request,) = fake.received
+        self.assertEqual((request.method, request.uri, request.body), ("PUT", "/b/k%20x?a&b=2", b"body"))
+        self.assertEqual(request.header("host"), "s3.eu-west-1.amazonaws.com")
+        self.assertEqual(request.header("x-amz-date"), "20260131T120000Z")
+        self.assertEqual(request.header("x-amz-content-sha256"), hashlib.sha256(b"body").hexdigest())
+        self.assertEqual(verify_sigv4(request), sorted(BASE_SIGNED + ["x-amz-meta-a"]))
+        self.assertTrue(
+            request.header("authorization").startswith(  # type: ignore[union-attr]
+                f"AWS4-HMAC-SHA256 Credential={ACCESS_KEY}/20260131/{REGION}/s3/aws4_request,"
+                " SignedHeaders=host;x-amz-content-sha256;x-amz-date;x-amz-meta-a,"
+            )
+        )
+
+    def test_host_with_port(self) -> None:
+        """
+        An endpoint on a non-default port is signed and sent with the port in Host;
+        a default port is left out.
+        """
+        for endpoint, host in (
+            ("http://127.0.0.1:5000", "127.0.0.1:5000"),
+            ("https://s3.example.com:443", "s3.example.com"),
+        ):
+            client, fake = self.client([(200, {}, b"")], endpoint=endpoint)
+            self.successResultOf(client.check())
+            self.assertEqual(self.only(fake).header("host"), host)
+
+    def test_each_request_signed_when_sent(self) -> None:
+        """
+        Two requests a few seconds apart carry their own X-Amz-Date and signature.
+        """
+        client, fake = self.client([(200, {}, b""), (200, {}, b"")])
+        self.successResultOf(client.check())
+        self.clock.advance(5)
+        self.successResultOf(client.check())
+        first, second = fake.received
+        self.assertEqual(
+            (first.header("x-amz-date"), second.header("x-amz-date")),
+            ("20260131T120000Z", "20260131T120005Z"),
+        )
+        self.assertNotEqual(first.header("authorization"), second.header("authorization"))
+        verify_sigv4(second)
+
+    def test_session_token_signed(self) -> None:
+        """
+        Temporary credentials add X-Amz-Security-Token, signed.
+        """
+        client, fake = self.client([(200, {}, b"")], credentials=Credentials(ACCESS_KEY, SECRET_KEY, "tok"))
+        self.successResultOf(client.check())
+        request = self.only(fake, ("x-amz-security-token",))
+        self.assertEqual(request.header("x-amz-security-token"), "tok")
+
+    def test_big_body_hashed_on_thread(self) -> None:
+        """
+        A body over hash_in_thread_over bytes is hashed through defer_to_thread; one
+        at the limit is hashed inline.
+        """
+        client, fake = self.client(
+            [(200, {"ETag": '"p"'}, b""), (200, {"ETag": '"q"'}, b"")], hash_in_thread_over=100
+        )
+        self.successResultOf(client.upload_part("k.gz", "u", 2, b"x" * 101))
+        self.assertEqual(self.on_thread, ["_sha256_hex"])
+        self.successResultOf(client.upload_part("k.gz", "u", 3, b"x" * 100))
+        self.assertEqual(self.on_thread, ["_sha256_hex"])
+        for request in fake.received:
+            verify_sigv4(request)
+
+    def test_refresh_off_thread(self) -> None:
+        """
+        Refreshable credentials that need a refresh are refreshed through
+        defer_to_thread, for each request.
+        """
+        creds = FakeRefreshable()
+        client, fake = self.client([(200, {}, b""), (200, {}, b"")], credentials=creds)
+        self.successResultOf(client.check())
+        self.successResultOf(client.check())
+        self.assertEqual((creds.refreshes, self.on_thread), (2, ["get_frozen_credentials"] * 2))
+        verify_sigv4(fake.received[1])
+
+    def test_redirect_not_followed(self) -> None:
+        """
+        A 301 or 307 is the answer (an error), not followed to its Location.
+        """
+        for status in (301, 307):
+            client, fake = self.client(
+                [(status, {"Location": "https://elsewhere/"}, error_xml("PermanentRedirect"))]
+            )
+            error = self.failureResultOf(client.put("k.gz", b"x"), StorageError).value
+            self.assertEqual((error.status, error.code), (status, "PermanentRedirect"))
+            self.assertEqual(len(fake.received), 1)
+
+    def test_no_answer_propagates(self) -> None:
+        """
+        When no answer came, the HTTP client's exception is raised unchanged.
+        """
+        for exception in (
+            ConnectionRefusedError(),
+            ResponseNeverReceived([Failure(Exception("reset"))]),
+            TypeError("a bug"),
+        ):
+            client, _ = self.client([], http=Failing(exception))
+            self.assertIs(self.failureResultOf(client.put("k.gz", b"x")).value, exception)
+
+    def test_read_body_cancel(self) -> None:
+        """
+        Cancelling read_body stops the body's transport (which closes the
+        connection) and errbacks with CancelledError; the body's later end is
+        ignored.  Without a cancel, the body is whole at ResponseDone; a cut body
+        errbacks with the reason, and so does one without a length that ended with
+        the connection (PotentialDataLoss: it may be cut short).
+        """
+
+        @attrs.define
+        class Producer:
+            stopped: int = 0
+
+            def stopProducing(self) -> None:
+                self.stopped += 1
+
+        @attrs.define
+        class Response:
+            producer: Producer
+            protocol: Any = None
+
+            def deliverBody(self, protocol: Any) -> None:
+                self.protocol = protocol
+                protocol.makeConnection(self.producer)
+
+        response = Response(Producer())
+        d = read_body(response)  # type: ignore[arg-type]
+        response.protocol.dataReceived(b"partial")
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertEqual(response.producer.stopped, 1)
+        response.protocol.connectionLost(Failure(ResponseFailed([Failure(Exception("aborted"))])))
+
+        response = Response(Producer())
+        d = read_body(response)  # type: ignore[arg-type]
+        response.protocol.dataReceived(b"a")
+        response.protocol.dataReceived(b"b")
+        response.protocol.connectionLost(Failure(ResponseDone()))
+        self.assertEqual(self.successResultOf(d), b"ab")
+
+        response = Response(Producer())
+        d = read_body(response)  # type: ignore[arg-type]
+        response.protocol.connectionLost(Failure(ResponseFailed([Failure(Exception("cut"))])))
+        self.failureResultOf(d, ResponseFailed)
+
+        response = Response(Producer())
+        d = read_body(response)  # type: ignore[arg-type]
+        response.protocol.dataReceived(b"maybe all")
+        response.protocol.connectionLost(Failure(PotentialDataLoss()))
+        self.failureResultOf(d, PotentialDataLoss)
+
+
+class CancellationTests(ClientTestCase):
+    """
+    The retry layer cancels a call's Deferred on timeout: that must cancel the HTTP
+    request.
+    """
+
+    def test_cancel_cancels_request(self) -> None:
+        """
+        Cancelling a call whose request is in flight cancels the request's
+        Deferred; the call fails with CancelledError; nothing else is sent.
+        """
+        http = Hanging()
+        client, _ = self.client([], http=http)
+        d = client.complete_upload("k.gz", "u", [CompletedPart(1, '"a"')])
+        self.assertEqual(len(http.requests), 1)
+        d.cancel()
+        self.assertEqual(http.cancelled, 1)
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertEqual(len(http.requests), 1)
+
+    def test_cancel_while_hashing(self) -> None:
+        """
+        Cancelling a call while its body is hashed on a thread fails it with
+        CancelledError and sends nothing.
+        """
+        hashing: list["defer.Deferred[Any]"] = []
+
+        def slow_thread(f: Callable[..., Any], *args: Any) -> "defer.Deferred[Any]":
+            hashing.append(defer.Deferred())
+            return hashing[-1]
+
+        http = Hanging()
+        transport = SigV4Transport(
+            http, ENDPOINT, REGION, Credentials(ACCESS_KEY, SECRET_KEY), slow_thread, 10
+        )
+        d = S3Client(transport, BUCKET).upload_part("k.gz", "u", 1, b"x" * 11)
+        self.assertEqual(len(hashing), 1)
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertEqual(http.requests, [])
+
+    def test_cancel_while_body_arrives(self) -> None:
+        """
+        Cancelling a call while its answer's body arrives stops the transfer and
+        fails the call with CancelledError.
+        """
+
+        @attrs.define
+        class Producer:
+            stopped: int = 0
+
+            def stopProducing(self) -> None:
+                self.stopped += 1
+
+        @attrs.define
+        class Response:
+            code: int = 200
+            headers: Headers = attrs.Factory(Headers)
+            producer: Producer = attrs.Factory(Producer)
+
+            def deliverBody(self, protocol: Any) -> None:
+                protocol.makeConnection(self.producer)
+                protocol.dataReceived(b"first bytes")
+
+        response = Response()
+
+        class Answering:
+            def request(self, method: str, url: bytes, **kwargs: Any) -> "defer.Deferred[Any]":
+                return defer.succeed(response)
+
+        client, _ = self.client([], http=Answering())
+        d = client.get("k.gz")
+        self.assertNoResult(d)
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertEqual(response.producer.stopped, 1)
+
+
+class OperationTests(ClientTestCase):
+    """
+    Each call's exact request and how its answer is read.
     """
 
     def test_provides_interface(self) -> None:
         """
-        S3Store provides IObjectStore; its name is "s3".
+        S3Client provides IS3Client; its name is "s3".
         """
-        store, _ = self.store([])
-        self.assertTrue(verifyObject(IObjectStore, store))
-        self.assertEqual(store.name, "s3")
+        client, _ = self.client([])
+        self.assertTrue(verifyObject(IS3Client, client))
+        self.assertEqual(client.name, "s3")
+
+    def test_path(self) -> None:
+        """
+        Path-style paths percent-encode the key except ``/`` and RFC 3986's
+        unreserved characters; an empty key is refused.
+        """
+        client, _ = self.client([])
+        self.assertEqual(
+            client.path("a b/ü+%=?#~._-!*'()x.gz"),
+            f"/{BUCKET}/a%20b/%C3%BC%2B%25%3D%3F%23~._-%21%2A%27%28%29x.gz",
+        )
+        self.assertEqual(client.path(None), f"/{BUCKET}")
+        self.assertRaises(ValueError, client.path, "")
 
     def test_head(self) -> None:
         """
-        head sends a signed HEAD to the path-style URL with the empty payload's hash
-        and reads Content-Length and ETag.
+        head sends a signed HEAD with the empty payload's hash and reads
+        Content-Length, ETag and the comma-separated write IDs.
         """
-        store, fake = self.store([(200, {"ETag": '"abc"'}, b"x" * 1234)])
+        client, fake = self.client(
+            [(200, {"ETag": '"abc"', "x-amz-meta-loghandler-writes": "w1, w2,w3"}, b"x" * 1234)]
+        )
         self.assertEqual(
-            self.successResultOf(store.head("logs/2026-01-31/a b.gz")), ObjectInfo(1234, '"abc"')
+            self.successResultOf(client.head("logs/2026-01-31/a b.gz")),
+            ObjectInfo(1234, '"abc"', ("w1", "w2", "w3")),
         )
         request = self.only(fake)
         self.assertEqual((request.method, request.uri), ("HEAD", f"/{BUCKET}/logs/2026-01-31/a%20b.gz"))
-        self.assertEqual(request.header("host"), "s3.eu-west-1.amazonaws.com")
         self.assertEqual(request.header("x-amz-content-sha256"), EMPTY_SHA256)
-        self.assertEqual(request.header("x-amz-date"), "20260131T120000Z")
-        self.assertTrue(
-            request.header("authorization").startswith(  # type: ignore[union-attr]
-                f"AWS4-HMAC-SHA256 Credential={ACCESS_KEY}/20260131/{REGION}/s3/aws4_request,"
-                " SignedHeaders=host;x-amz-content-sha256;x-amz-date,"
-            )
-        )
-        self.assertIsNone(request.header("content-encoding"))
 
-    def test_head_write_id(self) -> None:
-        """head reports the x-amz-meta-loghandler-write-id header as the write ID."""
-        store, fake = self.store(
-            [(200, {"ETag": '"abc"', "x-amz-meta-loghandler-write-id": "w1"}, b"xy")]
-        )
-        self.assertEqual(
-            self.successResultOf(store.head("k.gz")), ObjectInfo(2, '"abc"', "w1")
-        )
+    def test_head_without_writes(self) -> None:
+        """
+        Without the metadata header, or with an empty one, writes is empty.
+        """
+        for headers in ({"ETag": '"e"'}, {"ETag": '"e"', "x-amz-meta-loghandler-writes": ""}):
+            client, _ = self.client([(200, headers, b"xy")])
+            self.assertEqual(self.successResultOf(client.head("k.gz")), ObjectInfo(2, '"e"', ()))
 
-    def test_check(self) -> None:
-        """check() is a signed HEAD of the bucket itself; 403 is a StorageError."""
-        store, fake = self.store([(200, {}, b"")])
-        self.assertIsNone(self.successResultOf(store.check()))
-        request = self.only(fake)
-        self.assertEqual((request.method, request.uri), ("HEAD", f"/{BUCKET}"))
-        store, fake = self.store([(403, {}, b"")])
-        error = self.failureResultOf(store.check(), StorageError).value
-        self.assertEqual((error.operation, error.status), ("HeadBucket", 403))
-
-    def test_head_missing(self) -> None:
+    def test_head_missing_and_errors(self) -> None:
         """
-        head of a missing key (404) is None, without retries.
+        head of a missing key (404) is None; a 403 (no body) is a StorageError with
+        status 403 and code ""; a 200 without an ETag is a StorageError.
         """
-        store, fake = self.store([(404, {}, b"")])
-        self.assertIsNone(self.successResultOf(store.head("missing.gz")))
-        self.only(fake)
-
-    def test_head_forbidden(self) -> None:
-        """
-        A 403 on HEAD (no body) is a StorageError with status 403 and empty code.
-        """
-        store, fake = self.store([(403, {}, b"")])
-        error = self.failureResultOf(store.head("k.gz"), StorageError).value
+        client, _ = self.client([(404, {}, b"")])
+        self.assertIsNone(self.successResultOf(client.head("missing.gz")))
+        client, _ = self.client([(403, {}, b"")])
+        error = self.failureResultOf(client.head("k.gz"), StorageError).value
         self.assertEqual((error.operation, error.status, error.code), ("HeadObject", 403, ""))
+        client, _ = self.client([(200, {}, b"x")])
+        error = self.failureResultOf(client.head("k.gz"), StorageError).value
+        self.assertEqual((error.operation, error.status, error.code), ("HeadObject", 200, ""))
 
     def test_get(self) -> None:
         """
-        get sends If-Match with the ETag (signed) and fires with the exact body.
+        get without options sends a plain GET and fires with the exact body.
         """
         body = bytes(range(256)) * 3
-        store, fake = self.store([(200, {"ETag": '"e1"'}, body)])
-        self.assertEqual(self.successResultOf(store.get("k.gz", '"e1"')), body)
+        client, fake = self.client([(200, {"ETag": '"e1"'}, body)])
+        self.assertEqual(self.successResultOf(client.get("k.gz")), body)
         request = self.only(fake)
-        self.assertEqual((request.method, request.uri), ("GET", f"/{BUCKET}/k.gz"))
-        self.assertEqual(request.header("if-match"), '"e1"')
-        self.assertIn("if-match", verify_sigv4(request).split(";"))
+        self.assertEqual((request.method, request.uri, request.body), ("GET", f"/{BUCKET}/k.gz", b""))
 
-    def test_get_precondition_failed(self) -> None:
+    def test_get_if_match_and_range(self) -> None:
         """
-        A 412 on GetObject is PreconditionFailed, not retried.
+        get sends If-Match and Range (end exclusive in our API, inclusive in HTTP),
+        both signed; a 206 answer is its body.
         """
-        store, fake = self.store([(412, {}, error_xml("PreconditionFailed", "At least one"))])
-        error = self.failureResultOf(store.get("k.gz", '"old"'), PreconditionFailed).value
-        self.assertEqual(
-            (error.operation, error.status, error.message), ("GetObject", 412, "At least one")
-        )
-        self.only(fake)
+        client, fake = self.client([(206, {}, b"0123")])
+        self.assertEqual(self.successResultOf(client.get("k.gz", '"e1"', (10, 14))), b"0123")
+        request = self.only(fake, ("if-match", "range"))
+        self.assertEqual((request.header("if-match"), request.header("range")), ('"e1"', "bytes=10-13"))
 
-    def test_get_missing(self) -> None:
+    def test_get_bad_range(self) -> None:
         """
-        A 404 NoSuchKey on GetObject is a StorageError with that code, not retried.
+        An empty or negative range fails with ValueError before anything is sent.
         """
-        store, fake = self.store([(404, {}, error_xml("NoSuchKey", "gone"))])
-        error = self.failureResultOf(store.get("k.gz", '"e"'), StorageError).value
+        client, fake = self.client([])
+        for byte_range in ((5, 5), (6, 5), (-1, 3)):
+            self.failureResultOf(client.get("k.gz", byte_range=byte_range), ValueError)
+        self.assertEqual(fake.received, [])
+
+    def test_get_errors(self) -> None:
+        """
+        412 is PreconditionFailed with S3's message; 404 NoSuchKey and 416
+        InvalidRange are StorageErrors with status, code and message.
+        """
+        client, _ = self.client([(412, {}, error_xml("PreconditionFailed", "At least one"))])
+        error = self.failureResultOf(client.get("k.gz", '"old"'), PreconditionFailed).value
+        self.assertEqual((error.operation, error.status, error.message), ("GetObject", 412, "At least one"))
+        client, _ = self.client([(404, {}, error_xml("NoSuchKey", "gone"))])
+        error = self.failureResultOf(client.get("k.gz"), StorageError).value
         self.assertEqual((error.status, error.code, error.message), (404, "NoSuchKey", "gone"))
-        self.only(fake)
+        client, _ = self.client([(416, {}, error_xml("InvalidRange"))])
+        error = self.failureResultOf(client.get("k.gz", byte_range=(9, 10)), StorageError).value
+        self.assertEqual((error.status, error.code), (416, "InvalidRange"))
 
     def test_put(self) -> None:
         """
-        put sends PUT with the exact body, Content-Type application/gzip, the body's
-        SHA-256, no Content-Encoding and no condition; fires with the ETag.
+        put sends PUT with the exact body, Content-Type application/gzip (signed),
+        the body's SHA-256, no Content-Encoding, no condition and no metadata; fires
+        with the ETag.
         """
         body = b"\x1f\x8b\x08\x00" + b"z" * 100
-        store, fake = self.store([(200, {"ETag": '"new"'}, b"")])
-        self.assertEqual(self.successResultOf(store.put("k.gz", body)), '"new"')
-        request = self.only(fake)
+        client, fake = self.client([(200, {"ETag": '"new"'}, b"")])
+        self.assertEqual(self.successResultOf(client.put("k.gz", body)), '"new"')
+        request = self.only(fake, ("content-type",))
         self.assertEqual((request.method, request.uri, request.body), ("PUT", f"/{BUCKET}/k.gz", body))
         self.assertEqual(request.header("content-type"), "application/gzip")
         self.assertEqual(request.header("content-length"), str(len(body)))
         self.assertEqual(request.header("x-amz-content-sha256"), hashlib.sha256(body).hexdigest())
-        self.assertEqual(
-            tuple(request.header(h) for h in ("content-encoding", "if-match", "if-none-match")),
-            (None, None, None),
-        )
-        self.assertEqual(self.hashed_in_thread, [])
+        for name in ("content-encoding", "if-match", "if-none-match", "x-amz-meta-loghandler-writes"):
+            self.assertIsNone(request.header(name), name)
 
-    def test_put_write_id(self) -> None:
-        """put sends the write ID as signed user metadata."""
-        store, fake = self.store([(200, {"ETag": '"new"'}, b"")])
-        self.successResultOf(store.put("k.gz", b"x", write_id="w1"))
-        request = self.only(fake)
-        self.assertEqual(request.header("x-amz-meta-loghandler-write-id"), "w1")
-        self.assertIn("x-amz-meta-loghandler-write-id", verify_sigv4(request).split(";"))
-
-    def test_put_conditions(self) -> None:
+    def test_put_writes_and_conditions(self) -> None:
         """
-        put sends If-None-Match: * and If-Match exactly, signed.
+        put sends the write IDs comma-joined as signed metadata, and If-None-Match: *
+        or If-Match exactly, signed.
         """
-        store, fake = self.store([(200, {"ETag": '"1"'}, b""), (200, {"ETag": '"2"'}, b"")])
-        self.successResultOf(store.put("k.gz", b"a", if_none_match=True))
-        self.successResultOf(store.put("k.gz", b"b", if_match='"1"'))
+        client, fake = self.client([(200, {"ETag": '"1"'}, b""), (200, {"ETag": '"2"'}, b"")])
+        self.successResultOf(client.put("k.gz", b"a", if_none_match=True, writes=["w1", "w2"]))
+        self.successResultOf(client.put("k.gz", b"b", if_match='"1"', writes=("w3",)))
         first, second = fake.received
-        self.assertEqual((first.header("if-none-match"), first.header("if-match")), ("*", None))
-        self.assertEqual((second.header("if-none-match"), second.header("if-match")), (None, '"1"'))
-        self.assertIn("if-none-match", verify_sigv4(first).split(";"))
-        self.assertIn("if-match", verify_sigv4(second).split(";"))
+        self.assertEqual(
+            (first.header("if-none-match"), first.header("if-match"), first.header("x-amz-meta-loghandler-writes")),
+            ("*", None, "w1,w2"),
+        )
+        self.assertEqual(
+            (second.header("if-none-match"), second.header("if-match"), second.header("x-amz-meta-loghandler-writes")),
+            (None, '"1"', "w3"),
+        )
+        self.assertEqual(
+            verify_sigv4(first),
+            sorted(BASE_SIGNED + ["content-type", "if-none-match", "x-amz-meta-loghandler-writes"]),
+        )
+        self.assertEqual(
+            verify_sigv4(second),
+            sorted(BASE_SIGNED + ["content-type", "if-match", "x-amz-meta-loghandler-writes"]),
+        )
 
-    def test_put_precondition_failed(self) -> None:
+    def test_bad_write_ids(self) -> None:
         """
-        A 412 on PutObject is PreconditionFailed, not retried.
+        A write ID that is empty, holds a comma or is not printable ASCII fails with
+        ValueError before anything is sent.
         """
-        store, fake = self.store([(412, {}, error_xml("PreconditionFailed"))])
-        self.failureResultOf(store.put("k.gz", b"a", if_none_match=True), PreconditionFailed)
-        self.only(fake)
+        client, fake = self.client([])
+        for writes in ([""], ["a,b"], ["ü"], ["a\nb"]):
+            self.failureResultOf(client.put("k.gz", b"x", writes=writes), ValueError)
+            self.failureResultOf(client.create_upload("k.gz", writes), ValueError)
+        self.assertEqual(fake.received, [])
 
     def test_put_empty(self) -> None:
         """
         An empty body is sent with Content-Length 0 and the empty payload's hash.
         """
-        store, fake = self.store([(200, {"ETag": '"e"'}, b"")])
-        self.successResultOf(store.put("k.gz", b""))
-        request = self.only(fake)
+        client, fake = self.client([(200, {"ETag": '"e"'}, b"")])
+        self.successResultOf(client.put("k.gz", b""))
+        request = self.only(fake, ("content-type",))
         self.assertEqual((request.body, request.header("content-length")), (b"", "0"))
         self.assertEqual(request.header("x-amz-content-sha256"), EMPTY_SHA256)
 
-    def test_large_body_hashed_through_defer_to_thread(self) -> None:
+    def test_put_errors(self) -> None:
         """
-        A body over hash_in_thread_over bytes is hashed through defer_to_thread, once
-        for all attempts; a body at the limit is hashed inline.
+        A 412 on PutObject is PreconditionFailed; a 200 without an ETag is a
+        StorageError; a 503 is a StorageError after one request (no retry).
         """
-        store, fake = self.store(
-            [(503, {}, error_xml("SlowDown")), (200, {"ETag": '"p"'}, b""), (200, {"ETag": '"q"'}, b"")],
-            hash_in_thread_over=100,
-        )
-        d = store.upload_part("k.gz", "u", 2, b"x" * 101)
-        self.clock.advance(10)
-        self.successResultOf(d)
-        self.successResultOf(store.upload_part("k.gz", "u", 3, b"x" * 100))
-        self.assertEqual(self.hashed_in_thread, [101])
-        for request in fake.received:
-            verify_sigv4(request)
+        client, fake = self.client([(412, {}, error_xml("PreconditionFailed"))])
+        self.failureResultOf(client.put("k.gz", b"a", if_none_match=True), PreconditionFailed)
+        client, fake = self.client([(200, {}, b"")])
+        error = self.failureResultOf(client.put("k.gz", b"a"), StorageError).value
+        self.assertEqual((error.status, error.code, error.message), (200, "", "answer without an ETag"))
+        client, fake = self.client([(503, {}, error_xml("SlowDown", "Reduce")), (200, {"ETag": '"e"'}, b"")])
+        error = self.failureResultOf(client.put("k.gz", b"a"), StorageError).value
+        self.assertEqual((error.operation, error.status, error.code, error.message), ("PutObject", 503, "SlowDown", "Reduce"))
+        self.clock.advance(100)
+        self.assertEqual(len(fake.received), 1)
+
+    def test_error_without_document(self) -> None:
+        """
+        An error answer that is not an <Error> document (a proxy's HTML) is a
+        StorageError with its status and code "".
+        """
+        client, _ = self.client([(502, {}, b"<html><body>Bad gateway</body></html>")])
+        error = self.failureResultOf(client.upload_part("k.gz", "u", 1, b"p"), StorageError).value
+        self.assertEqual((error.operation, error.status, error.code, error.message), ("UploadPart", 502, "", ""))
 
     def test_create_upload(self) -> None:
         """
-        create_upload POSTs ``?uploads`` with Content-Type application/gzip and reads
-        the UploadId, with or without the namespace.
+        create_upload POSTs ``?uploads`` with Content-Type application/gzip and the
+        write IDs, and reads the UploadId, with or without the namespace.
         """
         for namespace in (NS, ""):
-            store, fake = self.store(
+            client, fake = self.client(
                 [(200, {}, f"<InitiateMultipartUploadResult{namespace}><Bucket>{BUCKET}</Bucket>"
                   "<Key>k.gz</Key><UploadId>up+1/x=</UploadId></InitiateMultipartUploadResult>".encode())]
             )
-            self.assertEqual(self.successResultOf(store.create_upload("k.gz")), "up+1/x=")
-            request = self.only(fake)
-            self.assertEqual((request.method, request.uri), ("POST", f"/{BUCKET}/k.gz?uploads"))
+            self.assertEqual(self.successResultOf(client.create_upload("k.gz", ("w1", "w2"))), "up+1/x=")
+            request = self.only(fake, ("content-type", "x-amz-meta-loghandler-writes"))
+            self.assertEqual((request.method, request.uri, request.body), ("POST", f"/{BUCKET}/k.gz?uploads", b""))
             self.assertEqual(request.header("content-type"), "application/gzip")
+            self.assertEqual(request.header("x-amz-meta-loghandler-writes"), "w1,w2")
+
+    def test_create_upload_without_writes(self) -> None:
+        """
+        Without write IDs no metadata header is sent.
+        """
+        client, fake = self.client(
+            [(200, {}, b"<InitiateMultipartUploadResult><UploadId>u</UploadId></InitiateMultipartUploadResult>")]
+        )
+        self.successResultOf(client.create_upload("k.gz"))
+        self.assertIsNone(self.only(fake, ("content-type",)).header("x-amz-meta-loghandler-writes"))
 
     def test_create_upload_garbage(self) -> None:
         """
         A 200 answer to CreateMultipartUpload that is not the expected document is a
-        StorageError.
+        StorageError with status 200 and code "".
         """
-        store, _ = self.store([(200, {}, b"<html>proxy</html>")])
-        error = self.failureResultOf(store.create_upload("k.gz"), StorageError).value
-        self.assertEqual(error.operation, "CreateMultipartUpload")
+        client, _ = self.client([(200, {}, b"<html>proxy</html>")])
+        error = self.failureResultOf(client.create_upload("k.gz"), StorageError).value
+        self.assertEqual((error.operation, error.status, error.code), ("CreateMultipartUpload", 200, ""))
 
     def test_upload_part(self) -> None:
         """
         upload_part PUTs the body to ``?partNumber=N&uploadId=ID`` (ID quoted) and
         fires with the ETag header.
         """
-        store, fake = self.store([(200, {"ETag": '"p3"'}, b"")])
-        self.assertEqual(self.successResultOf(store.upload_part("k.gz", "a+b/c=", 3, b"part")), '"p3"')
+        client, fake = self.client([(200, {"ETag": '"p3"'}, b"")])
+        self.assertEqual(self.successResultOf(client.upload_part("k.gz", "a+b/c=", 3, b"part")), '"p3"')
         request = self.only(fake)
         self.assertEqual(
             (request.method, request.uri, request.body),
             ("PUT", f"/{BUCKET}/k.gz?partNumber=3&uploadId=a%2Bb%2Fc%3D", b"part"),
         )
 
-    def test_upload_part_without_etag(self) -> None:
+    def test_upload_part_no_such_upload(self) -> None:
         """
-        An UploadPart answer without an ETag is a StorageError.
+        A 404 NoSuchUpload on UploadPart is a StorageError with that code.
         """
-        store, _ = self.store([(200, {}, b"")])
-        self.failureResultOf(store.upload_part("k.gz", "u", 1, b"p"), StorageError)
+        client, _ = self.client([(404, {}, error_xml("NoSuchUpload"))])
+        error = self.failureResultOf(client.upload_part("k.gz", "u", 1, b"p"), StorageError).value
+        self.assertEqual((error.operation, error.status, error.code), ("UploadPart", 404, "NoSuchUpload"))
 
     def test_upload_part_copy(self) -> None:
         """
         upload_part_copy sends x-amz-copy-source as /bucket/quoted-key and
         x-amz-copy-source-if-match, signed, no body; reads CopyPartResult's ETag.
         """
-        store, fake = self.store(
+        client, fake = self.client(
             [(200, {}, f'<CopyPartResult{NS}><LastModified>2026-01-31T12:00:00.000Z</LastModified>'
               '<ETag>"c1"</ETag></CopyPartResult>'.encode())]
         )
-        etag = self.successResultOf(store.upload_part_copy("k.gz", "u1", 1, "dir x/ü.gz", '"base"'))
+        etag = self.successResultOf(client.upload_part_copy("k.gz", "u1", 1, "dir x/ü.gz", '"base"'))
         self.assertEqual(etag, '"c1"')
-        request = self.only(fake)
+        request = self.only(fake, ("x-amz-copy-source", "x-amz-copy-source-if-match"))
         self.assertEqual(
             (request.method, request.uri, request.body),
             ("PUT", f"/{BUCKET}/k.gz?partNumber=1&uploadId=u1", b""),
         )
         self.assertEqual(request.header("x-amz-copy-source"), f"/{BUCKET}/dir%20x/%C3%BC.gz")
         self.assertEqual(request.header("x-amz-copy-source-if-match"), '"base"')
-        signed = verify_sigv4(request).split(";")
-        self.assertIn("x-amz-copy-source", signed)
-        self.assertIn("x-amz-copy-source-if-match", signed)
+        self.assertIsNone(request.header("x-amz-copy-source-range"))
 
-    def test_upload_part_copy_precondition_failed(self) -> None:
+    def test_upload_part_copy_range(self) -> None:
         """
-        A 412 on UploadPartCopy is PreconditionFailed.
+        A byte range is sent as x-amz-copy-source-range (end inclusive), signed; an
+        empty range is a ValueError before anything is sent.
         """
-        store, _ = self.store([(412, {}, error_xml("PreconditionFailed"))])
+        client, fake = self.client([(200, {}, b'<CopyPartResult><ETag>"c"</ETag></CopyPartResult>')])
+        self.successResultOf(client.upload_part_copy("k.gz", "u", 2, "s.gz", '"e"', (5242880, 10485760)))
+        request = self.only(fake, ("x-amz-copy-source", "x-amz-copy-source-if-match", "x-amz-copy-source-range"))
+        self.assertEqual(request.header("x-amz-copy-source-range"), "bytes=5242880-10485759")
+        self.failureResultOf(client.upload_part_copy("k.gz", "u", 2, "s.gz", '"e"', (3, 3)), ValueError)
+        self.assertEqual(len(fake.received), 1)
+
+    def test_upload_part_copy_errors(self) -> None:
+        """
+        A 412 on UploadPartCopy is PreconditionFailed; a 200 answer holding an
+        <Error> is a StorageError with its code and status 200.
+        """
+        client, _ = self.client([(412, {}, error_xml("PreconditionFailed"))])
         error = self.failureResultOf(
-            store.upload_part_copy("k.gz", "u", 1, "k.gz", '"old"'), PreconditionFailed
+            client.upload_part_copy("k.gz", "u", 1, "k.gz", '"old"'), PreconditionFailed
         ).value
         self.assertEqual(error.operation, "UploadPartCopy")
-
-    def test_upload_part_copy_error_in_200(self) -> None:
-        """
-        A 200 answer to UploadPartCopy holding an <Error> is a StorageError with its
-        code, not retried when the code is not retryable.
-        """
-        store, fake = self.store([(200, {}, error_xml("AccessDenied", "no", NS))])
+        client, fake = self.client([(200, {}, error_xml("InternalError", "retry", NS))])
         error = self.failureResultOf(
-            store.upload_part_copy("k.gz", "u", 1, "k.gz", '"e"'), StorageError
+            client.upload_part_copy("k.gz", "u", 1, "k.gz", '"e"'), StorageError
         ).value
-        self.assertEqual((error.status, error.code, error.message), (200, "AccessDenied", "no"))
-        self.only(fake)
+        self.assertEqual((error.status, error.code, error.message), (200, "InternalError", "retry"))
+        self.assertEqual(len(fake.received), 1)
 
     def test_complete(self) -> None:
         """
         complete_upload POSTs the parts document to ``?uploadId=ID`` with
-        If-None-Match: * (signed) and reads the result's ETag.
+        Content-Type application/xml and If-None-Match: * (signed) and reads the
+        result's ETag, after any white space S3 sent to keep the connection open.
         """
-        store, fake = self.store(
-            [(200, {}, f"<CompleteMultipartUploadResult{NS}><Location>l</Location><Bucket>{BUCKET}"
+        client, fake = self.client(
+            [(200, {}, b"  \n  " + f"<CompleteMultipartUploadResult{NS}><Location>l</Location><Bucket>{BUCKET}"
               '</Bucket><Key>k.gz</Key><ETag>"all-2"</ETag></CompleteMultipartUploadResult>'.encode())]
         )
         parts = [CompletedPart(1, '"a"'), CompletedPart(2, '"b"')]
-        etag = self.successResultOf(store.complete_upload("k.gz", "u1", parts, if_none_match=True))
+        etag = self.successResultOf(client.complete_upload("k.gz", "u1", parts, if_none_match=True))
         self.assertEqual(etag, '"all-2"')
-        request = self.only(fake)
+        request = self.only(fake, ("content-type", "if-none-match"))
         self.assertEqual((request.method, request.uri), ("POST", f"/{BUCKET}/k.gz?uploadId=u1"))
-        self.assertEqual(request.body, s3.complete_body(parts))
+        self.assertEqual(request.body, documents.complete_body(parts))
+        self.assertEqual(request.header("content-type"), "application/xml")
         self.assertEqual((request.header("if-none-match"), request.header("if-match")), ("*", None))
-        self.assertIn("if-none-match", verify_sigv4(request).split(";"))
 
     def test_complete_if_match(self) -> None:
         """
-        complete_upload with if_match sends If-Match exactly.
+        complete_upload with if_match sends If-Match exactly, signed.
         """
-        store, fake = self.store(
+        client, fake = self.client(
             [(200, {}, b'<CompleteMultipartUploadResult><ETag>"x"</ETag></CompleteMultipartUploadResult>')]
         )
         self.successResultOf(
-            store.complete_upload("k.gz", "u", [CompletedPart(1, '"a"')], if_match='"base"')
+            client.complete_upload("k.gz", "u", [CompletedPart(1, '"a"')], if_match='"base"')
         )
-        request = self.only(fake)
+        request = self.only(fake, ("content-type", "if-match"))
         self.assertEqual((request.header("if-match"), request.header("if-none-match")), ('"base"', None))
 
-    def test_complete_error_in_200(self) -> None:
+    def test_complete_errors(self) -> None:
         """
         A 200 answer to CompleteMultipartUpload whose root is <Error> is a
-        StorageError (not retried for a non-retryable code such as InvalidPart).
+        StorageError with its code (InternalError and InvalidPart alike: classifying
+        is the retry layer's job), one request; PreconditionFailed inside a 200 is
+        PreconditionFailed; 409 ConditionalRequestConflict and 404 NoSuchUpload are
+        StorageErrors with those codes.
         """
-        store, fake = self.store([(200, {}, error_xml("InvalidPart", "One or more", NS))])
-        error = self.failureResultOf(
-            store.complete_upload("k.gz", "u", [CompletedPart(1, '"a"')]), StorageError
-        ).value
-        self.assertEqual(
-            (error.operation, error.status, error.code, error.message),
-            ("CompleteMultipartUpload", 200, "InvalidPart", "One or more"),
-        )
-        self.assertNotIsInstance(error, PreconditionFailed)
-        self.only(fake)
-
-    def test_complete_precondition_in_200(self) -> None:
-        """
-        An <Error> with code PreconditionFailed, even inside a 200, is
-        PreconditionFailed.
-        """
-        store, _ = self.store([(200, {}, error_xml("PreconditionFailed"))])
+        for code in ("InternalError", "InvalidPart"):
+            client, fake = self.client([(200, {}, error_xml(code, "One or more", NS))])
+            error = self.failureResultOf(
+                client.complete_upload("k.gz", "u", [CompletedPart(1, '"a"')]), StorageError
+            ).value
+            self.assertEqual(
+                (error.operation, error.status, error.code, error.message),
+                ("CompleteMultipartUpload", 200, code, "One or more"),
+            )
+            self.assertNotIsInstance(error, PreconditionFailed)
+            self.assertEqual(len(fake.received), 1)
+        client, _ = self.client([(200, {}, error_xml("PreconditionFailed"))])
         self.failureResultOf(
-            store.complete_upload("k.gz", "u", [CompletedPart(1, '"a"')], if_match='"x"'),
+            client.complete_upload("k.gz", "u", [CompletedPart(1, '"a"')], if_match='"x"'),
             PreconditionFailed,
         )
-
-    def test_complete_internal_error_in_200_retried(self) -> None:
-        """
-        A 200 holding <Error> InternalError is retried, as AWS advises, and the retry
-        succeeds.
-        """
-        store, fake = self.store(
-            [(200, {}, error_xml("InternalError")),
-             (200, {}, b'<CompleteMultipartUploadResult><ETag>"ok"</ETag></CompleteMultipartUploadResult>')]
-        )
-        d = store.complete_upload("k.gz", "u", [CompletedPart(1, '"a"')])
-        self.assertNoResult(d)
-        self.clock.advance(1)
-        self.assertEqual(self.successResultOf(d), '"ok"')
-        self.assertEqual(len(fake.received), 2)
+        for status, code in ((409, "ConditionalRequestConflict"), (404, "NoSuchUpload")):
+            client, _ = self.client([(status, {}, error_xml(code))])
+            error = self.failureResultOf(
+                client.complete_upload("k.gz", "u", [CompletedPart(1, '"a"')], if_match='"x"'),
+                StorageError,
+            ).value
+            self.assertEqual((error.status, error.code), (status, code))
+            self.assertNotIsInstance(error, PreconditionFailed)
 
     def test_abort(self) -> None:
         """
-        abort_upload sends DELETE ``?uploadId=ID`` and fires with None on 204.
+        abort_upload sends DELETE ``?uploadId=ID`` and fires with None on 204; a 404
+        NoSuchUpload is a StorageError with that code.
         """
-        store, fake = self.store([(204, {}, b"")])
-        self.assertIsNone(self.successResultOf(store.abort_upload("k.gz", "u1")))
+        client, fake = self.client([(204, {}, b"")])
+        self.assertIsNone(self.successResultOf(client.abort_upload("k.gz", "u1")))
+        request = self.only(fake)
+        self.assertEqual(
+            (request.method, request.uri, request.body), ("DELETE", f"/{BUCKET}/k.gz?uploadId=u1", b"")
+        )
+        client, _ = self.client([(404, {}, error_xml("NoSuchUpload"))])
+        error = self.failureResultOf(client.abort_upload("k.gz", "u1"), StorageError).value
+        self.assertEqual((error.operation, error.status, error.code), ("AbortMultipartUpload", 404, "NoSuchUpload"))
+
+    def test_delete(self) -> None:
+        """
+        delete sends DELETE of the key and fires with None on 204; a 403 is a
+        StorageError.
+        """
+        client, fake = self.client([(204, {}, b"")])
+        self.assertIsNone(self.successResultOf(client.delete("_loghandler/staging/w/k x/1")))
         request = self.only(fake)
         self.assertEqual(
             (request.method, request.uri, request.body),
-            ("DELETE", f"/{BUCKET}/k.gz?uploadId=u1", b""),
+            ("DELETE", f"/{BUCKET}/_loghandler/staging/w/k%20x/1", b""),
         )
-
-    def test_abort_no_such_upload(self) -> None:
-        """
-        A 404 NoSuchUpload on abort is a StorageError with that code.
-        """
-        store, _ = self.store([(404, {}, error_xml("NoSuchUpload"))])
-        error = self.failureResultOf(store.abort_upload("k.gz", "u1"), StorageError).value
-        self.assertEqual((error.status, error.code), (404, "NoSuchUpload"))
+        client, _ = self.client([(403, {}, error_xml("AccessDenied"))])
+        error = self.failureResultOf(client.delete("chat/k"), StorageError).value
+        self.assertEqual((error.operation, error.status, error.code), ("DeleteObject", 403, "AccessDenied"))
 
     def test_list_uploads_pages(self) -> None:
         """
@@ -695,465 +1099,177 @@ class OperationTests(S3StoreTestCase):
             "<Initiated>2026-01-31T12:00:02Z</Initiated></Upload>"
             "</ListMultipartUploadsResult>"
         ).encode()
-        store, fake = self.store([(200, {}, page1), (200, {}, page2)])
+        client, fake = self.client([(200, {}, page1), (200, {}, page2)])
         self.assertEqual(
-            self.successResultOf(store.list_uploads("logs/")),
+            self.successResultOf(client.list_uploads("logs/")),
             [PendingUpload("logs/a.gz", "u1", START), PendingUpload("logs/b.gz", "u+2", START + 1.5),
              PendingUpload("logs/c.gz", "u3", START + 2)],
         )
         self.assertEqual(
             [(r.method, r.uri) for r in fake.received],
             [("GET", f"/{BUCKET}?prefix=logs%2F&uploads"),
-             ("GET", f"/{BUCKET}?key-marker=logs%2Fb.gz&prefix=logs%2F"
-                     "&upload-id-marker=u%2B2&uploads")],
+             ("GET", f"/{BUCKET}?key-marker=logs%2Fb.gz&prefix=logs%2F&upload-id-marker=u%2B2&uploads")],
         )
         for request in fake.received:
-            verify_sigv4(request)
+            self.assertEqual(verify_sigv4(request), BASE_SIGNED)
 
-    def test_list_uploads_empty(self) -> None:
+    def test_list_stuck(self) -> None:
         """
-        A page without Upload elements gives an empty list.
+        A listing that names the same next page twice is a StorageError, not an
+        endless loop.
         """
-        store, _ = self.store(
-            [(200, {}, b"<ListMultipartUploadsResult><IsTruncated>false</IsTruncated>"
-                       b"</ListMultipartUploadsResult>")]
+        page = (
+            b"<ListMultipartUploadsResult><IsTruncated>true</IsTruncated>"
+            b"<NextKeyMarker>k</NextKeyMarker><NextUploadIdMarker>u</NextUploadIdMarker>"
+            b"</ListMultipartUploadsResult>"
         )
-        self.assertEqual(self.successResultOf(store.list_uploads("")), [])
-
-    def test_list_uploads_truncated_without_marker(self) -> None:
-        """
-        A truncated page without a next marker is a StorageError, not an endless loop.
-        """
-        store, fake = self.store(
-            [(200, {}, b"<ListMultipartUploadsResult><IsTruncated>true</IsTruncated>"
-                       b"</ListMultipartUploadsResult>")]
-        )
-        self.failureResultOf(store.list_uploads("logs/"), StorageError)
-        self.assertEqual(len(fake.received), 1)
+        client, fake = self.client([(200, {}, page), (200, {}, page)])
+        error = self.failureResultOf(client.list_uploads(""), StorageError).value
+        self.assertEqual((error.operation, error.message), ("ListMultipartUploads", "the listing does not advance"))
+        self.assertEqual(len(fake.received), 2)
 
     def test_list_parts_pages(self) -> None:
         """
-        list_parts asks ``GET ?uploadId=ID``, follows NextPartNumberMarker while
-        IsTruncated, and reports number, ETag and size in number order (moto's root
-        name ListPartsResponse accepted).
+        list_parts asks ``GET ?uploadId=ID``, follows NextPartNumberMarker, and
+        returns the parts in number order (moto's ListPartsResponse root too).
         """
         page1 = (
             f"<ListPartsResult{NS}><IsTruncated>true</IsTruncated>"
             "<NextPartNumberMarker>2</NextPartNumberMarker>"
-            '<Part><PartNumber>1</PartNumber><ETag>"e1"</ETag><Size>5242880</Size></Part>'
-            '<Part><PartNumber>2</PartNumber><ETag>"e2"</ETag><Size>10</Size></Part>'
+            '<Part><PartNumber>1</PartNumber><ETag>"p1"</ETag><Size>5242880</Size></Part>'
+            '<Part><PartNumber>2</PartNumber><ETag>"p2"</ETag><Size>10</Size></Part>'
             "</ListPartsResult>"
         ).encode()
         page2 = (
-            f"<ListPartsResponse{NS}><IsTruncated>false</IsTruncated>"
-            '<Part><PartNumber>3</PartNumber><ETag>"e3"</ETag><Size>7</Size></Part>'
+            "<ListPartsResponse><IsTruncated>false</IsTruncated>"
+            '<Part><PartNumber>3</PartNumber><ETag>"p3"</ETag><Size>0</Size></Part>'
             "</ListPartsResponse>"
         ).encode()
-        store, fake = self.store([(200, {}, page1), (200, {}, page2)])
+        client, fake = self.client([(200, {}, page1), (200, {}, page2)])
         self.assertEqual(
-            self.successResultOf(store.list_parts("k.gz", "u1")),
-            [StoredPart(1, '"e1"', 5242880), StoredPart(2, '"e2"', 10), StoredPart(3, '"e3"', 7)],
+            self.successResultOf(client.list_parts("k.gz", "u/1")),
+            [StoredPart(1, '"p1"', 5242880), StoredPart(2, '"p2"', 10), StoredPart(3, '"p3"', 0)],
         )
         self.assertEqual(
             [r.uri for r in fake.received],
-            [f"/{BUCKET}/k.gz?uploadId=u1", f"/{BUCKET}/k.gz?part-number-marker=2&uploadId=u1"],
+            [f"/{BUCKET}/k.gz?uploadId=u%2F1", f"/{BUCKET}/k.gz?part-number-marker=2&uploadId=u%2F1"],
         )
 
-    def test_redirect_not_followed(self) -> None:
+    def test_list_objects_pages(self) -> None:
         """
-        A 301 PermanentRedirect (bucket in another region) is a final StorageError;
-        the Location is not followed.
+        list_objects asks ListObjectsV2 (``list-type=2``) under the prefix, follows
+        NextContinuationToken, and reads key, size, ETag and LastModified.
         """
-        store, fake = self.store(
-            [(301, {"Location": "https://elsewhere/"}, error_xml("PermanentRedirect", "other")),
-             (200, {"ETag": '"x"'}, b"")]
+        page1 = (
+            f"<ListBucketResult{NS}><IsTruncated>true</IsTruncated><KeyCount>1</KeyCount>"
+            "<NextContinuationToken>t+1/=</NextContinuationToken>"
+            "<Contents><Key>_loghandler/writers/w1</Key><LastModified>2026-01-31T12:00:00.000Z</LastModified>"
+            '<ETag>"e1"</ETag><Size>0</Size><StorageClass>STANDARD</StorageClass></Contents>'
+            "</ListBucketResult>"
+        ).encode()
+        page2 = (
+            "<ListBucketResult><IsTruncated>false</IsTruncated>"
+            "<Contents><Key>_loghandler/writers/w2</Key><LastModified>2026-01-31T12:00:09Z</LastModified>"
+            "<ETag>&quot;e2&quot;</ETag><Size>12</Size></Contents>"
+            "</ListBucketResult>"
+        ).encode()
+        client, fake = self.client([(200, {}, page1), (200, {}, page2)])
+        self.assertEqual(
+            self.successResultOf(client.list_objects("_loghandler/writers/")),
+            [ListedObject("_loghandler/writers/w1", 0, '"e1"', START),
+             ListedObject("_loghandler/writers/w2", 12, '"e2"', START + 9)],
         )
-        error = self.failureResultOf(store.get("k.gz", '"e"'), StorageError).value
-        self.assertEqual((error.status, error.code), (301, "PermanentRedirect"))
-        self.only(fake)
-
-    def test_session_token_signed(self) -> None:
-        """
-        Temporary credentials send X-Amz-Security-Token, and it is signed.
-        """
-        store, fake = self.store(
-            [(404, {}, b"")], credentials=lambda: Credentials(ACCESS_KEY, SECRET_KEY, "TOKEN")
+        self.assertEqual(
+            [r.uri for r in fake.received],
+            [f"/{BUCKET}?list-type=2&prefix=_loghandler%2Fwriters%2F",
+             f"/{BUCKET}?continuation-token=t%2B1%2F%3D&list-type=2&prefix=_loghandler%2Fwriters%2F"],
         )
-        self.successResultOf(store.head("k.gz"))
-        request = self.only(fake)
-        self.assertEqual(request.header("x-amz-security-token"), "TOKEN")
-        self.assertIn("x-amz-security-token", verify_sigv4(request).split(";"))
-
-
-class FakeRefreshable:
-    """
-    Credentials that need a refresh: get_frozen_credentials records the thread hop.
-    """
-
-    def __init__(self, test: S3StoreTestCase):
-        self.test = test
-        self.frozen_calls = 0
-
-    def refresh_needed(self) -> bool:
-        """
-        Always.
-        """
-        return True
-
-    def get_frozen_credentials(self) -> Any:
-        """
-        Fresh credentials (counted).
-        """
-        self.frozen_calls += 1
-        return Credentials(ACCESS_KEY, SECRET_KEY).get_frozen_credentials()
-
-
-class RetryTests(S3StoreTestCase):
-    """
-    Which failures are retried, the backoff, re-signing, logging and giving up.
-    """
-
-    def test_retry_503_then_success(self) -> None:
-        """
-        Two 503 SlowDown answers then a 200: three attempts, each after the seeded
-        full-jitter delay (base 0.1 s doubling), each signed anew with a fresh date,
-        each retry logged with named fields.
-        """
-        expected = random.Random(1234)
-        delays = [expected.uniform(0, 0.1), expected.uniform(0, 0.2)]
-        store, fake = self.store(
-            [(503, {}, error_xml("SlowDown", "Reduce your request rate")),
-             (503, {}, error_xml("SlowDown", "Reduce your request rate")),
-             (200, {"ETag": '"ok"'}, b"")],
-            base_delay=0.1,
-        )
-        with capturedLogs() as events:
-            d = store.put("k.gz", b"body")
-            self.assertEqual(len(fake.received), 1)
-            self.clock.advance(delays[0] - 0.0001)
-            self.assertEqual(len(fake.received), 1)
-            self.clock.advance(0.0001)
-            self.assertEqual(len(fake.received), 2)
-            self.clock.advance(delays[1])
-            self.assertEqual(self.successResultOf(d), '"ok"')
-        self.assertEqual(len(fake.received), 3)
         for request in fake.received:
             verify_sigv4(request)
-            self.assertEqual(request.body, b"body")
-        retries = [e for e in events if e.get("operation") == "PutObject"]
-        self.assertEqual(
-            [(e["log_level"], e["attempt"], e["status"], e["code"], e["delay"], e["key"])
-             for e in retries],
-            [(LogLevel.warn, 1, 503, "SlowDown", delays[0], "k.gz"),
-             (LogLevel.warn, 2, 503, "SlowDown", delays[1], "k.gz")],
+
+    def test_versioning(self) -> None:
+        """
+        versioning asks ``GET /bucket?versioning`` and reads Status, "" when absent.
+        """
+        client, fake = self.client(
+            [(200, {}, f"<VersioningConfiguration{NS}><Status>Suspended</Status></VersioningConfiguration>".encode()),
+             (200, {}, f"<VersioningConfiguration{NS}/>".encode())]
         )
-        self.assertIn("{delay", retries[0]["log_format"])
+        self.assertEqual(self.successResultOf(client.versioning()), "Suspended")
+        self.assertEqual(self.successResultOf(client.versioning()), "")
+        self.assertEqual([(r.method, r.uri) for r in fake.received], [("GET", f"/{BUCKET}?versioning")] * 2)
 
-    def test_retry_resigns(self) -> None:
+    def test_check(self) -> None:
         """
-        A retry after a wait of over a second carries a new X-Amz-Date and a new
-        Authorization, and asks the credentials provider again.
+        check() is a signed HEAD of the bucket; 403 and 404 are StorageErrors.
         """
-        calls = []
+        client, fake = self.client([(200, {}, b"")])
+        self.assertIsNone(self.successResultOf(client.check()))
+        request = self.only(fake)
+        self.assertEqual((request.method, request.uri), ("HEAD", f"/{BUCKET}"))
+        for status in (403, 404):
+            client, _ = self.client([(status, {}, b"")])
+            error = self.failureResultOf(client.check(), StorageError).value
+            self.assertEqual((error.operation, error.status, error.code), ("HeadBucket", status, ""))
 
-        def credentials() -> Credentials:
-            calls.append(1)
-            return Credentials(ACCESS_KEY, SECRET_KEY)
-
-        store, fake = self.store(
-            [(503, {}, b""), (200, {"ETag": '"ok"'}, b"")],
-            credentials=credentials, base_delay=2.0, random=UpperBound(),
-        )
-        d = store.put("k.gz", b"body")
-        self.clock.advance(2.0)
-        self.successResultOf(d)
-        first, second = fake.received
-        self.assertEqual(
-            (first.header("x-amz-date"), second.header("x-amz-date")),
-            ("20260131T120000Z", "20260131T120002Z"),
-        )
-        self.assertNotEqual(first.header("authorization"), second.header("authorization"))
-        verify_sigv4(second)
-        self.assertEqual(len(calls), 2)
-
-    def test_retried_statuses_and_codes(self) -> None:
+    def test_close(self) -> None:
         """
-        500, 502, 503 and 504 are retried, and so are SlowDown, RequestTimeout and
-        InternalError whatever the status.
+        close() calls the closer once, or does nothing without one.
         """
-        for status, code in [(500, ""), (502, ""), (503, ""), (504, ""),
-                             (400, "RequestTimeout"), (429, "SlowDown"), (409, "InternalError")]:
-            store, fake = self.store(
-                [(status, {}, error_xml(code) if code else b"<html/>"), (200, {"ETag": '"ok"'}, b"")]
-            )
-            d = store.put("k.gz", b"body")
-            self.clock.advance(1)
-            self.assertEqual(self.successResultOf(d), '"ok"', (status, code))
-            self.assertEqual(len(fake.received), 2, (status, code))
-
-    def test_no_retry_on_4xx(self) -> None:
-        """
-        403, 400 and 404 are final at once: one request, StorageError with status,
-        code and message.
-        """
-        for status, code in [(403, "AccessDenied"), (400, "EntityTooSmall"),
-                             (404, "NoSuchUpload"), (403, "SignatureDoesNotMatch")]:
-            store, fake = self.store(
-                [(status, {}, error_xml(code, "why")), (200, {"ETag": '"ok"'}, b"")]
-            )
-            d = store.upload_part("k.gz", "u", 1, b"p")
-            self.clock.advance(100)
-            error = self.failureResultOf(d, StorageError).value
-            self.assertEqual(
-                (error.operation, error.status, error.code, error.message),
-                ("UploadPart", status, code, "why"),
-            )
-            self.assertEqual(len(fake.received), 1)
-
-    def test_give_up(self) -> None:
-        """
-        After max_attempts failed attempts the last error is raised, and logged as an
-        error; no further request is made.
-        """
-        store, fake = self.store([(503, {}, error_xml("SlowDown", "slow"))] * 4, max_attempts=3)
-        with capturedLogs() as events:
-            d = store.put("k.gz", b"body")
-            self.clock.pump([1.0] * 10)
-        error = self.failureResultOf(d, StorageError).value
-        self.assertEqual((error.status, error.code, error.message), (503, "SlowDown", "slow"))
-        self.assertEqual(len(fake.received), 3)
-        final = [e for e in events if e.get("log_level") == LogLevel.error]
-        self.assertEqual([(e["operation"], e["attempts"]) for e in final], [("PutObject", 3)])
-
-    def test_default_max_attempts(self) -> None:
-        """
-        By default six attempts are made.
-        """
-        store, fake = self.store([(500, {}, b"")] * 7)
-        d = store.head("k.gz")
-        self.clock.pump([1.0] * 60)
-        self.assertEqual(self.failureResultOf(d, StorageError).value.status, 500)
-        self.assertEqual(len(fake.received), 6)
-
-    def test_backoff_capped(self) -> None:
-        """
-        The backoff ceiling doubles from base_delay up to max_delay and no further.
-        """
-        store, fake = self.store(
-            [(500, {}, b"")] * 6,
-            random=UpperBound(), base_delay=1.0, max_delay=3.0, max_attempts=5,
-        )
-        d = store.head("k.gz")
-        times = []
-        for _ in range(4):
-            before = len(fake.received)
-            waited = 0.0
-            while len(fake.received) == before:
-                self.clock.advance(0.5)
-                waited += 0.5
-            times.append(waited)
-        self.failureResultOf(d, StorageError)
-        self.assertEqual(times, [1.0, 2.0, 3.0, 3.0])
-
-    def test_connection_errors_retried(self) -> None:
-        """
-        Connection errors (refused, response never received) are retried; when
-        they persist, StorageError with status 0 and the exception's name as code.
-        """
-        fake = FakeS3([(200, {"ETag": '"ok"'}, b"")])
-        stub = StubTreq(fake)
-        failures: list[Exception] = [
-            ConnectionRefusedError(),
-            ResponseNeverReceived([Failure(Exception("reset"))]),
-        ]
-
-        class Flaky:
-            def request(self, method: str, url: bytes, **kwargs: Any) -> "defer.Deferred[Any]":
-                if failures:
-                    return defer.fail(failures.pop(0))
-                return stub.request(method, url, **kwargs)
-
-        store, _ = self.store([], client=Flaky())
-        d = store.put("k.gz", b"body")
-        self.clock.pump([1.0] * 3)
-        self.assertEqual(self.successResultOf(d), '"ok"')
-        self.assertEqual(len(fake.received), 1)
-
-        class Down:
-            def request(self, method: str, url: bytes, **kwargs: Any) -> "defer.Deferred[Any]":
-                return defer.fail(ConnectionRefusedError())
-
-        store, _ = self.store([], client=Down(), max_attempts=2)
-        d = store.put("k.gz", b"body")
-        self.clock.pump([1.0] * 3)
-        error = self.failureResultOf(d, StorageError).value
-        self.assertEqual((error.status, error.code), (0, "ConnectionRefusedError"))
-
-    def test_other_exceptions_not_retried(self) -> None:
-        """
-        An exception that is not a connection error (a bug) is not retried and not
-        wrapped.
-        """
-        calls = []
-
-        class Broken:
-            def request(self, method: str, url: bytes, **kwargs: Any) -> "defer.Deferred[Any]":
-                calls.append(1)
-                return defer.fail(TypeError("bug"))
-
-        store, _ = self.store([], client=Broken())
-        d = store.put("k.gz", b"body")
-        self.clock.pump([1.0] * 3)
-        self.failureResultOf(d, TypeError)
-        self.assertEqual(len(calls), 1)
-
-    def test_timeout_retried(self) -> None:
-        """
-        An attempt with no answer after ``timeout`` seconds is cancelled and retried.
-        """
-        fake = FakeS3([(200, {"ETag": '"ok"'}, b"")])
-        stub = StubTreq(fake)
-        cancelled: list["defer.Deferred[Any]"] = []
-        calls = []
-
-        class Slow:
-            def request(self, method: str, url: bytes, **kwargs: Any) -> "defer.Deferred[Any]":
-                calls.append(1)
-                if len(calls) == 1:
-                    return defer.Deferred(cancelled.append)
-                return stub.request(method, url, **kwargs)
-
-        store, _ = self.store([], client=Slow(), timeout=30.0, random=UpperBound())
-        d = store.put("k.gz", b"body")
-        self.clock.advance(29.9)
-        self.assertNoResult(d)
-        self.clock.advance(0.1)
-        self.assertEqual((len(cancelled), len(calls)), (1, 1))
-        self.clock.advance(0.1)
-        self.assertEqual(self.successResultOf(d), '"ok"')
-
-    def test_cancel_stops_retries(self) -> None:
-        """
-        Cancelling an operation while it waits to retry, or while a request is in
-        flight, ends it with CancelledError and makes no further request.
-        """
-        store, fake = self.store([(503, {}, b"")] * 3, random=UpperBound())
-        d = store.put("k.gz", b"body")
-        d.cancel()
-        self.failureResultOf(d, defer.CancelledError)
-        self.clock.pump([1.0] * 10)
-        self.assertEqual(len(fake.received), 1)
-
-        hanging: list["defer.Deferred[Any]"] = []
-
-        class Slow:
-            def request(self, method: str, url: bytes, **kwargs: Any) -> "defer.Deferred[Any]":
-                hanging.append(defer.Deferred())
-                return hanging[-1]
-
-        store, _ = self.store([], client=Slow())
-        d = store.put("k.gz", b"body")
-        d.cancel()
-        self.failureResultOf(d, defer.CancelledError)
-        self.clock.pump([1.0] * 200)
-        self.assertEqual(len(hanging), 1)
-
-    def test_refresh_off_thread(self) -> None:
-        """
-        Refreshable credentials that need a refresh are frozen through
-        defer_to_thread, once per attempt.
-        """
-        creds = FakeRefreshable(self)
-        store, fake = self.store([(404, {}, b"")], credentials=lambda: creds)
-        self.successResultOf(store.head("k.gz"))
-        self.assertEqual((creds.frozen_calls, self.hashed_in_thread), (1, [-1]))
-        verify_sigv4(fake.received[0])
+        client, _ = self.client([])
+        self.assertIsNone(self.successResultOf(client.close()))
+        closed: list[int] = []
+        transport = SigV4Transport(Hanging(), ENDPOINT, REGION, Credentials("a", "b"))
+        client = S3Client(transport, BUCKET, lambda: defer.succeed(closed.append(1)))
+        self.assertIsNone(self.successResultOf(client.close()))
+        self.assertEqual(closed, [1])
 
 
 class BuildTests(SynchronousTestCase):
     """
-    build_s3_store: endpoint, credentials, pool ownership.
+    build_s3_client: endpoint, credentials, pool ownership.
     """
 
-    def build(self, **kwargs: Any) -> S3Store:
+    def build(self, **kwargs: Any) -> S3Client:
         """
-        build_s3_store on a memory reactor, with an unstarted thread pool.
+        build_s3_client on a memory reactor, with an unstarted thread pool.
         """
         kwargs.setdefault("bucket", BUCKET)
         kwargs.setdefault("region", REGION)
-        return build_s3_store(MemoryReactorClock(), threadpool=ThreadPool(), **kwargs)
+        kwargs.setdefault("credentials", Credentials("a", "b"))
+        return build_s3_client(MemoryReactorClock(), threadpool=ThreadPool(), **kwargs)
 
     def test_default_endpoint(self) -> None:
         """
-        Without an endpoint the store talks to https://s3.{region}.amazonaws.com,
-        path-style.
+        Without an endpoint the client talks to https://s3.{region}.amazonaws.com,
+        path-style; it provides IS3Client.
         """
-        store = self.build(access_key="a", secret_key="b")
-        self.assertEqual(store.url("k.gz"), f"https://s3.eu-west-1.amazonaws.com/{BUCKET}/k.gz")
-        self.assertEqual(store.name, "s3")
+        client = self.build()
+        self.assertEqual(client._transport.url(client.path("k.gz")), f"{ENDPOINT}/{BUCKET}/k.gz")
+        self.assertTrue(verifyObject(IS3Client, client))
+        self.assertEqual(repr(client), f"<S3Client {ENDPOINT}/{BUCKET}>")
 
     def test_endpoint(self) -> None:
         """
         A given endpoint is used as is, path-style.
         """
-        store = self.build(access_key="a", secret_key="b", endpoint_url="http://127.0.0.1:5000")
-        self.assertEqual(store.url("k.gz"), f"http://127.0.0.1:5000/{BUCKET}/k.gz")
-
-    def test_static_credentials(self) -> None:
-        """
-        access_key and secret_key become static credentials.
-        """
-        store = self.build(access_key="AKID1", secret_key="S1")
-        frozen = store._credentials().get_frozen_credentials()
-        self.assertEqual((frozen.access_key, frozen.secret_key), ("AKID1", "S1"))
-
-    def test_standard_chain(self) -> None:
-        """
-        Without access_key and secret_key, botocore's standard chain is asked.
-        """
-        import botocore.session
-
-        chain = Credentials("CHAIN", "SECRET")
-
-        class Session:
-            def get_credentials(self) -> Credentials:
-                return chain
-
-        self.patch(botocore.session, "get_session", Session)
-        store = self.build()
-        self.assertIs(store._credentials(), chain)
-
-    def test_no_credentials(self) -> None:
-        """
-        When neither the arguments nor the chain give credentials: ValueError with
-        the documented message.
-        """
-        import botocore.session
-
-        class Session:
-            def get_credentials(self) -> None:
-                return None
-
-        self.patch(botocore.session, "get_session", Session)
-        error = self.assertRaises(ValueError, self.build)
+        client = self.build(endpoint_url="http://127.0.0.1:5000/")
         self.assertEqual(
-            str(error),
-            "no AWS credentials: set AWS_ACCESS_KEY and AWS_ACCESS_SECRET or configure the"
-            " standard AWS chain",
+            client._transport.url(client.path("k.gz"), [("uploads", None)]),
+            f"http://127.0.0.1:5000/{BUCKET}/k.gz?uploads",
         )
 
-    def test_half_credentials(self) -> None:
+    def test_credentials_used(self) -> None:
         """
-        Only one of access_key / secret_key is a ValueError naming the missing variable.
+        The credentials given are the ones the transport signs with.
         """
-        error = self.assertRaises(ValueError, self.build, access_key="a")
-        self.assertIn("AWS_ACCESS_SECRET is not set", str(error))
-        error = self.assertRaises(ValueError, self.build, secret_key="b")
-        self.assertIn("AWS_ACCESS_KEY is not set", str(error))
+        given = Credentials("AKID1", "S1")
+        client = self.build(credentials=given)
+        self.assertIs(client._transport._credentials, given)
 
     def test_close_owned_pool(self) -> None:
         """
-        close() closes the pool build_s3_store made, and leaves a given pool alone.
+        close() closes the pool build_s3_client made, and leaves a given pool alone.
         """
         closed = []
         original = HTTPConnectionPool.closeCachedConnections
@@ -1163,10 +1279,84 @@ class BuildTests(SynchronousTestCase):
             return original(pool)  # type: ignore[no-any-return]
 
         self.patch(HTTPConnectionPool, "closeCachedConnections", spy)
-        store = self.build(access_key="a", secret_key="b")
-        self.assertIsNone(self.successResultOf(store.close()))
+        client = self.build()
+        self.assertIsNone(self.successResultOf(client.close()))
         self.assertEqual(len(closed), 1)
         given = HTTPConnectionPool(MemoryReactorClock())
-        store = self.build(access_key="a", secret_key="b", pool=given)
-        self.successResultOf(store.close())
+        client = self.build(pool=given)
+        self.successResultOf(client.close())
         self.assertEqual(len(closed), 1)
+
+
+class CredentialsTests(SynchronousTestCase):
+    """
+    aws_credentials: static keys, the standard chain, one-line errors.
+    """
+
+    def chain(self, result: Any) -> None:
+        """
+        Make botocore's session return ``result`` from get_credentials (or raise it,
+        when it is an exception).
+        """
+        import botocore.session
+
+        class Session:
+            def get_credentials(self) -> Any:
+                if isinstance(result, Exception):
+                    raise result
+                return result
+
+        self.patch(botocore.session, "get_session", Session)
+
+    def test_static(self) -> None:
+        """
+        Both keys give static credentials; the chain is not asked.
+        """
+        self.chain(AssertionError("asked"))
+        frozen = aws_credentials("AKID1", "S1").get_frozen_credentials()
+        self.assertEqual((frozen.access_key, frozen.secret_key, frozen.token), ("AKID1", "S1", None))
+
+    def test_half(self) -> None:
+        """
+        Only one key (the other None or empty) is a ValueError naming the missing
+        variable, on one line.
+        """
+        for access, secret, missing in (("a", None, "AWS_ACCESS_SECRET"), ("", "b", "AWS_ACCESS_KEY")):
+            error = self.assertRaises(ValueError, aws_credentials, access, secret)
+            self.assertTrue(str(error).startswith(f"{missing} is not set"), str(error))
+            self.assertNotIn("\n", str(error))
+
+    def test_chain(self) -> None:
+        """
+        Without keys, the standard chain's credentials are returned as they are
+        (refreshable ones stay refreshable).
+        """
+        found = Credentials("CHAIN", "SECRET")
+        self.chain(found)
+        self.assertIs(aws_credentials(None, ""), found)
+
+    def test_nothing(self) -> None:
+        """
+        When the chain finds nothing: ValueError naming both variables.
+        """
+        self.chain(None)
+        error = self.assertRaises(ValueError, aws_credentials, None, None)
+        self.assertEqual(
+            str(error),
+            "no AWS credentials: set AWS_ACCESS_KEY and AWS_ACCESS_SECRET or configure the"
+            " standard AWS credential chain",
+        )
+
+    def test_broken_configuration(self) -> None:
+        """
+        A chain that fails (an unknown AWS_PROFILE) is a one-line ValueError naming
+        the variables and the cause.
+        """
+        from botocore.exceptions import ProfileNotFound
+
+        self.chain(ProfileNotFound(profile="nope"))
+        error = self.assertRaises(ValueError, aws_credentials, None, None)
+        self.assertIn("AWS_ACCESS_KEY and AWS_ACCESS_SECRET are not set", str(error))
+        self.assertIn("nope", str(error))
+        self.assertNotIn("\n", str(error))
+        self.assertIs(credentials_module.aws_credentials, aws_credentials)

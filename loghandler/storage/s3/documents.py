@@ -7,6 +7,15 @@ whatever the root's exact name where S3 and moto differ (``ListPartsResult`` /
 ``ListPartsResponse``).  A malformed success answer raises :class:`DocumentError`,
 which the client reports as a :class:`~loghandler.interfaces.StorageError`.
 
+Why not botocore's model-driven ``rest-xml`` serializer and parser (as aiobotocore
+does): measured on this code base, they would save about 165 of 420 lines of code
+here and in the client, but cost 2 to 100 times the CPU per call (HeadObject's answer
+about 105 µs against 2 µs; a ListParts page of 100 parts about 5 ms against 0.4 ms),
+load the S3 model at start (60-90 ms, about 8 MiB), return untyped dicts, and need
+workarounds for what botocore does in its client's handlers (200 answers holding an
+``<Error>``, the copy source's quoting, HEAD errors without a body, GetObject bodies,
+header case).
+
 Sources, each parser names its page:
 https://docs.aws.amazon.com/AmazonS3/latest/API/API_Operations_Amazon_Simple_Storage_Service.html
 and https://docs.aws.amazon.com/AmazonS3/latest/API/ErrorResponses.html

@@ -38,7 +38,6 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
-from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
@@ -126,10 +125,14 @@ class _BodyReader(Protocol):
         self._chunks.append(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        """The body ended: fire ``done`` with it, or with the error that cut it."""
+        """
+        The body ended: fire ``done`` with it, or with the error that cut it.  A
+        body without a length that ended with the connection (``PotentialDataLoss``)
+        is an error too: it may be cut short, and S3 always sends a length.
+        """
         if self._done.called:
             return
-        if reason.check(ResponseDone, PotentialDataLoss):
+        if reason.check(ResponseDone):
             self._done.callback(b"".join(self._chunks))
         else:
             self._done.errback(reason)
@@ -142,7 +145,9 @@ def read_body(response: IResponse) -> "Deferred[bytes]":
     errbacks with ``CancelledError``; unlike ``treq.content``, whose Deferred cannot
     be cancelled.
 
-    :raises: (errback) ``ResponseFailed`` and friends when the connection is cut.
+    :raises: (errback) ``ResponseFailed`` when the connection is cut,
+        ``PotentialDataLoss`` when the body had no length and ended with the
+        connection.
     """
     reader: _BodyReader
 
