@@ -17,15 +17,14 @@ In a trial test::
             self.moto.reset()           # empty state, fresh bucket
 
         def test_x(self):
-            store = build_s3_store(
+            client = build_s3_client(
                 reactor,
                 bucket=self.moto.bucket,
                 region=self.moto.region,
                 endpoint_url=self.moto.endpoint_url,
-                access_key=self.moto.access_key,
-                secret_key=self.moto.secret_key,
+                credentials=Credentials(self.moto.access_key, self.moto.secret_key),
             )
-            self.addCleanup(store.close)
+            self.addCleanup(client.close)
             ...
 
 For a daemon run as a subprocess (``twistd -n loghandler``), pass
