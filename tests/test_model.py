@@ -18,6 +18,7 @@ upload is left but staging ones.
 from __future__ import annotations
 
 import collections
+import os
 import random
 import zlib
 from typing import Optional
@@ -295,7 +296,12 @@ class WritePathMachine(RuleBasedStateMachine):
             if key.startswith(STAGING_PREFIX) and obj.writes[-1] not in merged_writes:
                 staged.extend(read_lines(obj.body))
         for upload_id, upload in s3.uploads.items():
-            assert upload.key.startswith(STAGING_PREFIX), "upload left: %s" % upload.key
+            if not upload.key.startswith(STAGING_PREFIX):
+                # Only a stalled CreateMultipartUpload that landed after the merge
+                # had given it up and aborted the others may be left: empty, for
+                # the recovery sweep (issue 6) to abort.
+                assert not upload.parts, "upload with parts left: %s" % upload.key
+                continue
             staged.extend(_lines_of_upload(s3, upload_id))
         everything = collections.Counter(lines + staged)
         twice = [line for line, n in everything.items() if n > 1]
@@ -320,6 +326,8 @@ class WritePathModelTests(SynchronousTestCase):
                 max_examples=300,
                 stateful_step_count=40,
                 deadline=None,
+                # CI runs a fixed set of examples; developers' runs explore anew.
+                derandomize=bool(os.environ.get("CI")),
                 suppress_health_check=list(HealthCheck),
             ),
         )
