@@ -88,11 +88,10 @@ def make_store(config: Config, reactor: Any, budget: MemoryBudget) -> IObjectSto
         from loghandler.storage.discard import DiscardStore
 
         return DiscardStore()
-    from twisted.internet.threads import deferToThreadPool
-
     from loghandler.storage.s3.client import build_s3_client
     from loghandler.storage.s3.credentials import aws_credentials
     from loghandler.storage.s3.writer import S3ObjectStore
+    from loghandler.threads import on_thread_pool
 
     assert config.aws_bucket is not None and config.aws_region is not None
     try:
@@ -112,9 +111,7 @@ def make_store(config: Config, reactor: Any, budget: MemoryBudget) -> IObjectSto
         reactor,
         budget,
         completions_in_flight=config.completions_in_flight,
-        defer_to_thread=lambda f, *args: deferToThreadPool(
-            reactor, reactor.getThreadPool(), f, *args
-        ),
+        defer_to_thread=on_thread_pool(reactor),
     )
 
 

@@ -52,6 +52,7 @@ from loghandler.storage.s3.api import (
     StoredPart,
 )
 from loghandler.storage.s3.transport import Answer, SigV4Transport
+from loghandler.threads import on_thread_pool
 
 __all__ = ["S3Client", "build_s3_client", "WRITES_HEADER"]
 
@@ -581,8 +582,6 @@ def build_s3_client(
         ``reactor.getThreadPool()``.
     :returns: the client; its ``close()`` closes the pool this function made.
     """
-    from twisted.internet.threads import deferToThreadPool
-
     if endpoint_url is None:
         endpoint_url = f"https://s3.{region}.amazonaws.com"
     closer: Optional[Callable[[], "Deferred[Any]"]] = None
@@ -593,12 +592,8 @@ def build_s3_client(
         pool.maxPersistentPerHost = 16
         pool.cachedConnectionTimeout = 15
         closer = pool.closeCachedConnections
-    chosen: ThreadPool = threadpool if threadpool is not None else reactor.getThreadPool()
-
-    def defer_to_thread(f: Callable[..., _T], *args: Any) -> "Deferred[_T]":
-        """Run ``f(*args)`` on the thread pool."""
-        return deferToThreadPool(reactor, chosen, f, *args)
-
     http = HTTPClient(web_client.Agent(reactor, pool=pool))
-    transport = SigV4Transport(http, endpoint_url, region, credentials, defer_to_thread)
+    transport = SigV4Transport(
+        http, endpoint_url, region, credentials, on_thread_pool(reactor, threadpool)
+    )
     return S3Client(transport, bucket, closer)

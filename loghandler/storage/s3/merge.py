@@ -44,6 +44,7 @@ from loghandler.config import GiB, S3_MAX_PART_SIZE
 from loghandler.keys import rollover_key
 from loghandler.retry import Fault, RetryLayer, StorageFault
 from loghandler.storage.s3.api import MAX_WRITES, CompletedPart, IS3Client, ObjectInfo
+from loghandler.threads import DeferToThread
 
 #: A key over this many bytes takes no more merges: they go to ``{key}.1``, ... (a
 #: copied part holds at most 5 GiB; the margin covers other writers' merges).
@@ -121,7 +122,7 @@ class Merger:
     retry: RetryLayer
     part_size: int
     budget: MemoryBudget
-    defer_to_thread: Callable[..., "Deferred[Any]"]
+    defer_to_thread: DeferToThread
     conflict_backoff: Backoff = CONFLICT_BACKOFF
     #: Bytes merges hold in memory now (also counted in ``budget``).
     holding: int = 0

@@ -42,16 +42,12 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from loghandler.storage.s3.documents import query_string
+from loghandler.threads import DeferToThread, synchronously
 
-__all__ = ["Answer", "DeferToThread", "HTTPRequester", "SigV4Transport", "read_body"]
+__all__ = ["Answer", "HTTPRequester", "SigV4Transport", "read_body"]
 
 #: SHA-256 of the empty string, hex: the payload hash of a request without a body.
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
-
-DeferToThread = Callable[..., "Deferred[Any]"]
-"""``defer_to_thread(f, *args)``: call ``f(*args)`` off the reactor thread and fire
-with its result (``functools.partial(deferToThreadPool, reactor, pool)``)."""
-
 
 class HTTPRequester(TypingProtocol):
     """
@@ -72,13 +68,6 @@ class HTTPRequester(TypingProtocol):
         """
         Send one request; fire with an ``IResponse`` once its headers arrived.
         """
-
-
-def _synchronously(f: Callable[..., Any], *args: Any) -> "Deferred[Any]":
-    """
-    The default ``defer_to_thread``: call ``f(*args)`` now, on this thread.
-    """
-    return defer.maybeDeferred(f, *args)
 
 
 def _sha256_hex(body: bytes) -> str:
@@ -210,7 +199,7 @@ class SigV4Transport:
         endpoint_url: str,
         region: str,
         credentials: Credentials,
-        defer_to_thread: DeferToThread = _synchronously,
+        defer_to_thread: DeferToThread = synchronously,
         hash_in_thread_over: int = 64 * 1024,
     ) -> None:
         self._http = http

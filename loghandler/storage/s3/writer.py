@@ -30,7 +30,6 @@ from twisted.internet.defer import (
     Deferred,
     DeferredSemaphore,
     ensureDeferred,
-    maybeDeferred,
 )
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -43,6 +42,7 @@ from loghandler.interfaces import Abandoned, Finished, IObjectStore, IObjectWrit
 from loghandler.retry import Fault, RetryLayer, StorageFault
 from loghandler.storage.s3.api import CompletedPart, IS3Client
 from loghandler.storage.s3.merge import ROLLOVER_BYTES, Merger, Staged
+from loghandler.threads import DeferToThread, synchronously
 
 #: S3's largest part number (https://docs.aws.amazon.com/AmazonS3/latest/userguide/qfacts.html).
 MAX_PART_NUMBER = 10_000
@@ -54,10 +54,6 @@ STAGING_PREFIX = "_loghandler/staging/"
 def staging_key(writer_id: str, key: str, sequence: int) -> str:
     """``_loghandler/staging/{writer_id}/{key}/{sequence}``."""
     return f"{STAGING_PREFIX}{writer_id}/{key}/{sequence}"
-
-
-def _synchronously(f: Callable[..., Any], *args: Any) -> "Deferred[Any]":
-    return maybeDeferred(f, *args)
 
 
 @implementer(IObjectStore)
@@ -89,7 +85,7 @@ class S3ObjectStore:
         completions_in_flight: int = 4,
         writer_id: Optional[str] = None,
         retry: Optional[RetryLayer] = None,
-        defer_to_thread: Callable[..., "Deferred[Any]"] = _synchronously,
+        defer_to_thread: DeferToThread = synchronously,
     ) -> None:
         self.client = client
         self.clock = clock
