@@ -103,6 +103,20 @@ class RegistryCase(SynchronousTestCase):
         """The lines of the object ``key`` as it landed (gunzipped)."""
         return read_lines(self.mem.body(key))
 
+    def fill_until_busy(self, registry: StreamRegistry) -> dict[int, list[bytes]]:
+        """
+        Send noisy messages for clients 3 and 4 until one is refused (Busy); the
+        lines accepted, by client.
+        """
+        sent: dict[int, list[bytes]] = {3: [], 4: []}
+        with self.assertRaises(Busy):
+            for n in range(2, 100000):
+                client = 3 if n % 3 else 4
+                m = noisy(n, client, 200)
+                registry.accept(m)
+                sent[client].append(m.to_line())
+        return sent
+
     def assertLanded(self, expected: dict[str, list[bytes]]) -> None:
         """
         Exactly the objects of ``expected`` landed with exactly its lines, and nothing
@@ -287,14 +301,8 @@ class AdmissionTests(RegistryCase):
         staged = [k for k in self.mem.objects if k.startswith(STAGING_PREFIX)]
         self.assertEqual(len(staged), 1, "the merging stream's data are staged")
         self.assertEqual(registry.completing, 1)
-        sent: dict[int, list[bytes]] = {3: [], 4: []}
         with capturedLogs() as events:
-            with self.assertRaises(Busy):
-                for n in range(2, 100000):
-                    client = 3 if n % 3 else 4
-                    m = noisy(n, client, 200)
-                    registry.accept(m)
-                    sent[client].append(m.to_line())
+            sent = self.fill_until_busy(registry)
         early = [e["key"] for e in events if "completing {key} early" in (e.get("log_format") or "")]
         self.assertEqual(early, [KEY])
         self.assertEqual(registry.open_keys, [key_for(DAY_START_MS, 4)])
@@ -327,14 +335,8 @@ class AdmissionTests(RegistryCase):
         self.mem.hold("PutObject")  # the staging write of a small stream
         self.clock.advance(0.9 * LIFETIME)
         self.assertEqual([h.operation for h in self.mem.held], ["PutObject"])
-        sent: dict[int, list[bytes]] = {3: [], 4: []}
         with capturedLogs() as events:
-            with self.assertRaises(Busy):
-                for n in range(2, 100000):
-                    client = 3 if n % 3 else 4
-                    m = noisy(n, client, 200)
-                    registry.accept(m)
-                    sent[client].append(m.to_line())
+            sent = self.fill_until_busy(registry)
             self.assertRaises(Busy, registry.accept, message(1, 6))
         self.assertFalse(any("early" in f for f in formats(events)), formats(events))
         self.assertEqual(registry.open_keys, [KEY, key_for(DAY_START_MS, 4)])
