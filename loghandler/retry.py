@@ -142,6 +142,9 @@ class RetryLayer:
         self._unexpected_logged: set[type] = set()
         #: None while storage works, else why it fails for good (for /healthz).
         self.problem: Optional[str] = None
+        # The operation that set ``problem``: only its success clears it, so one
+        # key refused while others succeed does not make the problem come and go.
+        self._problem_operation: Optional[str] = None
         #: Attempts that failed and were tried again, by operation.
         self.retries: dict[str, int] = {}
 
@@ -233,13 +236,13 @@ class RetryLayer:
                 await self.wait(delay)
                 attempt += 1
             else:
-                if self.problem is not None:
+                if self.problem is not None and operation == self._problem_operation:
                     self._log.info(
                         "storage works again ({operation} {key} succeeded)",
                         operation=operation,
                         key=key,
                     )
-                    self.problem = None
+                    self.problem = self._problem_operation = None
                 return result
 
     async def _attempt(
@@ -269,7 +272,7 @@ class RetryLayer:
             delay = self._permanent_backoff.delay(attempt)
             problem = f"{operation} fails: {reason}"
             if self.problem != problem:
-                self.problem = problem
+                self.problem, self._problem_operation = problem, operation
                 self._log.error(
                     "storage fails until this is fixed: {operation} {key}: {reason};"
                     " the data stay in memory and are retried every {cap:g} s at most",

@@ -133,6 +133,22 @@ class RetryLayerTests(SynchronousTestCase):
         self.assertIsNone(self.layer.problem)
         self.assertEqual(len([e for e in events if e["log_level"].name == "error"]), 1)
 
+    def test_problem_cleared_only_by_its_operation(self) -> None:
+        """
+        While PutObject is refused (403), other operations succeeding leave the
+        problem set and log nothing again; a PutObject that succeeds clears it.
+        """
+        denied = StorageError("PutObject", 403, "AccessDenied")
+        with capturedLogs() as events:
+            d = self.start(Calls(denied, denied))
+            ok = ensureDeferred(self.layer.call("HeadObject", "k", Calls()))
+            self.assertEqual(self.successResultOf(ok), "ok")
+            self.assertEqual(self.layer.problem, "PutObject fails: 403 AccessDenied")
+            self.clock.pump([5.0, 10.0])
+        self.assertEqual(self.successResultOf(d), "ok")
+        self.assertIsNone(self.layer.problem)
+        self.assertEqual(len([e for e in events if e["log_level"].name == "error"]), 1)
+
     def test_attempt_timeout(self) -> None:
         """An attempt that never answers is cancelled after attempt_timeout and retried."""
         answers: list[Deferred[str]] = [Deferred(), succeed("ok")]  # type: ignore[list-item]
