@@ -122,7 +122,9 @@ class IS3Client(Interface):
     """
     One S3 bucket's calls, one attempt each.  Every method returns a Deferred.  Keys
     are ``str`` (no leading slash); bodies are ``bytes``; byte ranges are
-    ``(start, end)`` with ``end`` exclusive, in bytes.
+    ``(start, end)`` with ``end`` exclusive, in bytes, and not empty.  Write IDs are
+    non-empty printable ASCII without commas; the S3 client errbacks with
+    ``ValueError`` for a malformed write ID or range (a caller's bug).
     """
 
     name = Attribute("A short name for logs: 's3', 'memory'.")
@@ -199,7 +201,9 @@ class IS3Client(Interface):
         ``if_match`` / ``if_none_match`` as for :meth:`put`; S3 answers 409
         ``ConditionalRequestConflict`` (and discards the upload) when a conditional
         Complete races another write of the key, and ``NoSuchUpload`` (404) for an
-        upload that was completed or aborted.
+        upload that was aborted.  A repeat of the Complete that made the current
+        object may answer 200 with the same ETag (S3 and moto treat it as
+        idempotent for a while) or ``NoSuchUpload``: callers must accept both.
         """
 
     def abort_upload(key: str, upload_id: str) -> "Deferred[None]":
