@@ -20,7 +20,8 @@ here, once, into a :class:`Fault`, and only here is a call tried again.
 - ``INVALID`` (any other 4xx): this request can never succeed as sent; raised.
 
 Nothing is retried past the shutdown deadline (:meth:`RetryLayer.stopping`):
-sleeping retries are woken when the flush starts, and at the deadline a call raises
+sleeping retries are woken when the flush starts, waits are then at most
+:data:`STOPPING_MAX_WAIT_S`, and at the deadline a call raises
 :class:`~loghandler.interfaces.Abandoned`.
 
 Backoff: "Exponential Backoff And Jitter", AWS Architecture Blog, 2015;
@@ -42,6 +43,11 @@ from loghandler.backoff import Backoff
 from loghandler.interfaces import Abandoned, StorageError
 
 _T = TypeVar("_T")
+
+
+#: The longest wait between two attempts once the flush on stop began, in seconds:
+#: the deadline is near, and what is not stored by then is lost.
+STOPPING_MAX_WAIT_S = 1.0
 
 
 class Fault(enum.Enum):
@@ -171,19 +177,26 @@ class RetryLayer:
         if left is not None and left <= 0:
             raise Abandoned("the shutdown deadline passed")
 
+    def _capped(self, seconds: float) -> float:
+        """``seconds``, or less during the flush (see :meth:`wait`)."""
+        left = self.time_left()
+        if left is None:
+            return seconds
+        return min(seconds, STOPPING_MAX_WAIT_S, left)
+
     async def wait(self, seconds: float) -> None:
         """
-        Sleep ``seconds``, less when the flush starts meanwhile (woken) or the
-        deadline comes first.
+        Sleep ``seconds``, less when the flush starts meanwhile (woken); during the
+        flush at most :data:`STOPPING_MAX_WAIT_S`, so that storage that comes back
+        before the deadline is used at once.
 
         :raises Abandoned: the deadline passed.
         """
         self._check_time()
-        left = self.time_left()
-        if left is not None:
-            seconds = min(seconds, left)
+        seconds = self._capped(seconds)
         sleep: Deferred[None] = Deferred()
         self._sleeping.add(sleep)
+
         def wake() -> None:
             if not sleep.called:
                 sleep.callback(None)
@@ -269,7 +282,7 @@ class RetryLayer:
         self.retries[operation] = self.retries.get(operation, 0) + 1
         reason = _describe(error)
         if fault is Fault.PERMANENT:
-            delay = self._permanent_backoff.delay(attempt)
+            delay = self._capped(self._permanent_backoff.delay(attempt))
             problem = f"{operation} fails: {reason}"
             if self.problem != problem:
                 self.problem, self._problem_operation = problem, operation
@@ -291,7 +304,7 @@ class RetryLayer:
                     operation=operation,
                     key=key,
                 )
-        delay = self._backoff.delay(attempt)
+        delay = self._capped(self._backoff.delay(attempt))
         self._log.warn(
             "{operation} {key} failed ({reason}); retry {attempt} in {delay:.2f} s",
             operation=operation,

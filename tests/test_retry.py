@@ -16,7 +16,7 @@ from twisted.web.client import ResponseNeverReceived
 
 from loghandler.backoff import Backoff
 from loghandler.interfaces import Abandoned, PreconditionFailed, StorageError
-from loghandler.retry import Fault, RetryLayer, StorageFault, classify
+from loghandler.retry import STOPPING_MAX_WAIT_S, Fault, RetryLayer, StorageFault, classify
 
 CASES: list[tuple[BaseException, Fault]] = [
     (ConnectionRefusedError(), Fault.TRANSIENT),
@@ -170,6 +170,21 @@ class RetryLayerTests(SynchronousTestCase):
         self.assertEqual(len(calls), 0)  # woken: the second attempt runs now
         self.clock.advance(5.0)
         self.failureResultOf(d, Abandoned)
+
+    def test_waits_short_while_stopping(self) -> None:
+        """
+        During the flush a failure drawn to wait 8 s waits at most
+        STOPPING_MAX_WAIT_S: storage that comes back before the deadline is used at
+        once, not after the deadline.
+        """
+        self.layer.stopping(self.clock.seconds() + 20.0)
+        refused = ConnectionRefusedError()
+        call = Calls(*[refused] * 10)
+        d = self.start(call)
+        self.clock.pump([STOPPING_MAX_WAIT_S] * 10)
+        self.assertEqual(self.successResultOf(d), "ok")
+        self.assertEqual(call.count, 11)
+        self.assertLess(self.clock.seconds(), 20.0)
 
     def test_cancelled_by_caller(self) -> None:
         """A caller that gives up gets Abandoned, not a retry."""

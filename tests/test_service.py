@@ -162,5 +162,8 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual((lost["key"], lost["lost_lines"]), (KEY, 2))
         self.assertIn("by the shutdown deadline", lost["reason"])
         self.assertFalse([e for e in events if e.get("log_failure")], "no traceback")
+        formats = [e.get("log_format") or "" for e in events]
+        self.assertTrue([f for f in formats if "passed its deadline" in f], formats)
+        self.assertFalse([f for f in formats if f.startswith("flush on stop done")], formats)
         self.assertEqual(self.mem.objects, {})
         self.assertEqual(self.streams.registry.budget.held, 0)
