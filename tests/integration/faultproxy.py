@@ -445,6 +445,10 @@ def rules_from_json(data: Any) -> list[FaultRule]:
     raise ValueError("expected a rule, a list of rules or {\"rules\": [...]}")
 
 
+#: The operations whose unknown upload moto answers with a bare 500.
+_UPLOAD_OPERATIONS = frozenset({"UploadPart", "UploadPartCopy", "CompleteMultipartUpload"})
+
+
 def s3_error_document(code: str, message: str, resource: str, extra: str = "") -> bytes:
     """
     S3's XML error document (https://docs.aws.amazon.com/AmazonS3/latest/API/ErrorResponses.html).
@@ -622,6 +626,7 @@ class _Stats:
                     "conditional_conflict",
                     "uploads_aborted",
                     "check_errors",
+                    "moto_500_as_nosuchupload",
                 )
             }
             data["connections"] = self._scalars["connections"]
@@ -879,7 +884,8 @@ class FaultProxy:
              "fault_totals": {fault: n},
              "conditions": {"if_match_checked": n, "if_match_passed": n,
                             "precondition_failed": n, "conditional_conflict": n,
-                            "uploads_aborted": n, "check_errors": n},
+                            "uploads_aborted": n, "check_errors": n,
+                            "moto_500_as_nosuchupload": n},
              "connections": n,            # client connections accepted
              "refused_windows": n,        # refuse_connections calls
              "stalled": n}                # requests stalled right now
@@ -1306,6 +1312,43 @@ class FaultProxy:
             ))
             return None
         self._stats.count("forwarded", operation)
+        return self._faithful_no_such_upload(h, answer, raw_target, operation)
+
+    def _faithful_no_such_upload(
+        self, h: "_Handler", answer: _Answer, raw_target: str, operation: str
+    ) -> _Answer:
+        """
+        Hide one more gap of moto's: UploadPart, UploadPartCopy or
+        CompleteMultipartUpload of an upload that was aborted or completed gets a
+        bare HTML 500 from moto 5.2.5 (a ``KeyError`` in ``dest_bucket.multiparts``),
+        where S3 answers ``404 NoSuchUpload``
+        (https://docs.aws.amazon.com/AmazonS3/latest/API/API_UploadPart.html).  On
+        such a 500 ask moto (ListParts, which does answer NoSuchUpload) and, when the
+        upload is gone, answer S3's 404 instead (counted in the stats' conditions as
+        ``moto_500_as_nosuchupload``).
+        """
+        if answer.status != 500 or operation not in _UPLOAD_OPERATIONS:
+            return answer
+        target = S3Target.parse(raw_target)
+        upload_id = target.query.get("uploadId", [""])[0]
+        try:
+            check = self._internal(
+                h, "GET", target.path + "?uploadId=" + urllib.parse.quote(upload_id, safe="")
+            )
+        except (OSError, http.client.HTTPException):
+            return answer
+        if check.status != 404 or b"NoSuchUpload" not in check.body:
+            return answer
+        self._stats.condition("moto_500_as_nosuchupload")
+        answer.status, answer.reason = 404, "Not Found"
+        answer.body = s3_error_document(
+            "NoSuchUpload",
+            "The specified upload does not exist. The upload ID may be invalid, or the"
+            " upload may have been aborted or completed.",
+            target.path,
+            f"<UploadId>{upload_id}</UploadId>",
+        )
+        answer.headers = [("Content-Type", "application/xml")]
         return answer
 
     def _forward(

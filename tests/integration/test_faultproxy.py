@@ -588,6 +588,19 @@ class ErrorTests(ProxyTestCase):
         self.assertNotIn("UploadPart", stats["forwarded"])
         self.assertEqual(stats["connections"], connections + 1)
 
+    def test_aborted_upload_answers_no_such_upload(self) -> None:
+        """
+        UploadPart of an aborted upload: moto itself answers a bare 500; through the
+        proxy the client gets S3's 404 NoSuchUpload, and the stats count it.
+        """
+        upload_id = self.client.create_upload("k")
+        self.direct.request("DELETE", f"/k?uploadId={upload_id}")
+        path = f"/k?partNumber=1&uploadId={upload_id}"
+        self.assertEqual(self.direct.request("PUT", path, b"p")[0], 500)
+        status, _, body = self.client.request("PUT", path, b"p")
+        self.assertEqual((status, error_code(body)), (404, "NoSuchUpload"))
+        self.assertEqual(self.proxy.stats()["conditions"]["moto_500_as_nosuchupload"], 1)
+
     def test_internal_error_next_two(self) -> None:
         """
         ``status=500, times=2``: two 500 ``InternalError`` answers, then normal ones.

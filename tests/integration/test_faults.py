@@ -20,7 +20,7 @@ empty one for the recovery sweep (DESIGN.md section 6).
   answering, storage back a few seconds before ``SHUTDOWN_TIMEOUT_S``; the daemon
   must store everything and exit within the deadline (``FAULTS SIGTERM ...``).
 
-The proxy is :class:`S3FaithfulProxy`, a :class:`FaultProxy` that also answers
+The proxy (:class:`FaultProxy`) also answers
 ``404 NoSuchUpload`` where moto 5.2.5 answers a bare 500 (a part or Complete for an
 upload that was aborted), as S3 does; the summary counts how often.  (moto also
 ignores ``x-amz-copy-source-if-match`` on UploadPartCopy; harmless here, since the
@@ -47,7 +47,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.parse
 from collections import Counter, defaultdict
 from typing import Any, Callable, Optional
 
@@ -56,7 +55,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from tests.helpers import members
-from tests.integration.faultproxy import FaultProxy, FaultRule, S3Target, s3_error_document
+from tests.integration.faultproxy import FaultProxy, FaultRule
 from tests.integration.moto import free_port, shared_moto
 
 #: Seconds a test may take in all (trial fails it after that).
@@ -98,62 +97,6 @@ def canonical_body(content_id: int, client_id: int, timestamp: int, text: str) -
 
 #: Operations moto answers with a bare 500 (a KeyError in moto 5.2.5) when their
 #: upload does not exist, where S3 answers 404 NoSuchUpload.
-_UPLOAD_OPERATIONS = frozenset({"UploadPart", "UploadPartCopy", "CompleteMultipartUpload"})
-
-
-class S3FaithfulProxy(FaultProxy):
-    """
-    :class:`FaultProxy` that also hides one more gap of moto's: an UploadPart,
-    UploadPartCopy or CompleteMultipartUpload whose upload was aborted (or completed)
-    gets a bare HTML 500 from moto 5.2.5 (``KeyError`` in ``dest_bucket.multiparts``),
-    where S3 answers ``404 NoSuchUpload``
-    (https://docs.aws.amazon.com/AmazonS3/latest/API/API_UploadPart.html).  Without
-    this, a writer whose merge upload another writer aborted (allowed by DESIGN.md
-    section 5: "merge uploads on a key are never precious") retries a 500 until its
-    shutdown deadline instead of redoing the merge.  On such a 500 the proxy asks moto
-    (ListParts, which moto does answer with NoSuchUpload) and, when the upload is gone,
-    answers S3's 404 instead; counted in :attr:`translated`.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.translated: Counter[str] = Counter()
-        self._translated_lock = threading.Lock()
-
-    def _forward_counted(
-        self,
-        h: Any,
-        method: str,
-        raw_target: str,
-        headers: list[tuple[str, str]],
-        body: bytes,
-        operation: str,
-    ) -> Any:
-        answer = super()._forward_counted(h, method, raw_target, headers, body, operation)
-        if answer is None or answer.status != 500 or operation not in _UPLOAD_OPERATIONS:
-            return answer
-        target = S3Target.parse(raw_target)
-        upload_id = target.query.get("uploadId", [""])[0]
-        try:
-            check = self._internal(
-                h, "GET", target.path + "?uploadId=" + urllib.parse.quote(upload_id, safe="")
-            )
-        except (OSError, http.client.HTTPException):
-            return answer
-        if check.status != 404 or b"NoSuchUpload" not in check.body:
-            return answer
-        with self._translated_lock:
-            self.translated[operation] += 1
-        document = s3_error_document(
-            "NoSuchUpload",
-            "The specified upload does not exist. The upload ID may be invalid, or the"
-            " upload may have been aborted or completed.",
-            target.path,
-            f"<UploadId>{upload_id}</UploadId>",
-        )
-        answer.status, answer.reason, answer.body = 404, "Not Found", document
-        answer.headers = [("Content-Type", "application/xml")]
-        return answer
 
 
 class Daemon:
@@ -462,7 +405,7 @@ class FaultTests(TestCase):
             aws_secret_access_key=self.moto.secret_key,
         )
         self.addCleanup(self.s3.close)
-        self.proxy = S3FaithfulProxy(
+        self.proxy = FaultProxy(
             self.moto.endpoint_url, region=self.moto.region, max_stall=25.0
         )
         self.proxy.start()
@@ -793,7 +736,7 @@ class FaultTests(TestCase):
             "upstream_errors": stats["upstream_errors"],
             "requests": sum(stats["requests"].values()),
             "refused_windows": stats["refused_windows"],
-            "moto_500_as_nosuchupload": dict(proxy.translated),
+            "moto_500_as_nosuchupload": stats["conditions"]["moto_500_as_nosuchupload"],
             "daemons": self.daemon_figures(),
         }
         try:
@@ -821,7 +764,7 @@ class FaultTests(TestCase):
                     sum(d["merge_redone"] for d in figures["daemons"].values()),
                     sum(d["merge_had_landed"] for d in figures["daemons"].values()),
                     sum(d["merged_multipart"] for d in figures["daemons"].values()),
-                    sum(proxy.translated.values()),
+                    stats["conditions"]["moto_500_as_nosuchupload"],
                     [round(e, 2) for e in exits],
                     figures["wall_s"],
                 )
@@ -902,7 +845,7 @@ class FaultTests(TestCase):
             "outage_s": round(back_after, 2),
             "stalled_released": released,
             "faults": stats["fault_totals"],
-            "moto_500_as_nosuchupload": dict(proxy.translated),
+            "moto_500_as_nosuchupload": stats["conditions"]["moto_500_as_nosuchupload"],
             "daemons": self.daemon_figures(),
         }
         def diagnosis() -> str:
