@@ -25,6 +25,7 @@ from zope.interface.verify import verifyObject
 
 from loghandler.interfaces import StorageError
 from loghandler.storage.s3.api import CompletedPart, IS3Client, ObjectInfo
+from loghandler.storage.s3.bucket_checks import conditional_complete_enforced
 from loghandler.storage.s3.client import S3Client, build_s3_client
 from loghandler.storage.s3.transport import SigV4Transport
 from tests.contract import S3ClientContractMixin, body_of
@@ -364,3 +365,43 @@ class HarnessTests(TestCase):
         moto.reset()
         self.assertEqual(moto.request("GET", path)[0], 404)
         self.assertEqual(moto.request("HEAD", f"/{moto.bucket}")[0], 200)
+
+
+class BucketChecksMotoTests(TestCase):
+    """
+    The start-up probe of conditional CompleteMultipartUpload against the real moto
+    (which ignores If-Match there) and through the fault proxy (which enforces it,
+    as S3 does).
+    """
+
+    def setUp(self) -> None:
+        """Start (once) and reset moto."""
+        self.moto = shared_moto()
+        self.moto.reset()
+
+    async def test_moto_does_not_enforce(self) -> None:
+        """moto completes despite a stale If-Match: the probe says so, leaves nothing."""
+        client = _client(self, self.moto, self.moto.access_key, self.moto.secret_key)
+        self.assertFalse(await conditional_complete_enforced(client, "_loghandler/probe/t"))
+        self.assertEqual(await client.list_objects("_loghandler/"), [])
+        self.assertEqual(await client.list_uploads("_loghandler/"), [])
+
+    async def test_proxy_enforces(self) -> None:
+        """Through the fault proxy (S3's rule) the probe's Complete is refused."""
+        from tests.integration.faultproxy import FaultProxy
+
+        proxy = FaultProxy(self.moto.endpoint_url, region=self.moto.region)
+        proxy.start()
+        self.addCleanup(proxy.stop)
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        self.addCleanup(pool.closeCachedConnections)
+        client = build_s3_client(
+            reactor,
+            bucket=self.moto.bucket,
+            region=self.moto.region,
+            endpoint_url=proxy.endpoint_url,
+            credentials=Credentials(self.moto.access_key, self.moto.secret_key),
+            pool=pool,
+        )
+        self.assertTrue(await conditional_complete_enforced(client, "_loghandler/probe/t"))
+        self.assertEqual(await client.list_uploads("_loghandler/"), [])

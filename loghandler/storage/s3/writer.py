@@ -41,6 +41,7 @@ from loghandler.config import S3_MIN_PART_SIZE
 from loghandler.interfaces import Abandoned, Finished, IObjectStore, IObjectWriter
 from loghandler.retry import Fault, RetryLayer, StorageFault
 from loghandler.storage.s3.api import CompletedPart, IS3Client
+from loghandler.storage.s3.bucket_checks import check_bucket
 from loghandler.storage.s3.merge import ROLLOVER_BYTES, Merger, Staged
 from loghandler.threads import DeferToThread, synchronously
 
@@ -116,26 +117,13 @@ class S3ObjectStore:
 
     def check(self) -> "Deferred[None]":
         """
-        HeadBucket (one attempt); then, in the background, warn when the bucket is
-        versioned: every merge keeps the replaced object as a noncurrent version.
+        HeadBucket (one attempt); then, in the background, the bucket checks of
+        :mod:`loghandler.storage.s3.bucket_checks` (versioning, conditional
+        CompleteMultipartUpload), which warn in the log.
         """
 
-        def versioned(status: str) -> None:
-            if status == "Enabled":
-                self._log.warn(
-                    "the bucket is versioned: every merge keeps the object it replaced as a"
-                    " noncurrent version, so storage grows with the square of the merges;"
-                    " add a lifecycle rule with NoncurrentVersionExpiration"
-                )
-
         def checked(result: None) -> None:
-            self.client.versioning().addCallbacks(
-                versioned,
-                lambda f: self._log.info(
-                    "could not read the bucket's versioning ({error})",
-                    error=f.getErrorMessage(),
-                ),
-            )
+            ensureDeferred(check_bucket(self.client, self.writer_id))
 
         return self.client.check().addCallback(checked)
 
