@@ -63,7 +63,7 @@ import time
 import urllib.error
 import urllib.request
 from types import TracebackType
-from typing import IO, Optional
+from typing import IO, Any, Optional
 from unittest import SkipTest
 
 __all__ = [
@@ -388,6 +388,21 @@ class MotoServer:
         Accept any signature again (the default).
         """
         self._post("/moto-api/reset-auth", b"inf")
+
+    def botocore_client(self) -> Any:
+        """
+        A botocore S3 client straight to this server (no proxy), with its key, for
+        reading back what the daemon stored; the caller closes it.
+        """
+        import botocore.session
+
+        return botocore.session.get_session().create_client(
+            "s3",
+            region_name=self.region,
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+        )
 
     def env(self) -> dict[str, str]:
         """

@@ -394,16 +394,7 @@ class FaultTests(TestCase):
         self.moto = shared_moto()
         self.moto.reset()
         self.workdir = os.path.abspath(".")
-        import botocore.session
-
-        session = botocore.session.get_session()
-        self.s3 = session.create_client(
-            "s3",
-            region_name=self.moto.region,
-            endpoint_url=self.moto.endpoint_url,
-            aws_access_key_id=self.moto.access_key,
-            aws_secret_access_key=self.moto.secret_key,
-        )
+        self.s3 = self.moto.botocore_client()
         self.addCleanup(self.s3.close)
         self.proxy = FaultProxy(
             self.moto.endpoint_url, region=self.moto.region, max_stall=25.0
