@@ -58,6 +58,11 @@ class Config:
     parts_in_flight: int = 2
     completions_in_flight: int = 4
     access_log: bool = False
+    checkpoint_s: float = 10.0
+    lease_s: float = 10.0
+    recovery_interval_s: float = 30.0
+    ack: str = "accepted"
+    durable_timeout_s: float = 10.0
 
 
 @attrs.frozen
@@ -121,6 +126,39 @@ def _positive_number(env: str, value: str) -> float:
     if not (math.isfinite(number) and number > 0):
         raise ConfigError(f"{env}: must be a number greater than 0, got {value!r}")
     return number
+
+
+def _seconds(low: float, high: float, off: bool = False) -> Callable[[str, str], float]:
+    """
+    A parser of seconds from ``low`` to ``high`` (decimals allowed); with ``off``,
+    ``0`` is accepted too (the feature turned off).
+    """
+    allowed = f"0 (off) or from {low:g} to {high:g}" if off else f"from {low:g} to {high:g}"
+
+    def parse(env: str, value: str) -> float:
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise ConfigError(f"{env}: must be a number of seconds, got {value!r}") from None
+        if off and number == 0:
+            return 0.0
+        if not (math.isfinite(number) and low <= number <= high):
+            raise ConfigError(f"{env}: must be {allowed} seconds, got {value!r}")
+        return number
+
+    return parse
+
+
+#: The acknowledgement modes ``ACK`` takes (DESIGN.md section 6): ``accepted``, 200
+#: once the line is held; ``durable``, 200 once the checkpoint holding it is stored.
+ACK_MODES = ("accepted", "durable")
+
+
+def _ack(env: str, value: str) -> str:
+    text = value.strip().lower()
+    if text not in ACK_MODES:
+        raise ConfigError(f"{env}: must be 'accepted' or 'durable', got {value!r}")
+    return text
 
 
 def _minutes(env: str, value: str) -> float:
@@ -263,6 +301,36 @@ SETTINGS: tuple[Setting, ...] = (
         "objects merged at once (each holds up to one part in memory)",
     ),
     Setting("ACCESS_LOG", "access_log", _flag, "1: log a line per HTTP request"),
+    Setting(
+        "CHECKPOINT_S",
+        "checkpoint_s",
+        _seconds(0.1, 86400.0, off=True),
+        "seconds between checkpoints of a stream that received lines (0: off)",
+    ),
+    Setting(
+        "LEASE_S",
+        "lease_s",
+        _seconds(1.0, 3600.0),
+        "seconds between renewals of this writer's lease (gone after 3 x that)",
+    ),
+    Setting(
+        "RECOVERY_INTERVAL_S",
+        "recovery_interval_s",
+        _seconds(1.0, 86400.0),
+        "seconds between passes that merge what gone writers staged",
+    ),
+    Setting(
+        "ACK",
+        "ack",
+        _ack,
+        "accepted: 200 once a message is held; durable: once it is in storage",
+    ),
+    Setting(
+        "DURABLE_TIMEOUT_S",
+        "durable_timeout_s",
+        _seconds(0.1, 3600.0),
+        "ACK=durable: seconds before a message not yet stored is answered 202",
+    ),
 )
 
 

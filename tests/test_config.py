@@ -55,6 +55,11 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(config.parts_in_flight, 2)
         self.assertEqual(config.completions_in_flight, 4)
         self.assertIs(config.access_log, False)
+        self.assertEqual(config.checkpoint_s, 10.0)
+        self.assertEqual(config.lease_s, 10.0)
+        self.assertEqual(config.recovery_interval_s, 30.0)
+        self.assertEqual(config.ack, "accepted")
+        self.assertEqual(config.durable_timeout_s, 10.0)
 
     def test_defaults_equal_config_defaults(self) -> None:
         """The environment-built defaults equal the Config class defaults."""
@@ -345,6 +350,11 @@ class ErrorTests(SynchronousTestCase):
             "PARTS_IN_FLIGHT": "65",
             "COMPLETIONS_IN_FLIGHT": "1\n2",
             "ACCESS_LOG": "2\n",
+            "CHECKPOINT_S": "1\n2",
+            "LEASE_S": "0",
+            "RECOVERY_INTERVAL_S": "x\ny",
+            "ACK": "durable\nx",
+            "DURABLE_TIMEOUT_S": "1\u2028x",
         }
         for variable, value in bad.items():
             self.assertConfigError(dict(BASE, **{variable: value}), variable)
@@ -352,6 +362,177 @@ class ErrorTests(SynchronousTestCase):
     def test_config_error_is_value_error(self) -> None:
         """ConfigError is a ValueError."""
         self.assertTrue(issubclass(ConfigError, ValueError))
+
+
+class CrashSettingsTests(SynchronousTestCase):
+    """
+    The settings of DESIGN.md section 6: CHECKPOINT_S, LEASE_S, RECOVERY_INTERVAL_S,
+    ACK and DURABLE_TIMEOUT_S; good values parsed, each bad one refused in one line
+    naming its variable.
+    """
+
+    assertConfigError = ErrorTests.assertConfigError
+
+    def test_values_parsed(self) -> None:
+        """Each variable fills its field; ACK is taken in any case and stored lower case."""
+        config = from_environ(
+            dict(
+                BASE,
+                CHECKPOINT_S="2.5",
+                LEASE_S=" 5 ",
+                RECOVERY_INTERVAL_S="60",
+                ACK=" Durable ",
+                DURABLE_TIMEOUT_S="0.5",
+            )
+        )
+        self.assertEqual(
+            (
+                config.checkpoint_s,
+                config.lease_s,
+                config.recovery_interval_s,
+                config.ack,
+                config.durable_timeout_s,
+            ),
+            (2.5, 5.0, 60.0, "durable", 0.5),
+        )
+
+    def test_ack_modes(self) -> None:
+        """ACK takes accepted and durable, in any case."""
+        for text in ("accepted", "ACCEPTED", "durable", "Durable"):
+            self.assertEqual(from_environ(dict(BASE, ACK=text)).ack, text.lower(), text)
+
+    def test_ack_unknown(self) -> None:
+        """ACK=sync, ACK=1 and ACK=durably are refused, naming ACK and both modes."""
+        self.assertEqual(
+            self.assertConfigError(dict(BASE, ACK="sync"), "ACK"),
+            "ACK: must be 'accepted' or 'durable', got 'sync'",
+        )
+        for text in ("1", "durably", "accepted durable"):
+            self.assertConfigError(dict(BASE, ACK=text), "ACK", repr(text))
+
+    def test_checkpoint_off(self) -> None:
+        """CHECKPOINT_S=0 (or 0.0) turns checkpoints off: 0.0."""
+        for text in ("0", "0.0", " 0 "):
+            self.assertEqual(from_environ(dict(BASE, CHECKPOINT_S=text)).checkpoint_s, 0.0, text)
+
+    def test_checkpoint_bounds(self) -> None:
+        """
+        CHECKPOINT_S takes 0.1 and 86400; just outside, negatives, nan, inf and text
+        are refused.
+        """
+        self.assertEqual(from_environ(dict(BASE, CHECKPOINT_S="0.1")).checkpoint_s, 0.1)
+        self.assertEqual(from_environ(dict(BASE, CHECKPOINT_S="86400")).checkpoint_s, 86400.0)
+        self.assertEqual(
+            self.assertConfigError(dict(BASE, CHECKPOINT_S="0.05"), "CHECKPOINT_S"),
+            "CHECKPOINT_S: must be 0 (off) or from 0.1 to 86400 seconds, got '0.05'",
+        )
+        for text in ("86400.5", "-1", "nan", "inf", "-inf", "1e999"):
+            self.assertConfigError(dict(BASE, CHECKPOINT_S=text), "CHECKPOINT_S", repr(text))
+        self.assertEqual(
+            self.assertConfigError(dict(BASE, CHECKPOINT_S="ten"), "CHECKPOINT_S"),
+            "CHECKPOINT_S: must be a number of seconds, got 'ten'",
+        )
+
+    def test_lease_bounds(self) -> None:
+        """LEASE_S takes 1 to 3600; 0 (no off), 0.5, 3601, nan and text are refused."""
+        self.assertEqual(from_environ(dict(BASE, LEASE_S="1")).lease_s, 1.0)
+        self.assertEqual(from_environ(dict(BASE, LEASE_S="3600")).lease_s, 3600.0)
+        self.assertEqual(
+            self.assertConfigError(dict(BASE, LEASE_S="0"), "LEASE_S"),
+            "LEASE_S: must be from 1 to 3600 seconds, got '0'",
+        )
+        for text in ("0.5", "3601", "-10", "nan", "inf", "x"):
+            self.assertConfigError(dict(BASE, LEASE_S=text), "LEASE_S", repr(text))
+
+    def test_recovery_interval_bounds(self) -> None:
+        """RECOVERY_INTERVAL_S takes 1 to 86400; 0, 0.9, 86401, inf and text are refused."""
+        self.assertEqual(
+            from_environ(dict(BASE, RECOVERY_INTERVAL_S="1")).recovery_interval_s, 1.0
+        )
+        self.assertEqual(
+            from_environ(dict(BASE, RECOVERY_INTERVAL_S="86400")).recovery_interval_s, 86400.0
+        )
+        self.assertEqual(
+            self.assertConfigError(dict(BASE, RECOVERY_INTERVAL_S="86401"), "RECOVERY_INTERVAL_S"),
+            "RECOVERY_INTERVAL_S: must be from 1 to 86400 seconds, got '86401'",
+        )
+        for text in ("0", "0.9", "-1", "inf", "nan", "soon"):
+            self.assertConfigError(
+                dict(BASE, RECOVERY_INTERVAL_S=text), "RECOVERY_INTERVAL_S", repr(text)
+            )
+
+    def test_durable_timeout_bounds(self) -> None:
+        """DURABLE_TIMEOUT_S takes 0.1 to 3600; 0, 0.09, 3600.1, nan and text are refused."""
+        self.assertEqual(from_environ(dict(BASE, DURABLE_TIMEOUT_S="0.1")).durable_timeout_s, 0.1)
+        self.assertEqual(
+            from_environ(dict(BASE, DURABLE_TIMEOUT_S="3600")).durable_timeout_s, 3600.0
+        )
+        self.assertEqual(
+            self.assertConfigError(dict(BASE, DURABLE_TIMEOUT_S="0"), "DURABLE_TIMEOUT_S"),
+            "DURABLE_TIMEOUT_S: must be from 0.1 to 3600 seconds, got '0'",
+        )
+        for text in ("0.09", "3600.1", "-1", "nan", "inf", "x"):
+            self.assertConfigError(
+                dict(BASE, DURABLE_TIMEOUT_S=text), "DURABLE_TIMEOUT_S", repr(text)
+            )
+
+    def test_empty_means_default(self) -> None:
+        """
+        An empty CHECKPOINT_S, LEASE_S, RECOVERY_INTERVAL_S, ACK or DURABLE_TIMEOUT_S
+        is the default.
+        """
+        config = from_environ(
+            dict(
+                BASE,
+                CHECKPOINT_S="",
+                LEASE_S=" ",
+                RECOVERY_INTERVAL_S="",
+                ACK="",
+                DURABLE_TIMEOUT_S="",
+            )
+        )
+        self.assertEqual(config, from_environ(BASE))
+
+    def test_options(self) -> None:
+        """
+        --checkpoint-s, --lease-s, --recovery-interval-s, --ack and --durable-timeout-s
+        give their variables.
+        """
+        options = _tap().Options()
+        options.parseOptions(
+            [
+                "--checkpoint-s", "1",
+                "--lease-s", "2",
+                "--recovery-interval-s", "3",
+                "--ack", "durable",
+                "--durable-timeout-s", "4",
+            ]
+        )
+        self.assertEqual(
+            options.overrides(),
+            {
+                "CHECKPOINT_S": "1",
+                "LEASE_S": "2",
+                "RECOVERY_INTERVAL_S": "3",
+                "ACK": "durable",
+                "DURABLE_TIMEOUT_S": "4",
+            },
+        )
+
+    def test_defaults_shown(self) -> None:
+        """``--help`` shows the defaults as the variables take them."""
+        from loghandler.config import SETTINGS
+
+        shown = {s.env: s.default_text for s in SETTINGS}
+        self.assertEqual(
+            [
+                shown[name]
+                for name in (
+                    "CHECKPOINT_S", "LEASE_S", "RECOVERY_INTERVAL_S", "ACK", "DURABLE_TIMEOUT_S"
+                )
+            ],
+            ["10", "10", "30", "accepted", "10"],
+        )
 
 
 class TapOptionsTests(SynchronousTestCase):
