@@ -63,6 +63,27 @@ class GzipPartEncoder:
                 return self.finish()
         return None
 
+    @property
+    def pending_bytes(self) -> int:
+        """Uncompressed bytes written since the last part or tail was handed out."""
+        return self._pending
+
+    def snapshot(self) -> bytes:
+        """
+        The part being filled as it stands, as whole gzip members: the compressed
+        bytes so far plus the trailer of a *copy* of the compressor, finished
+        (``compressobj.copy()``, then ``flush(Z_FINISH)``).  The live member is not
+        cut: later writes, parts and :meth:`finish` are byte for byte what they
+        would be without snapshots (DESIGN.md section 6, checkpoints).  Empty when
+        nothing was written since the last part.
+        """
+        if not self._pending:
+            return b""
+        trailer = self._compressor.copy().flush(zlib.Z_FINISH)
+        if len(self._chunks) > 1:
+            self._chunks = [b"".join(self._chunks)]
+        return (self._chunks[0] if self._chunks else b"") + trailer
+
     def finish(self) -> bytes:
         """
         Close the current member and hand out everything held: the object's tail

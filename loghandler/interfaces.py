@@ -75,8 +75,8 @@ class Finished:
 class IObjectWriter(Interface):
     """
     The writer of one stream's data into one object key.  Calls: any number of
-    :meth:`part`, then one :meth:`finish` after every ``part`` Deferred fired; or
-    :meth:`abandon` at any time.
+    :meth:`part` and :meth:`checkpoint`, then one :meth:`finish` after every
+    ``part`` Deferred fired; or :meth:`abandon` at any time.
     """
 
     key = Attribute("The object key the data go to (str).")
@@ -91,6 +91,19 @@ class IObjectWriter(Interface):
         as the next piece of the stream's data.  Fires with None once it is stored;
         every failure is retried (no piece is ever skipped).
 
+        :raises Abandoned: (errback) the writer was abandoned first.
+        """
+
+    def checkpoint(body: bytes) -> "Deferred[bool]":
+        """
+        Store ``body`` (whole gzip members: everything since the last :meth:`part`,
+        as it stands) so that it survives a crash of this process, in place of the
+        previous checkpoint; the next :meth:`part` or :meth:`finish` replaces it.
+        Stored after every ``part`` handed over before it.
+
+        :returns: a Deferred firing with True once stored, or False when the store
+            took no checkpoint (the data are stored by the next ``part`` or
+            ``finish`` only).
         :raises Abandoned: (errback) the writer was abandoned first.
         """
 

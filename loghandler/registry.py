@@ -11,8 +11,9 @@ import random
 from typing import Callable, Optional
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred, DeferredList
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, DeferredSemaphore
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -53,12 +54,40 @@ class StreamSettings:
         together do not merge the same keys in lockstep.
     :ivar parts_in_flight: parts one stream uploads at once.
     :ivar budget_bytes: bytes held in memory for all streams before 503.
+    :ivar checkpoint_s: seconds between checkpoints of each stream that received
+        lines (``CHECKPOINT_S``); 0 for none but those :meth:`Accepted.durable` asks.
+    :ivar checkpoints_at_once: checkpoints one round starts at once (each holds a
+        copy of its stream's part being filled, counted in the budget).
     """
 
     part_size: int
     lifetime_s: float
     parts_in_flight: int = 2
     budget_bytes: int = 256 * 1024 * 1024
+    checkpoint_s: float = 0.0
+    checkpoints_at_once: int = 4
+
+
+@attrs.frozen
+class Accepted:
+    """
+    A message taken by its stream.
+
+    :ivar stream: the stream of its object.
+    :ivar line: its line number in that stream, from 1.
+    """
+
+    stream: ObjectStream
+    line: int
+
+    def durable(self) -> "Deferred[bool]":
+        """
+        Fires with True once the message is in storage (a checkpoint, part or the
+        tail holding it landed; a checkpoint is started for it at once, or as soon
+        as the one in flight ends), or False if it never will be (its loss is
+        logged).  Cancel it to stop waiting.
+        """
+        return self.stream.wait_durable(self.line)
 
 
 @implementer(IPushProducer)
@@ -122,6 +151,8 @@ class StreamRegistry:
         self.stopping = False
         #: False until the store was found reachable (set by the stream service).
         self.ready = True
+        self._checkpoints = LoopingCall(self.checkpoint_all)
+        self._checkpoints.clock = clock
 
     @property
     def open_keys(self) -> list[str]:
@@ -139,9 +170,11 @@ class StreamRegistry:
         """How many streams are completing their objects."""
         return len(self._closing)
 
-    def accept(self, message: Message) -> None:
+    def accept(self, message: Message) -> Accepted:
         """
         Add a validated message to its object's stream, opening the stream if needed.
+
+        :returns: where it went, to wait until it is in storage.
 
         :raises Busy: the server is stopping, the storage was not reached yet, the
             memory budget is spent, or the key's parts are backed up.
@@ -159,15 +192,35 @@ class StreamRegistry:
             entry = self._open[key] = self._start(key)
         elif entry.admission.paused:
             raise Busy("uploads for this object are backed up", 1)
+        stream = entry.stream
         try:
-            entry.stream.write(message.to_line())
+            stream.write(message.to_line())
         except Exception:
             self._log.failure("{key}: stream failed; completing it", key=key)
             self._complete(key)
             raise
-        if entry.stream.must_finish:
+        accepted = Accepted(stream, stream.lines)
+        if stream.must_finish:
             self._log.info("{key}: the writer is full; completing the object early", key=key)
             self._complete(key)
+        return accepted
+
+    def start_checkpoints(self) -> None:
+        """Checkpoint every stream every ``checkpoint_s`` (when it is not 0) until stop."""
+        if self._settings.checkpoint_s > 0 and not self._checkpoints.running:
+            self._checkpoints.start(self._settings.checkpoint_s, now=False)
+
+    def checkpoint_all(self) -> "Deferred[list[tuple[bool, None]]]":
+        """
+        One round: a checkpoint of each open stream that received lines since its
+        last one, ``checkpoints_at_once`` at a time.
+
+        :returns: a Deferred firing when the round's checkpoints ended.
+        """
+        slots = DeferredSemaphore(self._settings.checkpoints_at_once)
+        return DeferredList(
+            [slots.run(entry.stream.checkpoint) for entry in list(self._open.values())]
+        )
 
     def _relieve(self) -> None:
         """
@@ -229,6 +282,8 @@ class StreamRegistry:
             completions still running (each logs what it could not store).
         """
         self.stopping = True
+        if self._checkpoints.running:
+            self._checkpoints.stop()
         self._log.info("completing {count} objects", count=len(self._open) + len(self._closing))
         for key in list(self._open):
             self._complete(key)

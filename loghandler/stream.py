@@ -9,6 +9,13 @@ flight and queues the rest; while parts wait in that queue it pauses its registe
 ``IPushProducer`` (backpressure), and resumes it once the queue drains.  :meth:`close`
 hands the tail to the writer, which stages it and merges the object.
 
+Checkpoints (DESIGN.md section 6): :meth:`checkpoint` hands the writer the part
+being filled as it stands (:meth:`GzipPartEncoder.snapshot`), one checkpoint at a
+time; the stream counts how many of its lines are in storage (:attr:`durable_lines`:
+lines of landed parts and checkpoints) and :meth:`wait_durable` tells a caller when
+its line is (group commit: a waiting caller starts the next checkpoint as soon as
+the one in flight ends).
+
 The stream knows no part numbers, conditions or retries: the writer stores every part
 (retrying every failure) or is abandoned at the shutdown deadline, and the stream
 counts what was stored and logs what was not.
@@ -79,6 +86,17 @@ class ObjectStream:
         self.raw_bytes = 0
         self.stored_bytes = 0
         self.started = clock.seconds()
+        #: Lines (the first ones, in order) known to be in storage.
+        self.durable_lines = 0
+        self._durable_waiters: collections.deque[tuple[int, Deferred[bool]]] = (
+            collections.deque()
+        )
+        self._checkpoint_in_flight: Optional[Deferred[None]] = None
+        self._checkpoint_wanted = False
+        self._checkpoint_ended: list[Deferred[None]] = []
+        self._snapshot_lines = 0  # lines covered by the newest checkpoint handed over
+        self._checkpoint_bytes = 0
+        self.checkpoints = 0
 
     @property
     def paused(self) -> bool:
@@ -92,8 +110,11 @@ class ObjectStream:
 
     @property
     def unstaged_bytes(self) -> int:
-        """Compressed bytes held in memory that the writer has not stored yet."""
-        return self._unstored_bytes + self._encoder.buffered_bytes
+        """
+        Compressed bytes held in memory that the writer has not stored yet (the
+        copy a checkpoint in flight holds included).
+        """
+        return self._unstored_bytes + self._encoder.buffered_bytes + self._checkpoint_bytes
 
     @property
     def must_finish(self) -> bool:
@@ -158,11 +179,99 @@ class ObjectStream:
         self._unstored_bytes -= size
         self._lines_stored += lines
         self._budget.change(-size)
+        # The writer stores a stream's uploads in order: every line before is stored.
+        self._now_durable(self._lines_stored)
+
+    # checkpoints and durability
+
+    def checkpoint(self) -> "Deferred[None]":
+        """
+        Hand the writer the part being filled as it stands, if lines came since the
+        last checkpoint and none is in flight (else one follows as soon as the one
+        in flight ends).  Does nothing once the stream completes.
+
+        :returns: a Deferred that fires (with None, never an error) when the
+            checkpoint started now ends; at once when none started.
+        """
+        if self._finishing is not None or self._abandoned:
+            return succeed(None)
+        if self._checkpoint_in_flight is not None or self._queue:
+            self._checkpoint_wanted = True
+            return succeed(None)
+        self._checkpoint_wanted = False
+        if self.lines <= max(self._snapshot_lines, self._lines_cut):
+            return succeed(None)  # nothing new since the last checkpoint or part
+        body = self._encoder.snapshot()
+        if not body:
+            return succeed(None)
+        covered = self.lines
+        self._snapshot_lines = covered
+        self._checkpoint_bytes = len(body)
+        self._budget.change(len(body))
+        d: Deferred[bool] = self._writer.checkpoint(body)
+        done = d.addCallback(self._checkpoint_landed, covered)
+        done.addErrback(self._log_failure, "storing a checkpoint")
+        self._checkpoint_in_flight = done
+        done.addBoth(self._checkpoint_done)
+        ended: Deferred[None] = Deferred()
+        self._checkpoint_ended.append(ended)
+        return ended
+
+    def _checkpoint_landed(self, landed: bool, covered: int) -> None:
+        if landed and not self._done:
+            self.checkpoints += 1
+            self._now_durable(covered)
+
+    def _checkpoint_done(self, result: object) -> None:
+        self._budget.change(-self._checkpoint_bytes)
+        self._checkpoint_bytes = 0
+        self._checkpoint_in_flight = None
+        ended, self._checkpoint_ended = self._checkpoint_ended, []
+        for d in ended:
+            d.callback(None)
+        if self._checkpoint_wanted:
+            self.checkpoint()
+
+    def _now_durable(self, lines: int) -> None:
+        if lines <= self.durable_lines:
+            return
+        self.durable_lines = lines
+        waiters = self._durable_waiters
+        while waiters and waiters[0][0] <= lines:
+            waiters.popleft()[1].callback(True)
+
+    def wait_durable(self, line: int) -> "Deferred[bool]":
+        """
+        Wait until line number ``line`` (from 1, as counted by :attr:`lines`) is in
+        storage, starting a checkpoint for it when none is in flight.
+
+        :returns: a Deferred firing with True once it is, or False once it never
+            will be (the stream gave up; the loss is logged).  Cancelling it stops
+            the wait, not the checkpoint.
+        """
+        if line <= self.durable_lines:
+            return succeed(True)
+        if self._done:
+            return succeed(False)
+
+        def cancel(d: Deferred[bool]) -> None:
+            try:
+                self._durable_waiters.remove(entry)
+            except ValueError:
+                pass
+
+        waiter: Deferred[bool] = Deferred(cancel)
+        entry = (line, waiter)
+        self._durable_waiters.append(entry)
+        self.checkpoint()
+        return waiter
 
     def _part_done(self, result: object, upload: Deferred[None]) -> None:
         self._part_uploads.discard(upload)
         if not self._abandoned:
             self._pump()
+            if self._checkpoint_wanted and not self._queue:
+                self.checkpoint()
         if not self._queue and not self._part_uploads:
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:
@@ -222,6 +331,7 @@ class ObjectStream:
                 if not staged:
                     staged.append(True)
                     self._part_stored(None, len(tail), self.lines - self._lines_cut)
+                    self._now_durable(self.lines)
 
             finished: Finished = await self._writer.finish(tail, on_staged)
             on_staged()
@@ -243,6 +353,8 @@ class ObjectStream:
             self._budget.change(-self._unstored_bytes)
             self._unstored_bytes = 0
             self._done = True
+            while self._durable_waiters:  # their lines were not stored
+                self._durable_waiters.popleft()[1].callback(False)
             waiters, self._done_waiters = self._done_waiters, []
             for waiter in waiters:
                 waiter.callback(None)

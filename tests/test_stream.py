@@ -54,7 +54,13 @@ class ControlledWriter:
         self.full = False
         self.pending: list[tuple[str, bytes, Deferred[object]]] = []
         self.stored: list[bytes] = []
+        self.checkpoints: list[bytes] = []
         self.abandoned = False
+
+    def checkpoint(self, body: bytes) -> "Deferred[bool]":
+        d: Deferred[object] = Deferred(lambda _: None)
+        self.pending.append(("checkpoint", body, d))
+        return d  # type: ignore[return-value]
 
     def part(self, body: bytes) -> "Deferred[None]":
         d: Deferred[object] = Deferred(lambda _: None)
@@ -79,8 +85,16 @@ class ControlledWriter:
         ready = self.pending if count is None else self.pending[:count]
         self.pending = [] if count is None else self.pending[count:]
         for kind, body, d in ready:
+            if kind == "checkpoint":
+                self.checkpoints.append(body)
+                d.callback(True)
+                continue
             self.stored.append(body)
             d.callback(None if kind == "part" else Finished("merged", key=self.key))
+
+    def kinds(self) -> list[str]:
+        """The kinds of the pending calls, in order."""
+        return [kind for kind, _, _ in self.pending]
 
 
 class StreamCase(SynchronousTestCase):
@@ -230,3 +244,143 @@ class AbandonTests(StreamCase):
         self.assertEqual([e["lost_lines"] for e in events if "lost_lines" in e], [1])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertEqual(self.budget.held, 0)
+
+
+class CheckpointTests(StreamCase):
+    """Checkpoints: the part being filled, as it stands, without cutting the member."""
+
+    def test_checkpoint_is_whole_and_object_unchanged(self) -> None:
+        """
+        Each checkpoint decompresses whole to every line since the last part; the
+        parts and tail are byte for byte those of a stream without checkpoints.
+        """
+        lines = [noise_line(n) for n in range(700)]
+        plain_writer = ControlledWriter()
+        plain = ObjectStream(plain_writer, self.clock, PART, 100, MemoryBudget(1 << 40))
+        stream = self.stream(in_flight=100)
+        for n, line in enumerate(lines):
+            plain.write(line)
+            stream.write(line)
+            if n % 37 == 0:
+                stream.checkpoint()
+                self.writer.answer()
+                plain_writer.answer()
+                since_part = read_lines(b"".join(self.writer.stored))
+                self.assertEqual(
+                    since_part + read_lines(self.writer.checkpoints[-1]), lines[: n + 1]
+                )
+        self.assertGreater(len(self.writer.checkpoints), 5)
+        self.assertGreaterEqual(len(self.writer.stored), 3)
+        for s_, w in ((stream, self.writer), (plain, plain_writer)):
+            done = s_.close()
+            w.answer()
+            self.successResultOf(done)
+        self.assertEqual(self.writer.stored, plain_writer.stored)
+        self.assertEqual(read_lines(b"".join(self.writer.stored)), lines)
+        self.assertEqual(self.budget.held, 0)
+
+    def test_idle_stream_uploads_nothing(self) -> None:
+        """No lines since the last checkpoint (or part): no checkpoint."""
+        stream = self.stream()
+        stream.checkpoint()
+        self.assertEqual(self.writer.pending, [])
+        stream.write(message(1).to_line())
+        stream.checkpoint()
+        self.writer.answer()
+        stream.checkpoint()
+        self.assertEqual(self.writer.pending, [])
+        self.assertEqual(len(self.writer.checkpoints), 1)
+
+    def test_budget_counts_checkpoint_copy(self) -> None:
+        """The copy a checkpoint in flight holds is in the budget until it ends."""
+        stream = self.stream()
+        stream.write(message(1).to_line())
+        before = self.budget.held
+        stream.checkpoint()
+        ((_, body, _),) = self.writer.pending
+        self.assertEqual(self.budget.held, before + len(body))
+        self.assertEqual(stream.unstaged_bytes, before + len(body))
+        self.writer.answer()
+        self.assertEqual(self.budget.held, before)
+
+    def test_group_commit(self) -> None:
+        """
+        One checkpoint at a time; lines waiting for durability while one is in
+        flight start the next as soon as it ends, and each waiter fires once its
+        line is in a landed checkpoint.
+        """
+        stream = self.stream()
+        stream.write(message(1).to_line())
+        first = stream.wait_durable(1)
+        self.assertEqual(self.writer.kinds(), ["checkpoint"])
+        stream.write(message(2).to_line())
+        stream.write(message(3).to_line())
+        second = stream.wait_durable(2)
+        third = stream.wait_durable(3)
+        self.assertEqual(self.writer.kinds(), ["checkpoint"])  # waits for the first
+        self.assertNoResult(first)
+        self.writer.answer(1)
+        self.assertTrue(self.successResultOf(first))
+        self.assertNoResult(second)
+        self.assertEqual(self.writer.kinds(), ["checkpoint"])  # started at once
+        self.writer.answer(1)
+        self.assertTrue(self.successResultOf(second))
+        self.assertTrue(self.successResultOf(third))
+        self.assertEqual(len(read_lines(self.writer.checkpoints[-1])), 3)
+        self.assertEqual(self.writer.pending, [])
+        self.assertTrue(self.successResultOf(stream.wait_durable(3)))
+
+    def test_durable_by_part_and_by_tail(self) -> None:
+        """A line in a stored part, or in the staged tail, is durable."""
+        stream = self.stream(in_flight=100)
+        for n in range(200):
+            stream.write(noise_line(n))
+        in_part = stream.wait_durable(1)
+        in_tail = stream.wait_durable(200)
+        while self.writer.kinds()[:1] == ["part"]:
+            self.writer.answer(1)
+        self.assertTrue(self.successResultOf(in_part))
+        self.assertNoResult(in_tail)
+        self.writer.answer()  # the checkpoint wait_durable started
+        self.assertTrue(self.successResultOf(in_tail))
+
+    def test_no_checkpoint_while_parts_queued(self) -> None:
+        """
+        While parts wait in the stream's queue, a checkpoint waits too (it must
+        follow them), and starts once the queue drains.
+        """
+        stream = self.stream(in_flight=1)
+        stream.registerProducer(RecordingProducer(), True)
+        for n in range(900):
+            stream.write(noise_line(n))
+        self.assertTrue(stream.paused)
+        stream.checkpoint()
+        self.assertNotIn("checkpoint", self.writer.kinds())
+        while "checkpoint" not in self.writer.kinds():
+            self.assertEqual(self.writer.kinds(), ["part"])
+            self.writer.answer(1)
+        # Handed over after the last queued part (the writer stores them in order).
+        self.assertFalse(stream.paused)
+        self.assertEqual(self.writer.kinds(), ["part", "checkpoint"])
+
+    def test_waiters_told_when_lines_lost(self) -> None:
+        """Abandoned before the line was stored: its waiter fires with False."""
+        stream = self.stream()
+        stream.write(message(1).to_line())
+        waiter = stream.wait_durable(1)
+        done = stream.close()
+        with capturedLogs():
+            stream.abandon()
+        self.successResultOf(done)
+        self.assertFalse(self.successResultOf(waiter))
+        self.assertEqual(self.budget.held, 0)
+
+    def test_cancelled_wait(self) -> None:
+        """Cancelling a wait removes it; the checkpoint goes on."""
+        stream = self.stream()
+        stream.write(message(1).to_line())
+        waiter = stream.wait_durable(1)
+        waiter.cancel()
+        self.failureResultOf(waiter)
+        self.writer.answer()
+        self.assertEqual(stream.durable_lines, 1)

@@ -398,6 +398,132 @@ class DefectCompletionMemoryTests(WriterCase):
         self.assertEqual(self.budget.held, 0)
 
 
+class CheckpointTests(WriterCase):
+    """Checkpoints into the staging upload: numbers, replacement, stale attempts."""
+
+    def upload_numbers(self) -> list[int]:
+        return [n for n in self.part_calls]
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.part_calls: list[int] = []
+        upload_part = self.s3.upload_part
+
+        def recording(key: str, upload_id: str, number: int, body: bytes) -> Deferred[str]:
+            self.part_calls.append(number)
+            return upload_part(key, upload_id, number, body)
+
+        self.s3.upload_part = recording  # type: ignore[method-assign]
+
+    def staged_lines(self, writer: S3ObjectWriter) -> list[bytes]:
+        """What recovery would complete now: the newest part of each segment."""
+        ((upload_id, upload),) = self.s3.uploads.items()
+        from loghandler.storage.s3.layout import newest_per_segment
+
+        numbers = newest_per_segment(sorted(upload.parts), lambda n: n)
+        return read_lines(b"".join(upload.parts[n][0] for n in numbers))
+
+    def test_checkpoints_replace_then_final(self) -> None:
+        """
+        Checkpoints of segment 1 replace each other at part 1; its final upload
+        replaces them; segment 2 uses 11; completion lists 1 and 11 and the key
+        holds each line once.
+        """
+        lines = noise(0, 60)
+        first, second = gzip_of(lines[:20]), gzip_of(lines[:40])
+        writer = self.store.open(KEY)
+        self.assertTrue(self.successResultOf(writer.checkpoint(gzip_of(lines[:5]))))
+        self.assertTrue(self.successResultOf(writer.checkpoint(first)))
+        self.assertEqual(self.staged_lines(writer), lines[:20])
+        self.successResultOf(writer.part(second))
+        self.assertEqual(self.staged_lines(writer), lines[:40])
+        self.assertTrue(self.successResultOf(writer.checkpoint(gzip_of(lines[40:50]))))
+        self.assertEqual(self.staged_lines(writer), lines[:50])
+        finished = self.run_until(writer.finish(gzip_of(lines[40:])))
+        self.assertEqual(finished, Finished("merged", key=KEY))
+        self.assertEqual(self.part_calls, [1, 1, 1, 11, 11])
+        self.assertEqual(self.stored(), lines)
+        self.assertEqual(self.leftovers(), ([], []))
+
+    def test_stale_checkpoint_attempt_lands_late(self) -> None:
+        """
+        A checkpoint attempt that times out may land later with older data: the
+        segment moves on to the next number, so the late landing is superseded
+        and the key holds the final data once.
+        """
+        lines = noise(0, 60)
+        writer = self.store.open(KEY)
+        self.successResultOf(writer.checkpoint(gzip_of(lines[:5])))  # creates the upload
+        self.s3.hold("UploadPart")
+        d = writer.checkpoint(gzip_of(lines[:10]))
+        self.clock.advance(11.0)  # the attempt times out
+        self.s3._holding.clear()  # the retry goes through; the first stays held
+        self.run_until(d)
+        self.assertEqual(self.part_calls, [1, 1, 2])
+        self.s3.release()  # the stale attempt lands at 1, behind 2
+        self.assertEqual(self.staged_lines(writer), lines[:10])
+        self.run_until(writer.part(gzip_of(lines[:45])))
+        finished = self.run_until(writer.finish(gzip_of(lines[45:])))
+        self.assertEqual(finished, Finished("merged", key=KEY))
+        self.assertEqual(self.part_calls, [1, 1, 2, 2, 11])
+        self.assertEqual(self.stored(), lines)
+
+    def test_error_answer_keeps_number(self) -> None:
+        """An attempt answered with an error never landed: the number is kept."""
+        writer = self.store.open(KEY)
+        self.s3.fail("UploadPart", StorageError("UploadPart", 503, "SlowDown"))
+        self.run_until(writer.checkpoint(gzip_of(noise(0, 5))))
+        self.assertEqual(self.part_calls, [1, 1])
+
+    def test_numbers_exhausted(self) -> None:
+        """
+        Nine lost answers use up the checkpoint numbers of a segment: the next
+        checkpoint is refused (False); the final upload keeps the tenth.
+        """
+        lines = noise(0, 30)
+        writer = self.store.open(KEY)
+        self.s3.lose_answer("UploadPart", times=9)
+        with capturedLogs() as events:
+            landed = self.run_until(writer.checkpoint(gzip_of(lines[:10])))
+        self.assertFalse(landed)
+        self.assertTrue([e for e in events if "no part number left" in e["log_format"]])
+        self.assertFalse(self.run_until(writer.checkpoint(gzip_of(lines[:12]))))
+        finished = self.run_until(writer.finish(gzip_of(lines)))
+        self.assertEqual(finished, Finished("merged", key=KEY))
+        self.assertEqual(self.part_calls, list(range(1, 10)) + [10])
+        self.assertEqual(self.stored(), lines)
+
+    def test_uploads_wait_for_the_lease(self) -> None:
+        """No staging call is made before the lease is held."""
+        held: Deferred[None] = Deferred()
+        store = self.make_store(lease_held=lambda: held)
+        writer = store.open(KEY)
+        d = writer.checkpoint(gzip_of(noise(0, 5)))
+        self.assertEqual(self.s3.calls, [])
+        held.callback(None)
+        self.assertTrue(self.successResultOf(d))
+        self.assertEqual(
+            [op for op, _ in self.s3.calls], ["CreateMultipartUpload", "UploadPart"]
+        )
+
+    def test_uploads_in_order(self) -> None:
+        """
+        A checkpoint handed over after a part waits until the part landed (no
+        upload of segment 2 before segment 1's final upload).
+        """
+        lines = noise(0, 40)
+        writer = self.store.open(KEY)
+        self.successResultOf(writer.checkpoint(gzip_of(lines[:5])))
+        self.s3.hold("UploadPart")
+        part = writer.part(gzip_of(lines[:20]))
+        checkpoint = writer.checkpoint(gzip_of(lines[20:25]))
+        self.assertEqual([h.operation for h in self.s3.held], ["UploadPart"])
+        self.s3.release()
+        self.successResultOf(part)
+        self.successResultOf(checkpoint)
+        self.assertEqual(self.part_calls, [1, 1, 11])
+
+
 class MemoryModelTests(SynchronousTestCase):
     """The faults the memory S3 models, as the writer sees them."""
 

@@ -4,7 +4,12 @@ opens an :class:`S3ObjectWriter` per stream, which
 
 1. stages: writes the stream's parts into a multipart upload on its own staging key,
    ``_loghandler/staging/{writer_id}/{key}/{n}`` (nobody else writes there, so no
-   conditions are needed; part numbers 1, 2, ... in the order the parts come);
+   conditions are needed), one upload at a time, in order.  Each part is a
+   *segment*; checkpoints upload the segment being filled as it stands, in place of
+   its previous upload, so that a hard crash loses at most what came since the last
+   checkpoint (DESIGN.md section 6; part numbers as in
+   :mod:`~loghandler.storage.s3.layout`).  The upload is created by the first part
+   or checkpoint; every staging call waits until the process holds its lease;
 2. completes the staging upload at finish (or, when the whole stream is one small
    tail, PutObjects it), giving the staging object S;
 3. merges S into the key (:mod:`loghandler.storage.s3.merge`), at most
@@ -17,6 +22,9 @@ CreateMultipartUpload that had to be retried may have created more than one uplo
 the extra ones are aborted.  What cannot be merged before the shutdown deadline
 stays staged, for recovery.
 
+An upload attempt of a checkpoint that ends without an answer may land later, with
+data older than what follows: its part number is not used again for the segment.
+
 S3 API pages: CreateMultipartUpload, UploadPart, CompleteMultipartUpload, PutObject,
 ListMultipartUploads, AbortMultipartUpload, HeadObject, GetBucketVersioning.
 """
@@ -28,9 +36,12 @@ from typing import Any, Callable, Optional
 
 from twisted.internet.defer import (
     Deferred,
+    DeferredLock,
     DeferredSemaphore,
     ensureDeferred,
+    succeed,
 )
+from twisted.internet.error import ConnectionRefusedError, DNSLookupError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -38,23 +49,31 @@ from zope.interface import implementer
 
 from loghandler.budget import MemoryBudget
 from loghandler.config import S3_MIN_PART_SIZE
-from loghandler.interfaces import Abandoned, Finished, IObjectStore, IObjectWriter
+from loghandler.interfaces import (
+    Abandoned,
+    Finished,
+    IObjectStore,
+    IObjectWriter,
+    StorageError,
+)
 from loghandler.retry import Fault, RetryLayer, StorageFault
 from loghandler.storage.s3.api import CompletedPart, IS3Client
 from loghandler.storage.s3.bucket_checks import check_bucket
+from loghandler.storage.s3.layout import (
+    MAX_PART_NUMBER,
+    MAX_SEGMENTS,
+    STAGING_PREFIX,
+    segment_numbers,
+    staging_key,
+)
 from loghandler.storage.s3.merge import ROLLOVER_BYTES, Merger, Staged
 from loghandler.threads import DeferToThread, synchronously
 
-#: S3's largest part number (https://docs.aws.amazon.com/AmazonS3/latest/userguide/qfacts.html).
-MAX_PART_NUMBER = 10_000
-
-#: The daemon's working area in the bucket; readers use ``chat/``.
-STAGING_PREFIX = "_loghandler/staging/"
+__all__ = ["MAX_PART_NUMBER", "STAGING_PREFIX", "S3ObjectStore", "S3ObjectWriter"]
 
 
-def staging_key(writer_id: str, key: str, sequence: int) -> str:
-    """``_loghandler/staging/{writer_id}/{key}/{sequence}``."""
-    return f"{STAGING_PREFIX}{writer_id}/{key}/{sequence}"
+def _always_held() -> "Deferred[None]":
+    return succeed(None)
 
 
 @implementer(IObjectStore)
@@ -71,6 +90,10 @@ class S3ObjectStore:
     :param writer_id: this process's writer ID (random hex by default).
     :param retry: the retry layer (one for the store).
     :param defer_to_thread: runs CPU work (re-compression) off the reactor thread.
+    :param lease_held: fires when this process's lease is held
+        (:meth:`loghandler.storage.s3.lease.Lease.held`): every staging write waits
+        for it, so that recovery never takes the data of a writer that still writes.
+        Always held by default (tests without leases).
     """
 
     _log = Logger()
@@ -87,8 +110,10 @@ class S3ObjectStore:
         writer_id: Optional[str] = None,
         retry: Optional[RetryLayer] = None,
         defer_to_thread: DeferToThread = synchronously,
+        lease_held: Callable[[], "Deferred[None]"] = _always_held,
     ) -> None:
         self.client = client
+        self.lease_held = lease_held
         self.clock = clock
         self.writer_id = writer_id or uuid.uuid4().hex
         self.retry = retry or RetryLayer(clock)
@@ -157,8 +182,15 @@ class S3ObjectWriter:
         self.write_id = uuid.uuid4().hex
         self._upload_id: Optional[str] = None
         self._creating: Optional[list[Deferred[str]]] = None
-        self._next_number = 1
-        self._parts: dict[int, tuple[str, int]] = {}  # number -> (ETag, size)
+        # Uploads go one at a time, in the order they were handed over, so that the
+        # staging upload always holds whole segments then one segment being filled.
+        self._uploads_in_order = DeferredLock()
+        self._finals = 0  # final uploads handed over (segments closed)
+        self._segment = 1  # the segment being filled
+        self._number = 1  # the part number its next upload uses
+        self._checkpoints_exhausted = False
+        # segment -> (part number, ETag, size) of its newest landed upload
+        self._parts: dict[int, tuple[int, str, int]] = {}
         self._active: set[Deferred[Any]] = set()
         self._abandoned = False
         self._staged: Optional[Staged] = None
@@ -167,10 +199,10 @@ class S3ObjectWriter:
     @property
     def full(self) -> bool:
         """
-        Whether the stream must finish now: one part number is left for the tail, or
+        Whether the stream must finish now: one segment is left for the tail, or
         the staged bytes reached the rollover size.
         """
-        return self._next_number >= MAX_PART_NUMBER or self.staged_bytes >= ROLLOVER_BYTES
+        return self._finals >= MAX_SEGMENTS - 1 or self.staged_bytes >= ROLLOVER_BYTES
 
     def _cancelled(self) -> bool:
         return self._abandoned
@@ -189,44 +221,118 @@ class S3ObjectWriter:
         operation: str,
         call: Callable[[], "Deferred[Any]"],
         slots: Optional[DeferredSemaphore] = None,
+        cancelled: Optional[Callable[[], bool]] = None,
     ) -> Any:
+        await self._store.lease_held()  # no staging write without the lease
         return await self._retry.call(
-            operation, self.staging_key, call, slots=slots, cancelled=self._cancelled
+            operation, self.staging_key, call, slots=slots, cancelled=cancelled or self._cancelled
         )
 
     # -- IObjectWriter -------------------------------------------------------------
 
     def part(self, body: bytes) -> "Deferred[None]":
-        """Upload ``body`` as the next part of the staging upload."""
+        """
+        Upload ``body`` as the final upload of the segment being filled (replacing
+        its checkpoints); the next upload starts the next segment.
+        """
         if self._abandoned:
             return Deferred.fromCoroutine(_raise(Abandoned(self.key)))
-        number = self._next_number
-        self._next_number += 1
+        self._finals += 1
         self.staged_bytes += len(body)
-        return self._track(ensureDeferred(self._upload_part(number, body)))
+        return self._track(ensureDeferred(self._upload_in_order(body, final=True)))
 
-    async def _upload_part(self, number: int, body: bytes) -> None:
+    def checkpoint(self, body: bytes) -> "Deferred[bool]":
+        """
+        Upload ``body`` (the segment being filled as it stands, whole gzip members)
+        in place of the segment's previous upload.
+
+        :returns: a Deferred firing with True once it landed, or False when the
+            segment has no part number left for checkpoints (see
+            :mod:`~loghandler.storage.s3.layout`): then only its final upload
+            stores its lines.
+        """
+        if self._abandoned:
+            return Deferred.fromCoroutine(_raise(Abandoned(self.key)))
+        return self._track(ensureDeferred(self._upload_in_order(body, final=False)))
+
+    async def _upload_in_order(self, body: bytes, final: bool) -> bool:
+        await self._uploads_in_order.acquire()
+        try:
+            if self._abandoned:
+                raise Abandoned(self.key)
+            if not final and self._checkpoints_exhausted:
+                return False
+            landed = await self._upload(body, final)
+            if final:
+                self._segment += 1
+                self._number = segment_numbers(self._segment)[0]
+                self._checkpoints_exhausted = False
+            return landed
+        finally:
+            self._uploads_in_order.release()
+
+    async def _upload(self, body: bytes, final: bool) -> bool:
+        segment = self._segment
+        numbers = segment_numbers(segment)
+
+        def out_of_numbers() -> bool:
+            # The last number of the range is kept for the final upload.
+            return not final and self._number >= numbers[-1]
+
+        def attempt(upload_id: str) -> "Deferred[str]":
+            number = self._number
+            d = self._client.upload_part(self.staging_key, upload_id, number, body)
+            if not final:
+                d.addErrback(self._attempt_failed, number)
+            return d
+
         while True:
+            if out_of_numbers():
+                self._checkpoints_exhausted = True
+                self._log.warn(
+                    "{key}: no part number left for checkpoints of segment {segment};"
+                    " its lines are stored with its final upload",
+                    key=self.key,
+                    segment=segment,
+                )
+                return False
             upload_id = await self._ensure_upload()
             try:
                 etag = await self._call(
                     "UploadPart",
-                    lambda: self._client.upload_part(self.staging_key, upload_id, number, body),
+                    lambda: attempt(upload_id),
                     self._store.upload_slots,
+                    cancelled=lambda: self._abandoned or out_of_numbers(),
                 )
+            except Abandoned:
+                if self._abandoned:
+                    raise
+                continue  # out of numbers
             except StorageFault as e:
                 if e.fault is Fault.GONE:
                     self._replace_upload(upload_id)
                     continue
                 raise
-            self._parts[number] = (etag, len(body))
-            return
+            self._parts[segment] = (self._number, etag, len(body))
+            return True
+
+    def _attempt_failed(self, failure: Failure, number: int) -> Failure:
+        """
+        A checkpoint's attempt failed: if it may still land later (no answer came),
+        its number holds older data from now on, and the segment moves on to the
+        next number of its range.
+        """
+        if self._number == number and (
+            failure.value is None or _may_have_landed(failure.value)
+        ):
+            self._number = number + 1
+        return failure
 
     def _replace_upload(self, upload_id: str) -> None:
         """The staging upload was aborted from outside: its parts are lost."""
         if self._upload_id != upload_id:
             return
-        lost = sum(size for _, size in self._parts.values())
+        lost = sum(size for _, _, size in self._parts.values())
         self._log.error(
             "{key}: staging upload {upload_id} was aborted by someone else: {parts} parts"
             " ({lost} gzip bytes) in it are lost; going on in a new upload",
@@ -316,6 +422,9 @@ class S3ObjectWriter:
     async def _finish(self, tail: bytes, on_staged: Optional[Callable[[], None]]) -> Finished:
         if self._abandoned:
             raise Abandoned(self.key)
+        # After every upload handed over before (checkpoints included).
+        await self._uploads_in_order.acquire()
+        self._uploads_in_order.release()
         if self._upload_id is None and not self._parts and self._creating is None:
             if not tail:
                 return Finished("empty")
@@ -343,17 +452,17 @@ class S3ObjectWriter:
     async def _complete_staging(self) -> None:
         while True:
             upload_id = await self._ensure_upload()
-            numbers = sorted(self._parts)
-            if numbers != list(range(1, self._next_number)):
+            segments = sorted(self._parts)
+            if segments != list(range(1, self._segment)):
                 # A replaced upload lost parts: complete with what it holds.
                 self._log.warn(
-                    "{key}: completing staging upload {upload_id} with parts {numbers}",
+                    "{key}: completing staging upload {upload_id} with segments {segments}",
                     key=self.key,
                     upload_id=upload_id,
-                    numbers=numbers,
+                    segments=segments,
                 )
-            parts = [CompletedPart(n, self._parts[n][0]) for n in numbers]
-            size = sum(self._parts[n][1] for n in numbers)
+            parts = [CompletedPart(*self._parts[n][:2]) for n in segments]
+            size = sum(self._parts[n][2] for n in segments)
             try:
                 etag = await self._call(
                     "CompleteMultipartUpload",
@@ -380,6 +489,18 @@ class S3ObjectWriter:
             d.cancel()
 
 
-async def _raise(error: Exception) -> None:
+async def _raise(error: Exception) -> Any:
     raise error
+
+
+def _may_have_landed(error: BaseException) -> bool:
+    """
+    Whether a failed call may still have its effect, now or later: True unless an
+    answer came (an HTTP error status) or the connection was never made.
+    """
+    if isinstance(error, StorageFault):
+        error = error.error
+    if isinstance(error, StorageError):
+        return error.status == 0
+    return not isinstance(error, (ConnectionRefusedError, DNSLookupError))
 
