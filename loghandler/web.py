@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
+from twisted.internet.defer import CancelledError, TimeoutError
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
 from twisted.web import http
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from loghandler.message import Limits, Rejection, parse_message, too_large
-from loghandler.registry import Busy, StreamRegistry
+from loghandler.registry import Accepted, Busy, StreamRegistry
 
 _OK = b'{"ok":true}'
+_HELD = b'{"ok":true,"durable":false}'
 
 
 def _respond(request: Request, status: int, body: bytes) -> bytes:
@@ -36,6 +40,12 @@ def _refuse(request: Request, rejection: Rejection) -> bytes:
 
 def _error(request: Request, status: int, error: str) -> bytes:
     return _refuse(request, Rejection(status, error))
+
+
+def _global_clock() -> IReactorTime:
+    from twisted.internet import reactor
+
+    return reactor
 
 
 class BoundedBody(io.BytesIO):
@@ -69,6 +79,9 @@ class LogResource(Resource):
     :param limits: what a message may hold.
     :param now_ms: the clock, Unix epoch milliseconds.
     :param max_body_bytes: the body size limit (413 above).
+    :param durable_timeout_s: with ``ACK=durable``, the seconds to wait for the
+        message to reach storage before answering 202; None for ``ACK=accepted``.
+    :param clock: for that timeout.
     """
 
     isLeaf = True
@@ -80,14 +93,18 @@ class LogResource(Resource):
         limits: Limits,
         now_ms: Callable[[], int],
         max_body_bytes: int,
+        durable_timeout_s: Optional[float] = None,
+        clock: Optional[IReactorTime] = None,
     ) -> None:
         super().__init__()
         self._registry = registry
         self._limits = limits
         self._now_ms = now_ms
         self._max_body_bytes = max_body_bytes
+        self._durable_timeout_s = durable_timeout_s
+        self._clock: IReactorTime = clock if clock is not None else _global_clock()
 
-    def render(self, request: Request) -> bytes:
+    def render(self, request: Request) -> Union[bytes, int]:
         """Dispatch: POST on ``/log`` itself, 404 below it, 405 for other methods."""
         if request.postpath and request.postpath != [b""]:
             return _error(request, 404, "not found")
@@ -96,7 +113,7 @@ class LogResource(Resource):
             return _error(request, 405, "method not allowed; use POST")
         return self.render_POST(request)
 
-    def render_POST(self, request: Request) -> bytes:
+    def render_POST(self, request: Request) -> Union[bytes, int]:
         """Validate the body and hand the message to its stream."""
         content = request.content
         if isinstance(content, io.BytesIO):
@@ -110,14 +127,47 @@ class LogResource(Resource):
         except Rejection as rejection:
             return _refuse(request, rejection)
         try:
-            self._registry.accept(message)
+            accepted = self._registry.accept(message)
         except Busy as busy:
             request.responseHeaders.setRawHeaders(b"retry-after", [b"%d" % busy.retry_after])
             return _error(request, 503, busy.reason)
         except Exception:
             self._log.failure("accepting a message failed")
             return _error(request, 500, "internal error; the message was not kept")
-        return _respond(request, 200, _OK)
+        if self._durable_timeout_s is None:
+            return _respond(request, 200, _OK)
+        return self._answer_when_durable(request, accepted)
+
+    def _answer_when_durable(self, request: Request, accepted: Accepted) -> Union[bytes, int]:
+        """``ACK=durable``: 200 once stored, 202 after the timeout, 500 if lost."""
+        assert self._durable_timeout_s is not None
+        durable = accepted.durable()
+        if durable.called:  # already in storage (or lost)
+            outcome: list[bool] = []
+            durable.addCallback(outcome.append)
+            return self._durable_answer(request, outcome[0])
+        durable.addTimeout(self._durable_timeout_s, self._clock)
+
+        def answer(stored: bool) -> None:
+            if not request.finished and not request._disconnected:
+                request.write(self._durable_answer(request, stored))
+                request.finish()
+
+        def late(failure: Failure) -> None:
+            failure.trap(TimeoutError, CancelledError)
+            if not request.finished and not request._disconnected:
+                request.write(_respond(request, 202, _HELD))
+                request.finish()
+
+        durable.addCallbacks(answer, late)
+        durable.addErrback(lambda f: self._log.failure("answering a durable request", f))
+        request.notifyFinish().addErrback(lambda _: durable.cancel())
+        return NOT_DONE_YET
+
+    def _durable_answer(self, request: Request, stored: bool) -> bytes:
+        if stored:
+            return _respond(request, 200, _OK)
+        return _error(request, 500, "storage failed; the message was not stored")
 
 
 class HealthResource(Resource):
@@ -219,9 +269,17 @@ def make_site(
     now_ms: Callable[[], int],
     max_body_bytes: int,
     access_log: bool = False,
+    durable_timeout_s: Optional[float] = None,
+    clock: Optional[IReactorTime] = None,
 ) -> LogSite:
-    """The whole HTTP side: root, ``/log``, ``/healthz`` and the site."""
+    """
+    The whole HTTP side: root, ``/log``, ``/healthz`` and the site.
+    ``durable_timeout_s`` (with ``clock``) turns on ``ACK=durable``.
+    """
     root = Root()
-    root.putChild(b"log", LogResource(registry, limits, now_ms, max_body_bytes))
+    root.putChild(
+        b"log",
+        LogResource(registry, limits, now_ms, max_body_bytes, durable_timeout_s, clock),
+    )
     root.putChild(b"healthz", HealthResource(registry))
     return LogSite(root, max_body_bytes, access_log)

@@ -267,3 +267,89 @@ class RoutingTests(WebCase):
         status, headers, answer = self.request("POST", "/healthz", b"{}")
         self.assertEqual(status, 405)
         self.assertEqual(headers.getRawHeaders(b"allow"), [b"GET, HEAD"])
+
+
+class DurableAckTests(WebCase):
+    """ACK=durable: 200 only once the message is in storage."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        site = self.site = make_site(
+            self.registry, Limits(), lambda: NOW_MS, MAX_BODY, durable_timeout_s=5.0, clock=self.clock
+        )
+        self.client = StubTreq(site.resource)
+        site.reactor = self.client._agent._memoryReactor
+        self.client._agent._serverFactory = site
+
+    def post(self) -> Any:
+        """Start a POST; its response Deferred (not yet answered, maybe)."""
+        return self.client.request("POST", "http://example.test/log", data=body())
+
+    def answer(self, d: Any) -> tuple[int, Any]:
+        response = self.successResultOf(d)
+        return response.code, json.loads(self.successResultOf(self.client.content(response)))
+
+    def staged_lines(self) -> list[bytes]:
+        ((upload_id, upload),) = self.mem.uploads.items()
+        return read_lines(b"".join(body for _, (body, _) in sorted(upload.parts.items())))
+
+    def test_200_once_checkpoint_landed(self) -> None:
+        """The answer waits for the checkpoint; 200 once it is in storage."""
+        self.mem.hold("UploadPart")
+        d = self.post()
+        self.client.flush()
+        self.assertNoResult(d)
+        self.mem.release()
+        self.client.flush()
+        self.assertEqual(self.answer(d), (200, {"ok": True}))
+        self.assertEqual(len(self.staged_lines()), 1)
+
+    def test_202_when_storage_is_slow(self) -> None:
+        """
+        A checkpoint that does not land within DURABLE_TIMEOUT_S gets 202 with
+        durable false, and the message is still stored afterwards.
+        """
+        self.mem.hold("UploadPart")
+        d = self.post()
+        self.client.flush()
+        self.clock.advance(5.0)
+        self.client.flush()
+        self.assertEqual(self.answer(d), (202, {"ok": True, "durable": False}))
+        self.mem.release()
+        self.assertEqual(len(self.stored_lines()), 1)
+
+    def test_group_commit(self) -> None:
+        """
+        Requests that come while a checkpoint is in flight share the next one: two
+        checkpoints for three requests, each answered 200 after the one holding it.
+        """
+        self.mem.hold("UploadPart")
+        first = self.post()
+        self.client.flush()
+        second, third = self.post(), self.post()
+        self.client.flush()
+        self.assertEqual([h.operation for h in self.mem.held], ["UploadPart"])
+        self.mem.release(1)
+        self.client.flush()
+        self.assertEqual(self.answer(first)[0], 200)
+        self.assertNoResult(second)
+        self.assertEqual([h.operation for h in self.mem.held], ["UploadPart"])
+        self.mem.release()
+        self.client.flush()
+        self.assertEqual([self.answer(d)[0] for d in (second, third)], [200, 200])
+        self.assertEqual(len(self.staged_lines()), 3)
+
+    def test_500_when_lost(self) -> None:
+        """A message whose stream gave up before storing it is answered 500."""
+        self.mem.hold("UploadPart")
+        self.mem.hold("CreateMultipartUpload")
+        d = self.post()
+        self.client.flush()
+        flushing = self.registry.close_all()
+        with capturedLogs():
+            flushing.cancel()  # the shutdown deadline
+        self.client.flush()
+        self.failureResultOf(flushing)
+        code, answer = self.answer(d)
+        self.assertEqual(code, 500)
+        self.assertEqual(answer["error"], "storage failed; the message was not stored")
