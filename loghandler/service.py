@@ -1,7 +1,8 @@
 """
 The service tree and the flush on stop (DESIGN.md section 4).
 
-One root ``MultiService``: the stream service first, the HTTP listener last.
+One root ``MultiService``: the stream service first, then the store's background
+services (recovery), the HTTP listener last.
 ``MultiService.stopService`` stops children in reverse order (listener first) and
 twistd runs it as a before-shutdown reactor trigger, waiting for its Deferred: the
 stream service refuses new messages (503), completes every object in parallel and
@@ -11,10 +12,10 @@ returns when all are done or ``SHUTDOWN_TIMEOUT_S`` has passed.
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService, Service
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.endpoints import quoteStringArgument, serverFromString
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -63,9 +64,10 @@ class StreamService(Service):
         self._next_check: Optional[IDelayedCall] = None
 
     def startService(self) -> None:
-        """Refuse messages until the store answers."""
+        """Refuse messages until the store answers; start the checkpoints."""
         Service.startService(self)
         self.registry.ready = False
+        self.registry.start_checkpoints()
         self._check()
 
     def _check(self) -> None:
@@ -133,6 +135,7 @@ def build_service(
     reactor: IReactorTime,
     now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
     budget: Optional[MemoryBudget] = None,
+    background: Sequence[IService] = (),
 ) -> MultiService:
     """
     The root service for ``config`` writing to ``store`` (an ``IObjectStore``).
@@ -141,6 +144,8 @@ def build_service(
     :param now_ms: the wall clock in Unix epoch milliseconds, for the timestamp window.
     :param budget: the memory budget the store's merges also count in; by default
         a new one of ``BUFFER_BUDGET_BYTES``.
+    :param background: services of the store (recovery), started after the stream
+        service and stopped before its flush.
     """
     registry = StreamRegistry(
         store,
@@ -150,6 +155,7 @@ def build_service(
             lifetime_s=config.queue_timeout_s,
             parts_in_flight=config.parts_in_flight,
             budget_bytes=config.buffer_budget_bytes,
+            checkpoint_s=config.checkpoint_s,
         ),
         budget,
     )
@@ -158,9 +164,19 @@ def build_service(
         max_age_ms=int(config.timestamp_max_age_s * 1000),
         max_ahead_ms=int(config.timestamp_max_ahead_s * 1000),
     )
-    site = make_site(registry, limits, now_ms, config.max_body_bytes, config.access_log)
+    site = make_site(
+        registry,
+        limits,
+        now_ms,
+        config.max_body_bytes,
+        config.access_log,
+        durable_timeout_s=config.durable_timeout_s if config.ack == "durable" else None,
+        clock=reactor,
+    )
     root = MultiService()
     StreamService(registry, store, reactor, config.shutdown_timeout_s).setServiceParent(root)
+    for service in background:
+        service.setServiceParent(root)
     endpoint = serverFromString(reactor, listen_description(config.addr, config.port))
     listener = StreamServerEndpointService(endpoint, site)
     listener._raiseSynchronously = True

@@ -208,13 +208,13 @@ class ObjectStream:
         self._snapshot_lines = covered
         self._checkpoint_bytes = len(body)
         self._budget.change(len(body))
+        ended: Deferred[None] = Deferred()
+        self._checkpoint_ended.append(ended)
         d: Deferred[bool] = self._writer.checkpoint(body)
         done = d.addCallback(self._checkpoint_landed, covered)
         done.addErrback(self._log_failure, "storing a checkpoint")
         self._checkpoint_in_flight = done
         done.addBoth(self._checkpoint_done)
-        ended: Deferred[None] = Deferred()
-        self._checkpoint_ended.append(ended)
         return ended
 
     def _checkpoint_landed(self, landed: bool, covered: int) -> None:

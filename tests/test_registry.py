@@ -77,6 +77,7 @@ class RegistryCase(SynchronousTestCase):
         part_size: int = PART,
         uniform: Callable[[float, float], float] = lambda a, b: b,
         parts_in_flight: int = 2,
+        checkpoint_s: float = 0.0,
     ) -> StreamRegistry:
         """A new registry (and store) sharing one budget of ``budget`` bytes."""
         shared = MemoryBudget(budget)
@@ -94,6 +95,7 @@ class RegistryCase(SynchronousTestCase):
                 lifetime_s=LIFETIME,
                 parts_in_flight=parts_in_flight,
                 budget_bytes=budget,
+                checkpoint_s=checkpoint_s,
             ),
             shared,
             uniform=uniform,
@@ -665,3 +667,55 @@ class BudgetTests(RegistryCase):
         self.assertEqual(self.registry.budget.held, 0)
         self.mem.release()
         self.assertEqual(self.registry.budget.held, 0)
+
+
+class CheckpointRoundTests(RegistryCase):
+    """Every CHECKPOINT_S, each stream that received lines checkpoints."""
+
+    def staged(self) -> dict[str, list[bytes]]:
+        """Object key -> the lines its staging upload holds now."""
+        out = {}
+        for upload in self.mem.uploads.values():
+            key = upload.key[len(STAGING_PREFIX) :].split("/", 1)[1].rsplit("/", 1)[0]
+            out[key] = read_lines(b"".join(b for _, (b, _) in sorted(upload.parts.items())))
+        return out
+
+    def test_rounds(self) -> None:
+        """
+        Nothing before the first round; then a checkpoint per stream with new lines;
+        an idle stream uploads nothing; the rounds stop at close_all.
+        """
+        registry = self.make(budget=1 << 30, checkpoint_s=5.0)
+        registry.start_checkpoints()
+        other = key_for(message(1).timestamp, 4)
+        a = [message(n) for n in range(1, 4)]
+        b = [message(n, client_id=4) for n in range(4, 6)]
+        accept_all(registry, self.clock, a + b)
+        self.clock.advance(4.9)
+        self.assertEqual(self.mem.calls, [])
+        self.clock.advance(0.1)
+        self.assertEqual(
+            self.staged(), {KEY: [m.to_line() for m in a], other: [m.to_line() for m in b]}
+        )
+        calls = len(self.mem.calls)
+        self.clock.advance(5.0)  # nothing new: nothing sent
+        self.assertEqual(len(self.mem.calls), calls)
+        registry.accept(message(9))
+        self.clock.advance(5.0)
+        self.assertEqual(
+            [op for op, _ in self.mem.calls[calls:]], ["UploadPart"]
+        )
+        self.assertEqual(self.staged()[KEY], [m.to_line() for m in a] + [message(9).to_line()])
+        self.successResultOf(registry.close_all())
+        calls = len(self.mem.calls)
+        self.clock.advance(50.0)
+        self.assertEqual(len(self.mem.calls), calls)
+        self.assertEqual(self.lines(), [m.to_line() for m in a] + [message(9).to_line()])
+
+    def test_accepted_durable(self) -> None:
+        """accept() tells where the line went; durable() fires once it is stored."""
+        registry = self.make(budget=1 << 30)
+        accepted = registry.accept(message(1))
+        self.assertEqual(accepted.line, 1)
+        self.assertTrue(self.successResultOf(accepted.durable()))
+        self.assertEqual(self.staged(), {KEY: [message(1).to_line()]})
