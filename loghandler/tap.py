@@ -78,18 +78,40 @@ def load_config(options: Mapping[str, Any], environ: Mapping[str, str]) -> Confi
         raise
 
 
-def make_store(config: Config, reactor: Any, budget: MemoryBudget) -> IObjectStore:
+def _taken_over() -> None:
     """
-    The ``IObjectStore`` the configuration asks for: S3 (credentials from
-    ``AWS_ACCESS_KEY``/``AWS_ACCESS_SECRET`` or botocore's standard chain), or the
-    discard store for ``NO_UPLOAD=1``.  Merges count their memory in ``budget``.
+    Another process judged this one gone (its lease lapsed) and took its staged
+    data: stop at once, without a flush, as after a crash; a flush now would store
+    twice what recovery already merged.
+    """
+    _log.critical(
+        "this process's lease was taken over by recovery in another process (storage"
+        " was out of reach for longer than 3 x LEASE_S); exiting at once without a"
+        " flush: lines not yet checkpointed are lost, as after a crash"
+    )
+    os._exit(75)  # EX_TEMPFAIL: a supervisor restarts it
+
+
+def make_store(
+    config: Config, reactor: Any, budget: MemoryBudget
+) -> tuple[IObjectStore, list[IService]]:
+    """
+    The ``IObjectStore`` the configuration asks for, and its background services:
+    S3 (credentials from ``AWS_ACCESS_KEY``/``AWS_ACCESS_SECRET`` or botocore's
+    standard chain) with its lease and recovery, or the discard store for
+    ``NO_UPLOAD=1``.  Merges count their memory in ``budget``.
     """
     if config.no_upload:
         from loghandler.storage.discard import DiscardStore
 
-        return DiscardStore()
+        return DiscardStore(), []
+    import uuid
+
+    from loghandler.retry import RetryLayer
     from loghandler.storage.s3.client import build_s3_client
     from loghandler.storage.s3.credentials import aws_credentials
+    from loghandler.storage.s3.lease import Lease
+    from loghandler.storage.s3.recovery import Recoverer, RecoveryService
     from loghandler.storage.s3.writer import S3ObjectStore
     from loghandler.threads import on_thread_pool
 
@@ -106,13 +128,23 @@ def make_store(config: Config, reactor: Any, budget: MemoryBudget) -> IObjectSto
         endpoint_url=config.aws_endpoint_url,
         credentials=credentials,
     )
-    return S3ObjectStore(
+    writer_id = uuid.uuid4().hex
+    retry = RetryLayer(reactor)
+    lease = Lease(client, retry, reactor, writer_id, config.lease_s, _taken_over)
+    store = S3ObjectStore(
         client,
         reactor,
         budget,
         completions_in_flight=config.completions_in_flight,
+        writer_id=writer_id,
+        retry=retry,
         defer_to_thread=on_thread_pool(reactor),
+        lease=lease,
     )
+    recoverer = Recoverer(
+        client, retry, store.merger, lease, writer_id, config.lease_s, store.merge_slots
+    )
+    return store, [RecoveryService(recoverer, config.recovery_interval_s, reactor)]
 
 
 def makeService(options: Mapping[str, Any], reactor: Optional[Any] = None) -> IService:
@@ -123,7 +155,7 @@ def makeService(options: Mapping[str, Any], reactor: Optional[Any] = None) -> IS
         reactor = global_reactor
     config = load_config(options, os.environ)
     budget = MemoryBudget(config.buffer_budget_bytes)
-    store = make_store(config, reactor, budget)
+    store, background = make_store(config, reactor, budget)
     _log.info(
         "loghandler on {addr}:{port}, storage {store}, objects completed after {lifetime:g} s",
         addr=config.addr,
@@ -131,4 +163,4 @@ def makeService(options: Mapping[str, Any], reactor: Optional[Any] = None) -> IS
         store=store,
         lifetime=config.queue_timeout_s,
     )
-    return build_service(config, store, reactor, budget=budget)
+    return build_service(config, store, reactor, budget=budget, background=background)

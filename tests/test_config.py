@@ -755,8 +755,16 @@ class MakeStoreTests(SynchronousTestCase):
         )
         reactor = object()
         budget = MemoryBudget(64 * MiB)
-        store = tap.make_store(config, reactor, budget)
+        store, background = tap.make_store(config, reactor, budget)
         self.assertIsInstance(store, S3ObjectStore)
+        from loghandler.storage.s3.recovery import RecoveryService
+
+        (recovery,) = background
+        self.assertIsInstance(recovery, RecoveryService)
+        self.assertEqual(recovery.step, config.recovery_interval_s)
+        assert store.lease is not None
+        self.assertEqual(store.lease.writer_id, store.writer_id)
+        self.assertEqual(store.lease.lease_s, config.lease_s)
         self.assertEqual(
             built,
             [
@@ -802,5 +810,8 @@ class MakeStoreTests(SynchronousTestCase):
         from loghandler.budget import MemoryBudget
         from loghandler.storage.discard import DiscardStore
 
-        store = _tap().make_store(from_environ({"NO_UPLOAD": "1"}), object(), MemoryBudget(MiB))
+        store, background = _tap().make_store(
+            from_environ({"NO_UPLOAD": "1"}), object(), MemoryBudget(MiB)
+        )
         self.assertIsInstance(store, DiscardStore)
+        self.assertEqual(background, [])

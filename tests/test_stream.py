@@ -262,12 +262,16 @@ class CheckpointTests(StreamCase):
             plain.write(line)
             stream.write(line)
             if n % 37 == 0:
+                taken = len(self.writer.checkpoints)
                 stream.checkpoint()
                 self.writer.answer()
                 plain_writer.answer()
-                since_part = read_lines(b"".join(self.writer.stored))
+                stored = read_lines(b"".join(self.writer.stored))
+                if len(self.writer.checkpoints) == taken:  # a part was just cut
+                    self.assertEqual(stored, lines[: n + 1])
+                    continue
                 self.assertEqual(
-                    since_part + read_lines(self.writer.checkpoints[-1]), lines[: n + 1]
+                    stored + read_lines(self.writer.checkpoints[-1]), lines[: n + 1]
                 )
         self.assertGreater(len(self.writer.checkpoints), 5)
         self.assertGreaterEqual(len(self.writer.stored), 3)

@@ -494,17 +494,36 @@ class CheckpointTests(WriterCase):
         self.assertEqual(self.stored(), lines)
 
     def test_uploads_wait_for_the_lease(self) -> None:
-        """No staging call is made before the lease is held."""
-        held: Deferred[None] = Deferred()
-        store = self.make_store(lease_held=lambda: held)
+        """
+        No staging call is made before the lease is held: the lease is written
+        once the bucket answered, then the staging upload goes on; close deletes
+        the lease.
+        """
+        from loghandler.storage.s3.lease import Lease
+
+        retry = RetryLayer(self.clock, attempt_timeout=10.0, backoff=Backoff(1.0, 8.0))
+        lease = Lease(self.s3, retry, self.clock, "w1", 10.0, lambda: None)
+        store = self.make_store(writer_id="w1", retry=retry, lease=lease)
         writer = store.open(KEY)
         d = writer.checkpoint(gzip_of(noise(0, 5)))
         self.assertEqual(self.s3.calls, [])
-        held.callback(None)
+        self.successResultOf(store.check())
         self.assertTrue(self.successResultOf(d))
+        ops = [
+            (op, key.split("/")[1])
+            for op, key in self.s3.calls
+            if key.startswith(("_loghandler/writers/", "_loghandler/staging/"))
+        ]
         self.assertEqual(
-            [op for op, _ in self.s3.calls], ["CreateMultipartUpload", "UploadPart"]
+            ops,
+            [
+                ("PutObject", "writers"),
+                ("CreateMultipartUpload", "staging"),
+                ("UploadPart", "staging"),
+            ],
         )
+        self.successResultOf(store.close())
+        self.assertNotIn("_loghandler/writers/w1", self.s3.objects)
 
     def test_uploads_in_order(self) -> None:
         """

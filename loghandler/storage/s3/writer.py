@@ -59,6 +59,7 @@ from loghandler.interfaces import (
 from loghandler.retry import Fault, RetryLayer, StorageFault
 from loghandler.storage.s3.api import CompletedPart, IS3Client
 from loghandler.storage.s3.bucket_checks import check_bucket
+from loghandler.storage.s3.lease import Lease
 from loghandler.storage.s3.layout import (
     MAX_PART_NUMBER,
     MAX_SEGMENTS,
@@ -90,10 +91,12 @@ class S3ObjectStore:
     :param writer_id: this process's writer ID (random hex by default).
     :param retry: the retry layer (one for the store).
     :param defer_to_thread: runs CPU work (re-compression) off the reactor thread.
-    :param lease_held: fires when this process's lease is held
-        (:meth:`loghandler.storage.s3.lease.Lease.held`): every staging write waits
-        for it, so that recovery never takes the data of a writer that still writes.
-        Always held by default (tests without leases).
+    :param lease: this process's lease (its writer ID must be ``writer_id``):
+        started once the bucket answered, released (deleted) by :meth:`close`, and
+        every staging write waits until it is held
+        (:meth:`~loghandler.storage.s3.lease.Lease.held`), so that recovery never
+        takes the data of a writer that still writes.  None: no lease, staging
+        writes never wait (tests).
     """
 
     _log = Logger()
@@ -110,10 +113,14 @@ class S3ObjectStore:
         writer_id: Optional[str] = None,
         retry: Optional[RetryLayer] = None,
         defer_to_thread: DeferToThread = synchronously,
-        lease_held: Callable[[], "Deferred[None]"] = _always_held,
+        lease: Optional[Lease] = None,
     ) -> None:
         self.client = client
-        self.lease_held = lease_held
+        self.lease = lease
+        self._lease_started = False
+        self.lease_held: Callable[[], "Deferred[None]"] = (
+            lease.held if lease is not None else _always_held
+        )
         self.clock = clock
         self.writer_id = writer_id or uuid.uuid4().hex
         self.retry = retry or RetryLayer(clock)
@@ -148,6 +155,9 @@ class S3ObjectStore:
         """
 
         def checked(result: None) -> None:
+            if self.lease is not None and not self._lease_started:
+                self._lease_started = True
+                self.lease.start()
             ensureDeferred(check_bucket(self.client, self.writer_id))
 
         return self.client.check().addCallback(checked)
@@ -157,8 +167,13 @@ class S3ObjectStore:
         self.retry.stopping(deadline)
 
     def close(self) -> "Deferred[None]":
-        """Close the client's connections."""
-        return self.client.close()
+        """
+        Release the lease (so that others merge at once what stayed staged), then
+        close the client's connections.
+        """
+        if self.lease is None:
+            return self.client.close()
+        return self.lease.release().addBoth(lambda _: self.client.close())
 
 
 @implementer(IObjectWriter)
