@@ -525,6 +525,26 @@ class CheckpointTests(WriterCase):
         self.successResultOf(store.close())
         self.assertNotIn("_loghandler/writers/w1", self.s3.objects)
 
+    def test_finish_supersedes_stalled_checkpoint(self) -> None:
+        """
+        finish() does not wait behind a checkpoint whose attempt stalls: the
+        checkpoint is cancelled (False), the tail goes to the next number at once,
+        and the stalled attempt, landing later, is superseded.
+        """
+        lines = noise(0, 30)
+        writer = self.store.open(KEY)
+        self.successResultOf(writer.checkpoint(gzip_of(lines[:5])))
+        self.s3.hold("UploadPart")
+        checkpoint = writer.checkpoint(gzip_of(lines[:10]))
+        self.assertEqual(len(self.s3.held), 1)
+        self.s3._holding.clear()
+        finished = writer.finish(gzip_of(lines))
+        self.assertFalse(self.successResultOf(checkpoint))
+        self.assertEqual(self.part_calls, [1, 1, 2])
+        self.assertEqual(self.run_until(finished), Finished("merged", key=KEY))
+        self.s3.release()  # the stalled attempt lands in no upload
+        self.assertEqual(self.stored(), lines)
+
     def test_uploads_in_order(self) -> None:
         """
         A checkpoint handed over after a part waits until the part landed (no

@@ -35,6 +35,7 @@ import uuid
 from typing import Any, Callable, Optional
 
 from twisted.internet.defer import (
+    CancelledError,
     Deferred,
     DeferredLock,
     DeferredSemaphore,
@@ -204,6 +205,8 @@ class S3ObjectWriter:
         self._segment = 1  # the segment being filled
         self._number = 1  # the part number its next upload uses
         self._checkpoints_exhausted = False
+        self._checkpoints_pending: set[Deferred[bool]] = set()
+        self._finishing = False
         # segment -> (part number, ETag, size) of its newest landed upload
         self._parts: dict[int, tuple[int, str, int]] = {}
         self._active: set[Deferred[Any]] = set()
@@ -268,7 +271,24 @@ class S3ObjectWriter:
         """
         if self._abandoned:
             return Deferred.fromCoroutine(_raise(Abandoned(self.key)))
-        return self._track(ensureDeferred(self._upload_in_order(body, final=False)))
+        if self._finishing:
+            return succeed(False)
+        d = ensureDeferred(self._checkpoint(body))
+        self._checkpoints_pending.add(d)
+        d.addBoth(self._checkpoint_ended, d)
+        return self._track(d)
+
+    def _checkpoint_ended(self, result: object, d: "Deferred[bool]") -> object:
+        self._checkpoints_pending.discard(d)
+        return result
+
+    async def _checkpoint(self, body: bytes) -> bool:
+        try:
+            return await self._upload_in_order(body, final=False)
+        except (CancelledError, Abandoned):
+            if self._finishing and not self._abandoned:
+                return False  # superseded by the tail
+            raise
 
     async def _upload_in_order(self, body: bytes, final: bool) -> bool:
         await self._uploads_in_order.acquire()
@@ -317,10 +337,12 @@ class S3ObjectWriter:
                     "UploadPart",
                     lambda: attempt(upload_id),
                     self._store.upload_slots,
-                    cancelled=lambda: self._abandoned or out_of_numbers(),
+                    cancelled=lambda: self._abandoned
+                    or out_of_numbers()
+                    or (not final and self._finishing),
                 )
             except Abandoned:
-                if self._abandoned:
+                if self._abandoned or (not final and self._finishing):
                     raise
                 continue  # out of numbers
             except StorageFault as e:
@@ -417,8 +439,13 @@ class S3ObjectWriter:
     ) -> "Deferred[Finished]":
         """
         Stage ``tail`` after the parts, complete the staging object (then call
-        ``on_staged``), merge it.
+        ``on_staged``), merge it.  A checkpoint still in flight is cancelled: the
+        tail holds its lines and must not wait behind it (a stalled attempt would
+        hold the tail until the shutdown deadline).
         """
+        self._finishing = True
+        for pending in list(self._checkpoints_pending):
+            pending.cancel()
         result: Deferred[Finished] = Deferred()
 
         def done(outcome: Any) -> None:
