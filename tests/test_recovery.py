@@ -117,7 +117,11 @@ class RecoveryCase(SynchronousTestCase):
         )
 
     def stage_dead(
-        self, writer: str = "dead", key: str = KEY, sequence: int = 1, write_id: str = "w-1",
+        self,
+        writer: str = "dead",
+        key: str = KEY,
+        sequence: int = 1,
+        write_id: str = "w-1",
         first: int = 0,
     ) -> tuple[str, list[bytes]]:
         """
@@ -292,7 +296,9 @@ class PassTests(RecoveryCase):
         expected: dict[str, list[bytes]] = {KEY: [], other: []}
         for n, writer in enumerate(["dead-a", "dead-b"]):
             for m, key in enumerate([KEY, other]):
-                _, lines = self.stage_dead(writer, key, write_id=f"w-{n}-{m}", first=1000 * (2 * n + m))
+                _, lines = self.stage_dead(
+                    writer, key, write_id=f"w-{n}-{m}", first=1000 * (2 * n + m)
+                )
                 expected[key] += lines
         report = self.recover()
         self.assertEqual(sorted(report.writers), ["dead-a", "dead-b"])
@@ -448,7 +454,12 @@ class SweepTests(RecoveryCase):
         self.assertEqual(
             sorted(k for k in self.s3.objects if k.startswith("_loghandler/")),
             sorted(
-                [lease_key("live"), lease_key("me"), PROBE_PREFIX + "live", PROBE_PREFIX + "starting"]
+                [
+                    lease_key("live"),
+                    lease_key("me"),
+                    PROBE_PREFIX + "live",
+                    PROBE_PREFIX + "starting",
+                ]
             ),
         )
         self.assertEqual(self.s3.uploads, {})
