@@ -635,6 +635,7 @@ def check_bucket(
         # loss window: at most CHECKPOINT_S plus an upload when checkpoints work).
         newest_lost_age_s=round(lost_ages[0], 2) if lost_ages else None,
         oldest_lost_age_s=round(lost_ages[-1], 2) if lost_ages else None,
+        lost_by_client=dict(sorted(Counter(r.client_id for _, r in lost).items())),
         found_not_acknowledged=sum(
             1 for line in found if line in records and not records[line].acknowledged
         ),
@@ -647,7 +648,9 @@ def check_bucket(
             f" oldest sent {figures['oldest_lost_age_s']} s before the event), e.g.:\n"
             + "\n".join(
                 "  " + describe(line)
-                for line, _ in (must_lost if len(must_lost) <= 10 else must_lost[:5] + must_lost[-5:])
+                for line, _ in (
+                    must_lost if len(must_lost) <= 10 else must_lost[:5] + must_lost[-5:]
+                )
             )
         )
     if duplicates:
@@ -666,7 +669,9 @@ def check_bucket(
             + "\n".join("  " + describe(line) for line in refused[:10])
         )
     if misplaced:
-        problems.append(f"{len(misplaced)} lines in the wrong key:\n  " + "\n  ".join(misplaced[:10]))
+        problems.append(
+            f"{len(misplaced)} lines in the wrong key:\n  " + "\n  ".join(misplaced[:10])
+        )
     if bad:
         problems.append(
             "objects that are not valid:\n"
@@ -717,7 +722,8 @@ def check_leftovers(
     figures["leftovers_while_live"] = left
     if left["not_leases"]:
         problems.append(
-            "objects left under _loghandler/ besides leases:\n  " + "\n  ".join(left["not_leases"][:20])
+            "objects left under _loghandler/ besides leases:\n  "
+            + "\n  ".join(left["not_leases"][:20])
         )
     if left["dead_leases"]:
         problems.append(f"the dead writer's lease is still there: {left['dead_leases']}")
@@ -830,7 +836,10 @@ def sigkill_scenario(
         "writers": staged_at_kill["writers"],
         "parts": {u["key"]: u.get("parts") for u in staged_at_kill["uploads"]},
     }
-    log(f"CRASH {label}: killed after {killed_at - load.started:.1f} s of load; {load.figures(killed_at)}")
+    log(
+        f"CRASH {label}: killed after {killed_at - load.started:.1f} s of load;"
+        f" {load.figures(killed_at)}"
+    )
     if figures["acknowledged_200"] + figures["acknowledged_202"] == 0:
         problems.append("HARNESS: no message was acknowledged before the kill")
     if len(leases_before) != 1:
@@ -999,7 +1008,9 @@ def clean_stop_scenario(
         harness, load, stopped_at, lambda r: r.status == 200, "answered 200", figures, problems
     )
     if figures["acknowledged_200"] < 0.9 * figures["tried"]:
-        problems.append(f"HARNESS: only {figures['acknowledged_200']} of {figures['tried']} answered 200")
+        problems.append(
+            f"HARNESS: only {figures['acknowledged_200']} of {figures['tried']} answered 200"
+        )
     check_after_clean_stop(harness, figures, problems)
     figures["problems"] = len(problems)
     return figures, problems
