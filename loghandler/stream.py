@@ -341,12 +341,20 @@ class ObjectStream:
                 self._abandoned = True
             if not self._abandoned:
                 self._log.failure("{key}: completion failed", key=self.key)
+            durable = max(self.durable_lines, self._lines_stored)
             self._log.error(
-                "{key}: not stored{reason}: {lost_lines} lines ({lost_bytes} gzip bytes)",
+                "{key}: not stored{reason}: {lost_lines} lines ({lost_bytes} gzip bytes)"
+                "{checkpointed}",
                 key=self.key,
                 reason=" by the shutdown deadline" if self._abandoned else "",
-                lost_lines=self.lines - self._lines_stored,
+                lost_lines=self.lines - durable,
                 lost_bytes=self._unstored_bytes,
+                checkpointed=(
+                    "; %d lines before them are staged (checkpoints), for recovery"
+                    % (durable - self._lines_stored)
+                    if durable > self._lines_stored
+                    else ""
+                ),
             )
         finally:
             # What was never stored frees its memory too.

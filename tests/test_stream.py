@@ -388,3 +388,22 @@ class CheckpointTests(StreamCase):
         self.failureResultOf(waiter)
         self.writer.answer()
         self.assertEqual(stream.durable_lines, 1)
+
+    def test_loss_report_counts_checkpointed_lines_as_staged(self) -> None:
+        """
+        Abandoned after a checkpoint landed: only the lines after it are reported
+        lost; those before are staged for recovery.
+        """
+        stream = self.stream()
+        for n in range(1, 6):
+            stream.write(message(n).to_line())
+        stream.checkpoint()
+        self.writer.answer()
+        stream.write(message(6).to_line())
+        done = stream.close()
+        with capturedLogs() as events:
+            stream.abandon()
+        self.successResultOf(done)
+        (lost,) = [e for e in events if "lost_lines" in e]
+        self.assertEqual(lost["lost_lines"], 1)
+        self.assertIn("5 lines before them are staged", lost["checkpointed"])

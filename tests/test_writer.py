@@ -323,6 +323,40 @@ class DefectNoSuchUploadTests(WriterCase):
         self.assertTrue([e for e in events if e.get("upload_id") == upload_id and "lost" in e])
 
 
+class ReplacedUploadTests(WriterCase):
+    """A staging upload taken from outside (completed and merged by recovery)."""
+
+    def test_replacement_has_new_write_id_and_key(self) -> None:
+        """
+        Recovery completed the stream's upload and merged it into the key; the
+        stream goes on in a new upload, on a new staging key with a new write ID,
+        so its later lines are merged too (not taken for the merge that landed).
+        """
+        writer = self.store.open(KEY)
+        first = noise(0, 60)
+        self.successResultOf(writer.part(gzip_of(first)))
+        old_key, old_write = writer.staging_key, writer.write_id
+        ((upload_id, upload),) = list(self.s3.uploads.items())
+        # What recovery does: complete the upload, merge it, delete the staging object.
+        from loghandler.storage.s3.api import CompletedPart
+
+        number = sorted(upload.parts)[0]
+        self.successResultOf(
+            self.s3.complete_upload(
+                old_key, upload_id, [CompletedPart(number, upload.parts[number][1])]
+            )
+        )
+        self.s3.store(KEY, self.s3.body(old_key), writes=(old_write,))
+        self.successResultOf(self.s3.delete(old_key))
+        rest = noise(100, 60)
+        with capturedLogs():
+            writer.part(gzip_of(rest))
+            finished = self.run_until(writer.finish(gzip_of([message(1).to_line()])))
+        self.assertEqual(finished, Finished("merged", key=KEY))
+        self.assertNotEqual((writer.staging_key, writer.write_id), (old_key, old_write))
+        self.assertEqual(self.stored(), first + rest + [message(1).to_line()])
+
+
 class DefectStopAndJitterTests(WriterCase):
     """Defect 5: stop did not wake sleeping retries; conflicts retried in lockstep."""
 
@@ -543,6 +577,23 @@ class CheckpointTests(WriterCase):
         self.assertEqual(self.part_calls, [1, 1, 2])
         self.assertEqual(self.run_until(finished), Finished("merged", key=KEY))
         self.s3.release()  # the stalled attempt lands in no upload
+        self.assertEqual(self.stored(), lines)
+
+    def test_tail_takes_no_upload_slot(self) -> None:
+        """
+        With every upload slot held by a stalled upload of another stream, a tail
+        still goes out at once (at stop, each stream's tail is one request that
+        must not wait behind others).
+        """
+        store = self.make_store(upload_slots=1)
+        lines = noise(0, 60)
+        other, writer = store.open(KEY + "x"), store.open(KEY)
+        self.successResultOf(writer.checkpoint(gzip_of(lines[:5])))
+        self.s3.hold("UploadPart")
+        other.checkpoint(gzip_of(lines[:3]))  # holds the only slot
+        self.s3._holding.clear()
+        finished = writer.finish(gzip_of(lines))
+        self.assertEqual(self.run_until(finished, 5.0), Finished("merged", key=KEY))
         self.assertEqual(self.stored(), lines)
 
     def test_uploads_in_order(self) -> None:

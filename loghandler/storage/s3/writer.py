@@ -144,9 +144,13 @@ class S3ObjectStore:
 
     def open(self, key: str) -> "S3ObjectWriter":
         """A writer for the next stream of ``key``; sends nothing yet."""
+        return S3ObjectWriter(self, key, self.next_staging_key(key))
+
+    def next_staging_key(self, key: str) -> str:
+        """A staging key of this writer for ``key`` that was never used."""
         sequence = self._sequence.get(key, 0) + 1
         self._sequence[key] = sequence
-        return S3ObjectWriter(self, key, staging_key(self.writer_id, key, sequence))
+        return staging_key(self.writer_id, key, sequence)
 
     def check(self) -> "Deferred[None]":
         """
@@ -336,7 +340,9 @@ class S3ObjectWriter:
                 etag = await self._call(
                     "UploadPart",
                     lambda: attempt(upload_id),
-                    self._store.upload_slots,
+                    # The tail takes no upload slot: at stop every stream's tail goes
+                    # out at once, not behind parts or other tails that stall.
+                    None if self._finishing and final else self._store.upload_slots,
                     cancelled=lambda: self._abandoned
                     or out_of_numbers()
                     or (not final and self._finishing),
@@ -366,15 +372,26 @@ class S3ObjectWriter:
         return failure
 
     def _replace_upload(self, upload_id: str) -> None:
-        """The staging upload was aborted from outside: its parts are lost."""
+        """
+        The staging upload was aborted (or completed) from outside: its parts are
+        lost to this stream.  The stream goes on in a new upload on a new staging
+        key with a new write ID, so that it is never mistaken for the old one (which
+        a recoverer may have merged) nor overwrites what it made of it.
+        """
         if self._upload_id != upload_id:
             return
         lost = sum(size for _, _, size in self._parts.values())
+        old_key = self.staging_key
+        self.staging_key = self._store.next_staging_key(self.key)
+        self.write_id = uuid.uuid4().hex
         self._log.error(
-            "{key}: staging upload {upload_id} was aborted by someone else: {parts} parts"
-            " ({lost} gzip bytes) in it are lost; going on in a new upload",
+            "{key}: staging upload {upload_id} of {old_key} was aborted by someone else:"
+            " {parts} parts ({lost} gzip bytes) in it are lost; going on in a new upload"
+            " on {staging_key}",
             key=self.key,
             upload_id=upload_id,
+            old_key=old_key,
+            staging_key=self.staging_key,
             parts=len(self._parts),
             lost=lost,
         )
@@ -473,7 +490,7 @@ class S3ObjectWriter:
             etag = await self._call(
                 "PutObject",
                 lambda: self._client.put(self.staging_key, tail, writes=(self.write_id,)),
-                self._store.upload_slots,
+                None,  # the tail takes no upload slot (see _upload)
             )
             self._staged = Staged(self.staging_key, len(tail), etag, self.write_id)
         else:
