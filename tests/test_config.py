@@ -784,6 +784,23 @@ class MakeStoreTests(SynchronousTestCase):
         self.assertEqual(store.merge_slots.limit, 7)
         self.assertIs(store.merger.budget, budget)
 
+    def test_taken_over_exits_at_once(self) -> None:
+        """
+        A process whose lease recovery took over logs a critical line and exits at
+        once with status 75, without a flush (os._exit, no reactor shutdown).
+        """
+        tap = _tap()
+        exits: list[int] = []
+        self.patch(tap.os, "_exit", exits.append)
+        from twisted.logger import LogLevel, capturedLogs
+
+        with capturedLogs() as events:
+            tap._taken_over()
+        self.assertEqual(exits, [75])
+        (event,) = events
+        self.assertEqual(event["log_level"], LogLevel.critical)
+        self.assertIn("without a flush", event["log_format"])
+
     def test_credentials_error_exits(self) -> None:
         """An error from the credential chain exits with code 2 and its one line."""
         tap = _tap()
