@@ -675,3 +675,19 @@ class ServiceTests(RecoveryCase):
         self.assertEqual(
             [c for c in self.s3.calls[calls:] if c[0] != "PutObject"], []
         )
+
+    def test_pass_as_soon_as_own_lease_is_healthy(self) -> None:
+        """
+        A new instance's first pass is skipped (its lease is not held for 3 x
+        LEASE_S yet); the next runs as soon as it is, not a whole interval later.
+        """
+        _, lines = self.stage_dead()
+        recoverer, lease = self.make_recoverer("new")
+        service = RecoveryService(recoverer, 120.0, self.clock)
+        service.startService()
+        self.addCleanup(lambda: service.running and service.stopService())
+        assert service.last_report is not None
+        self.assertIsNotNone(service.last_report.skipped)
+        self.advance(3 * LEASE_S + 1)
+        self.assertEqual(self.stored(), lines)
+        self.assertEqual(service.last_report.writers, ["dead"])

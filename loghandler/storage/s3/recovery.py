@@ -47,7 +47,7 @@ from typing import Any, Callable, Optional
 import attrs
 from twisted.application.internet import TimerService
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, ensureDeferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -188,6 +188,15 @@ class Recoverer:
         cancelled: Callable[[], bool],
     ) -> Any:
         return await self._retry.call(operation, key, call, cancelled=cancelled)
+
+    def healthy_in(self) -> Optional[float]:
+        """
+        Seconds until our lease will have been held long enough for a pass, if it
+        is held from now on (0 when it is now), or None once it is lost for good.
+        """
+        if self._lease.lost:
+            return None
+        return max(0.0, 3 * self.lease_s - self._lease.healthy_for)
 
     def _healthy(self) -> Optional[str]:
         """None while our lease allows a pass, else why not."""
@@ -560,8 +569,11 @@ class RecoveryService(TimerService):
     """
     Runs :meth:`Recoverer.recover_once` when started and then every ``interval_s``
     seconds (``RECOVERY_INTERVAL_S``), never two passes at once (the timer waits for
-    the pass).  A failed pass is logged and the next one runs as planned.  Stopping
-    cancels the pass in flight; :meth:`stopService` fires once it ended.
+    the pass).  A pass skipped because our own lease was not held long enough yet is
+    run again as soon as it will have been (a new instance recovers a dead one about
+    3 x ``lease_s`` after it starts, not one interval later).  A failed pass is
+    logged and the next one runs as planned.  Stopping cancels the pass in flight;
+    :meth:`stopService` fires once it ended.
 
     :param recoverer: what a pass runs.
     :param interval_s: seconds between the start of one pass and the next (a pass
@@ -578,6 +590,8 @@ class RecoveryService(TimerService):
         self._recoverer = recoverer
         self._stopping = False
         self._pass: Optional[Deferred[RecoveryReport]] = None
+        self._clock = clock
+        self._early: Optional[IDelayedCall] = None
         self.last_report: Optional[RecoveryReport] = None
 
     def startService(self) -> None:
@@ -588,6 +602,8 @@ class RecoveryService(TimerService):
     def stopService(self) -> "Deferred[None]":
         """Stop the timer and cancel the pass in flight; fires once it ended."""
         self._stopping = True
+        if self._early is not None and self._early.active():
+            self._early.cancel()
         if self._pass is not None:
             self._pass.cancel()
         d: Deferred[None] = super().stopService()
@@ -600,6 +616,19 @@ class RecoveryService(TimerService):
 
     def _passed(self, report: RecoveryReport) -> None:
         self.last_report = report
+        wait = self._recoverer.healthy_in()
+        if (
+            report.skipped is not None
+            and wait is not None
+            and wait < self.step
+            and not self._stopping
+            and (self._early is None or not self._early.active())
+        ):
+            self._early = self._clock.callLater(wait + 0.01, self._early_pass)
+
+    def _early_pass(self) -> None:
+        if self._pass is None and not self._stopping:
+            self._run_pass()
 
     def _failed(self, failure: Failure) -> None:
         if failure.check(Abandoned, CancelledError):
