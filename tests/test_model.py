@@ -1,27 +1,39 @@
 """
 A model-based test of the whole write path (hypothesis ``RuleBasedStateMachine``):
-two writers (two processes' registries and S3 writers) take messages for a few keys
-on one ``task.Clock`` and write into one :class:`MemoryStore`, which models S3 as it
-is (metadata set only at creation, 412 on stale conditions, 409 and a discarded
-upload on a racing conditional Complete, NoSuchUpload after a completion, the part
-minimum), while every storage call can fail in every way: an error before it lands,
-an answer lost after it landed, a stall (the call lands when released, whether or
-not the caller gave up), a 409, an exception of a type nobody expected.
+processes (each a registry with checkpoints, an S3 writer, a lease and a recovery
+service, on its own ``task.Clock``; :mod:`tests.model_support`) take messages for a
+few keys and write into one :class:`MemoryStore`, which models S3 as it is (metadata
+set only at creation, 412 on stale conditions, 409 and a discarded upload on a racing
+conditional Complete, NoSuchUpload after a completion, the part minimum), while
+every storage call can fail in every way: an error before it lands, an answer lost
+after it landed, a stall (the call lands when released, whether or not the caller
+gave up), a 409, an exception of a type nobody expected.  Any process can be killed
+at any step (SIGKILL: its memory and clock stop, what it sent still lands), paused
+(SIGSTOP, then it goes on where it was), or cut off from storage for a while, and
+new ones started; a process whose lease was taken over is killed, as production
+exits.
 
-After every step: no line is stored twice, every object under ``chat/`` is whole
-gzip members of acknowledged lines, and each writer's memory budget equals the
-bytes it holds.  After stop: every acknowledged line is stored exactly once, either
-in ``chat/`` or still staged under ``_loghandler/`` (for recovery), and no multipart
-upload is left but staging ones.
+After every step: no line is stored twice under ``chat/``, every object there and
+under ``_loghandler/staging/`` is whole gzip members, only acknowledged lines are
+stored, and each live process's memory budget equals the bytes it holds.
+
+At the end, storage comes back, the live processes stop (flush, then the lease is
+deleted), and a new process with no traffic recovers until nothing is left under
+``_loghandler/`` but its own lease and no multipart upload remains.  Then every line
+that had to survive is stored under ``chat/`` exactly once: every line of a process
+that stopped cleanly, and every line a killed process knew to be in storage when it
+died (a part, checkpoint or tail holding it had landed; all the more every line
+whose ``durable()`` had fired True, the 200 of ``ACK=durable``).
 """
 
 from __future__ import annotations
 
 import collections
+import gc
 import os
 import random
-import zlib
-from typing import Optional
+import sys
+from typing import Any, Optional
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -33,23 +45,25 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from twisted.internet.task import Clock
+from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import SynchronousTestCase
 
-from loghandler.backoff import Backoff
-from loghandler.budget import MemoryBudget
 from loghandler.interfaces import StorageError
 from loghandler.message import Message
-from loghandler.registry import STREAM_OVERHEAD_BYTES, Busy, StreamRegistry, StreamSettings
-from loghandler.retry import RetryLayer
+from loghandler.registry import Busy
 from loghandler.storage.memory import CONFLICT, LOST, STALL, MemoryStore
-from loghandler.storage.s3.writer import STAGING_PREFIX, S3ObjectStore
+from loghandler.storage.s3.layout import PROBE_PREFIX, STAGING_PREFIX, WORK_PREFIX, lease_key
+from loghandler.storage.s3.lease import LeaseLost
 from tests.helpers import DAY_START_MS, read_lines
+from tests.model_support import (
+    CHECKPOINT_S,
+    LEASE_S,
+    LIFETIME_S,
+    RECOVERY_INTERVAL_S,
+    Process,
+    World,
+)
 
-#: The part size (and the store's part minimum) in the model: small, so that parts,
-#: copies and ranges all happen with a few lines.
-PART = 1024
-LIFETIME_S = 6.0
 OPERATIONS = (
     "PutObject",
     "CreateMultipartUpload",
@@ -61,65 +75,34 @@ OPERATIONS = (
     "GetObject",
     "DeleteObject",
     "ListMultipartUploads",
+    "ListObjectsV2",
+    "ListParts",
 )
 FAULTS = ("error", "lost", "stall", "conflict", "unexpected")
+#: Processes one example starts at most (the final recoverer aside).
+MAX_PROCESSES = 4
+#: The writer ID of the process that recovers at the end.
+FINAL = "final"
 
 
 class Unexpected(Exception):
     """An exception of a type no storage code knows."""
 
 
-def _lines_of_upload(store: MemoryStore, upload_id: str) -> list[bytes]:
-    upload = store.uploads[upload_id]
-    data = b"".join(body for _, (body, _) in sorted(upload.parts.items()))
-    return _gunzip_prefix(data)
+def stored_lines(s3: MemoryStore) -> list[bytes]:
+    """Every line stored under ``chat/``, checking each object is whole gzip members."""
+    lines: list[bytes] = []
+    for key, obj in s3.objects.items():
+        if key.startswith("chat/"):
+            lines.extend(read_lines(obj.body))
+    return lines
 
 
-def _gunzip_prefix(data: bytes) -> list[bytes]:
-    """The lines of whole gzip members at the start of ``data`` (staged parts)."""
-    out = b""
-    while data:
-        d = zlib.decompressobj(31)
-        text = d.decompress(data)
-        if not d.eof:
-            break
-        out += text
-        data = d.unused_data
-    return out.splitlines(keepends=True)
-
-
-class Writer:
-    """One process: a registry and its S3 writer on the shared store."""
-
-    def __init__(self, name: str, store: MemoryStore, clock: Clock) -> None:
-        self.name = name
-        self.budget = MemoryBudget(1 << 30)
-        self.store = S3ObjectStore(
-            store,
-            clock,
-            self.budget,
-            part_size=PART,
-            writer_id=name,
-            retry=RetryLayer(clock, attempt_timeout=5.0, backoff=Backoff(0.1, 2.0)),
-        )
-        self.registry = StreamRegistry(
-            self.store,
-            clock,
-            StreamSettings(part_size=PART, lifetime_s=LIFETIME_S),
-            self.budget,
-        )
-        self.stopped = False
-
-    def held_bytes(self) -> int:
-        """What the budget must show: stream overheads, unstored bytes, merges."""
-        streams = [e.stream for e in self.registry._open.values()] + list(
-            self.registry._closing
-        )
-        return (
-            len(streams) * STREAM_OVERHEAD_BYTES
-            + sum(stream.unstaged_bytes for stream in streams)
-            + self.store.merger.holding
-        )
+def make_message(n: int, client: int, noisy: bool) -> Message:
+    """Message number ``n`` for client ``client``; noisy ones compress poorly."""
+    # 200 hex digits that compress poorly: about 10 lines fill a part.
+    text = "%0200x" % random.Random(n).getrandbits(800) if noisy else "m"
+    return Message("%s %d" % (text, n), n, client, DAY_START_MS + 1000)
 
 
 class WritePathMachine(RuleBasedStateMachine):
@@ -127,27 +110,63 @@ class WritePathMachine(RuleBasedStateMachine):
 
     @initialize(seed=st.integers(0, 2**32 - 1))
     def setup(self, seed: int) -> None:
-        self.clock = Clock()
-        self.s3 = MemoryStore(min_part_size=PART, now=self.clock.seconds)
-        self.writers = [Writer("a", self.s3, self.clock), Writer("b", self.s3, self.clock)]
-        self.acked: set[bytes] = set()
-        self.next_id = 1
         # Its own generator: storms also act during the flush in teardown, after
         # hypothesis stopped drawing.
         self.rng = random.Random(seed)
+        self.world = World()
+        self.s3 = self.world.s3
+        self.acked: set[bytes] = set()
+        #: Lines that must be stored once in the end (filled at deaths and stops).
+        self.must_survive: set[bytes] = set()
+        #: Lines whose ``durable()`` fired True: answered 200 under ACK=durable.
+        self.durable_answers: set[bytes] = set()
+        self.takeovers: list[tuple[str, float]] = []
+        self.next_id = 1
         # operation -> (fault, probability) while a storm is on.
         self.storms: dict[str, tuple[str, float]] = {}
         self.s3.chaos = self.chaos
+        self._spawn()
+        self._spawn()
+
+    # -- processes -------------------------------------------------------------------
+
+    def _spawn(self, name: Optional[str] = None) -> Process:
+        """Start a process with a fresh writer ID (``w1``, ``w2``... or ``name``)."""
+        name = name or "w%d" % (len(self.world.processes) + 1)
+        return self.world.spawn(name, self.rng, self.taken_over)
+
+    def taken_over(self, process: Process) -> None:
+        """A process's lease was taken over: it exits at once (``tap._taken_over``)."""
+        self.takeovers.append((process.name, self.world.now))
+        self.kill(process)
+
+    def kill(self, process: Process) -> None:
+        """SIGKILL; what the process knew to be in storage must survive."""
+        if process.alive:
+            self.must_survive |= process.durable()
+            process.kill()
+
+    def live(self, index: int) -> Optional[Process]:
+        """The live process ``index`` designates (modulo their number), if any."""
+        live = self.world.live
+        return live[index % len(live)] if live else None
+
+    # -- storage faults -------------------------------------------------------------
 
     def chaos(self, operation: str) -> Optional[BaseException]:
         """The fault for one call during a storm (see :attr:`MemoryStore.chaos`)."""
         storm = self.storms.get(operation)
         if storm is None or self.rng.random() >= storm[1]:
             return None
+        if storm[0] == "conflict" and operation != "CompleteMultipartUpload":
+            # S3 answers 409 to conditional Completes only; counted on other
+            # calls, conflicts would pile up faster than merges use them.
+            return None
         return self.fault(operation, storm[0])
 
     @staticmethod
     def fault(operation: str, fault: str) -> BaseException:
+        """What :class:`MemoryStore` does for a fault named in the rules."""
         return {
             "error": StorageError(operation, 503, "SlowDown"),
             "lost": LOST,
@@ -169,31 +188,6 @@ class WritePathMachine(RuleBasedStateMachine):
     def calm(self) -> None:
         """Storms end."""
         self.storms.clear()
-
-    # -- rules ---------------------------------------------------------------------
-
-    @rule(
-        writer=st.integers(0, 1),
-        client=st.integers(1, 2),
-        count=st.integers(1, 12),
-        noisy=st.booleans(),
-    )
-    def send(self, writer: int, client: int, count: int, noisy: bool) -> None:
-        """Messages for one key through one writer; the accepted ones are acknowledged."""
-        w = self.writers[writer]
-        if w.stopped:
-            return
-        for _ in range(count):
-            n = self.next_id
-            self.next_id += 1
-            # 200 hex digits that compress poorly: about 10 lines fill a part.
-            text = "%0200x" % random.Random(n).getrandbits(800) if noisy else "m"
-            message = Message("%s %d" % (text, n), n, client, DAY_START_MS + 1000)
-            try:
-                w.registry.accept(message)
-            except Busy:
-                continue
-            self.acked.add(message.to_line())
 
     @rule(
         operation=st.sampled_from(OPERATIONS),
@@ -219,97 +213,365 @@ class WritePathMachine(RuleBasedStateMachine):
 
     @rule()
     def release(self) -> None:
-        """Stalled calls land (their callers may have given up long ago)."""
+        """Stalled calls land (their callers may have given up, or died, long ago)."""
         self.s3.release()
 
-    @rule(seconds=st.sampled_from([0.5, 2.0, LIFETIME_S]))
-    def advance(self, seconds: float) -> None:
-        """Time passes: retries, timeouts, rotation."""
-        self._advance(seconds)
+    # -- traffic, time, crashes ------------------------------------------------------
 
-    def _advance(self, seconds: float) -> None:
-        step = 0.25
-        while seconds > 0:
-            self.clock.advance(min(step, seconds))
-            seconds -= step
+    def _send(
+        self, writer: int, client: int, count: int, noisy: bool, durable: bool, seconds: float
+    ) -> None:
+        """``count`` messages spread over ``seconds`` (time passes meanwhile)."""
+        for i in range(count):
+            if i and seconds:
+                self.world.advance(seconds / count)
+            process = self.live(writer)
+            if process is None or process.paused_until is not None:
+                continue  # its HTTP server answers no one
+            n = self.next_id
+            self.next_id += 1
+            message = make_message(n, client, noisy)
+            try:
+                accepted = process.registry.accept(message)
+            except Busy:
+                continue
+            line = message.to_line()
+            self.acked.add(line)
+            process.accepted.append((accepted, line))
+            if durable:
+
+                def answered(ok: bool, line: bytes = line) -> None:
+                    if ok:
+                        self.durable_answers.add(line)
+
+                accepted.durable().addCallback(answered)
+
+    @rule(
+        writer=st.integers(0, MAX_PROCESSES - 1),
+        client=st.integers(1, 2),
+        count=st.integers(1, 12),
+        noisy=st.booleans(),
+        seconds=st.sampled_from([0.0, 1.0, 3.0]),
+    )
+    def send(self, writer: int, client: int, count: int, noisy: bool, seconds: float) -> None:
+        """Messages for one key through one process, answered once accepted."""
+        self._send(writer, client, count, noisy, False, seconds)
+
+    @rule(
+        writer=st.integers(0, MAX_PROCESSES - 1),
+        client=st.integers(1, 2),
+        count=st.integers(1, 6),
+        noisy=st.booleans(),
+        seconds=st.sampled_from([0.0, 1.0, 3.0]),
+    )
+    def send_durable(
+        self, writer: int, client: int, count: int, noisy: bool, seconds: float
+    ) -> None:
+        """Messages under ACK=durable: each answered 200 once its ``durable()`` fires True."""
+        self._send(writer, client, count, noisy, True, seconds)
+
+    @rule(seconds=st.sampled_from([0.5, 2.0, 4.0, LIFETIME_S]))
+    def advance(self, seconds: float) -> None:
+        """Time passes: retries, timeouts, checkpoints, renewals, recovery, rotation."""
+        self.world.advance(seconds)
+
+    @precondition(lambda self: bool(self.world.live))
+    @rule(writer=st.integers(0, MAX_PROCESSES - 1))
+    def crash(self, writer: int) -> None:
+        """A live process is killed (SIGKILL, OOM, power loss)."""
+        process = self.live(writer)
+        assert process is not None
+        self.kill(process)
+
+    @precondition(lambda self: bool(self.world.live))
+    @rule(
+        writer=st.integers(0, MAX_PROCESSES - 1),
+        seconds=st.sampled_from([2.0, 4.0, 8.0]),
+        answers_first=st.booleans(),
+    )
+    def pause(self, writer: int, seconds: float, answers_first: bool) -> None:
+        """
+        A live process stops for a while (SIGSTOP, a long GC pause, a stalled VM):
+        its lease may lapse and be taken over meanwhile; then it goes on.
+        """
+        process = self.live(writer)
+        assert process is not None
+        process.pause(self.world.now + seconds, answers_first)
+
+    @precondition(lambda self: bool(self.world.live))
+    @rule(writer=st.integers(0, MAX_PROCESSES - 1), seconds=st.sampled_from([2.0, 4.0, 8.0]))
+    def partition(self, writer: int, seconds: float) -> None:
+        """A live process cannot reach storage for a while (its calls fail unlanded)."""
+        process = self.live(writer)
+        assert process is not None
+        process.partition(self.world.now + seconds)
+
+    @precondition(lambda self: len(self.world.processes) < MAX_PROCESSES)
+    @rule()
+    def spawn(self) -> None:
+        """A new process (a fresh writer ID) starts."""
+        self._spawn()
 
     # -- invariants ------------------------------------------------------------------
-
-    def stored(self) -> list[bytes]:
-        lines: list[bytes] = []
-        for key, obj in self.s3.objects.items():
-            if key.startswith("chat/"):
-                lines.extend(read_lines(obj.body))
-        return lines
 
     @invariant()
     def nothing_twice_and_only_acknowledged(self) -> None:
         """No line stored twice; every stored line acknowledged; objects are gzip."""
-        if not hasattr(self, "s3"):
+        if not hasattr(self, "world"):
             return
-        lines = self.stored()
+        lines = stored_lines(self.s3)
         twice = [line for line, n in collections.Counter(lines).items() if n > 1]
         assert not twice, "stored twice: %r" % twice[:3]
         assert set(lines) <= self.acked
+        for key, obj in self.s3.objects.items():
+            if key.startswith(STAGING_PREFIX):
+                read_lines(obj.body)
 
     @invariant()
     def budget_equals_held(self) -> None:
-        """Each writer's budget counts exactly the bytes it holds."""
-        if not hasattr(self, "s3"):
+        """Each live process's budget counts exactly the bytes it holds."""
+        if not hasattr(self, "world"):
             return
-        for w in self.writers:
-            assert w.budget.held == w.held_bytes(), (w.name, w.budget.held, w.held_bytes())
+        for p in self.world.live:
+            assert p.budget.held == p.held_bytes(), (p.name, p.budget.held, p.held_bytes())
 
-    # -- stop ------------------------------------------------------------------------
+    # -- stop and recovery --------------------------------------------------------------
 
     def teardown(self) -> None:
         """
-        Storage comes back; both writers stop with a deadline; every acknowledged
-        line is then stored exactly once, in chat/ or staged.
+        The live processes stop with a deadline while the storms go on for 10 s, then
+        storage comes back (stalled calls land); then a new process recovers; every
+        line that had to survive is then stored once, nothing else is left.
         """
-        if not hasattr(self, "s3"):
+        if not hasattr(self, "world"):
             return
-        s3 = self.s3
-        done: list[object] = []
-        for w in self.writers:
-            w.store.stopping(self.clock.seconds() + 120.0)
-            w.registry.close_all().addBoth(done.append)
-        # The storms and the faults injected but not yet met go on for the first
-        # seconds of the flush; then storage comes back (stalled calls land).
-        for second in range(200):
-            if len(done) == len(self.writers):
-                break
-            if second == 10:
-                self.storms.clear()
-                s3.release()
-            self._advance(1.0)
-        assert len(done) == len(self.writers), "flush did not end"
-        lines = self.stored()
-        staged: list[bytes] = []
-        merged_writes = {
-            write for key, obj in s3.objects.items() if key.startswith("chat/") for write in obj.writes
-        }
-        for key, obj in s3.objects.items():
-            # A staging object whose write ID a key lists was merged: one that
-            # reappears (a timed-out PutObject that landed late) is garbage that
-            # recovery deletes without merging.
-            if key.startswith(STAGING_PREFIX) and obj.writes[-1] not in merged_writes:
-                staged.extend(read_lines(obj.body))
-        for upload_id, upload in s3.uploads.items():
-            if not upload.key.startswith(STAGING_PREFIX):
-                # Only a stalled CreateMultipartUpload that landed after the merge
-                # had given it up and aborted the others may be left: empty, for
-                # the recovery sweep (issue 6) to abort.
-                assert not upload.parts, "upload with parts left: %s" % upload.key
-                continue
-            staged.extend(_lines_of_upload(s3, upload_id))
-        everything = collections.Counter(lines + staged)
-        twice = [line for line, n in everything.items() if n > 1]
+        world, s3 = self.world, self.s3
+        stopping = world.live
+        for p in stopping:
+            p.stop(120.0, lambda p: None)
+        world.advance(10.0)
+        self.storms.clear()
+        s3.release()
+        world.run_until(lambda: all(p.closed or not p.alive for p in stopping), 200.0)
+        s3.release()
+        for p in world.processes:
+            if p.flushed:
+                self.must_survive |= {line for _, line in p.accepted}
+                assert p.budget.held == 0, (p.name, p.budget.held)
+        final = self._spawn(FINAL)
+        # Its own lease, and its own probe when a fault injected earlier met one
+        # of the probe's single attempts: the live data of a live process.
+        own = {lease_key(FINAL), PROBE_PREFIX + FINAL}
+
+        def recovered() -> bool:
+            return not any(u.key not in own for u in s3.uploads.values()) and not any(
+                key.startswith(WORK_PREFIX) and key not in own for key in s3.objects
+            )
+
+        try:
+            world.run_until(recovered, 300.0)
+        except AssertionError:
+            left = sorted(k for k in s3.objects if k.startswith(WORK_PREFIX))
+            uploads = sorted(u.key for u in s3.uploads.values())
+            raise AssertionError("recovery did not end: left %r, uploads %r" % (left, uploads))
+        assert final.alive, "the final recoverer was taken over"
+        lines = stored_lines(s3)
+        twice = [line for line, n in collections.Counter(lines).items() if n > 1]
         assert not twice, "stored twice: %r" % twice[:3]
-        missing = self.acked - set(everything)
-        assert not missing, "%d acknowledged lines lost, e.g. %r" % (len(missing), sorted(missing)[:2])
-        for w in self.writers:
-            assert w.budget.held == 0, (w.name, w.budget.held)
+        assert set(lines) <= self.acked
+        assert self.durable_answers <= self.must_survive
+        missing = self.must_survive - set(lines)
+        assert not missing, "%d lines that had to survive lost, e.g. %r (takeovers: %r)" % (
+            len(missing),
+            sorted(missing)[:2],
+            self.takeovers,
+        )
+        final.recovery.stopService()
+        final.lease.stop()
+
+
+class CrashRecoveryTests(SynchronousTestCase):
+    """
+    One crash without faults, on the model's processes: what survives, and how soon
+    recovery by another process ends.
+    """
+
+    def crash_and_recover(self, recoverer_at_crash: bool) -> None:
+        """
+        Process ``a`` takes a noisy line every 0.25 s (parts, checkpoints, rotations)
+        from 0 to T = 20.25 s, and is killed at T.  The recoverer ``b`` starts at 0
+        (so it is healthy at T), or at T (a restart).
+
+        Every line accepted more than ``CHECKPOINT_S`` before T is stored exactly once,
+        and so is every line ``a`` knew to be in storage: a checkpoint round runs
+        every ``CHECKPOINT_S``, and without faults its uploads land at once.
+
+        Recovery ends by T + 4 x ``LEASE_S`` + ``RECOVERY_INTERVAL_S``: ``a``'s last
+        lease write is at L <= T.  A pass judges ``a`` gone when ``now - L > 3 x
+        LEASE_S``, where ``now`` is the recoverer's own lease's LastModified, written
+        every ``LEASE_S`` (so ``now`` >= the pass's time - ``LEASE_S``): every pass
+        after L + 4 x ``LEASE_S`` does, and passes run every ``RECOVERY_INTERVAL_S``.
+        Without faults a pass claims, completes and merges at once.  The healthy gate
+        of a recoverer started at T (3 x ``LEASE_S`` of renewals) ends before that.
+        """
+        world = World()
+
+        def taken_over(process: Process) -> None:
+            self.fail("%s taken over" % process.name)
+
+        rng = random.Random(1)
+        a = world.spawn("a", rng, taken_over)
+        b = world.spawn("b", rng, taken_over) if not recoverer_at_crash else None
+        crash_at = 20.25
+        accepted_at: list[tuple[float, bytes]] = []
+        n = 0
+        while world.now < crash_at:
+            n += 1
+            message = make_message(n, 1, noisy=True)
+            accepted = a.registry.accept(message)
+            accepted_at.append((world.now, message.to_line()))
+            a.accepted.append((accepted, message.to_line()))
+            world.advance(0.25)
+        self.assertEqual(world.now, crash_at)
+        durable = a.durable()
+        open_streams = [a.registry._open[key].stream for key in a.registry.open_keys]
+        a.kill()
+        if b is None:
+            b = world.spawn("b", rng, taken_over)
+        s3 = world.s3
+
+        def recovered() -> bool:
+            return not s3.uploads and not any(
+                key.startswith(WORK_PREFIX) and key != lease_key("b") for key in s3.objects
+            )
+
+        done_at = world.run_until(recovered, 60.0)
+        lines = stored_lines(s3)
+        counts = collections.Counter(lines)
+        self.assertEqual([line for line, c in counts.items() if c > 1], [])
+        self.assertLessEqual(set(lines), {line for _, line in accepted_at})
+        old_enough = {line for t, line in accepted_at if t < crash_at - CHECKPOINT_S}
+        self.assertEqual(old_enough - set(lines), set())
+        self.assertEqual(durable - set(lines), set())
+        # The stream open at the crash had lines that only checkpoints stored.
+        self.assertEqual(len(open_streams), 1)
+        self.assertGreater(open_streams[0].checkpoints, 0)
+        self.assertLessEqual(done_at - crash_at, 4 * LEASE_S + RECOVERY_INTERVAL_S)
+        b.recovery.stopService()
+        b.lease.stop()
+
+    def test_recovered_by_running_process(self) -> None:
+        """A crash recovered by a process that was running all along."""
+        self.crash_and_recover(recoverer_at_crash=False)
+
+    def test_recovered_by_restart(self) -> None:
+        """A crash recovered by a process started at the moment of the crash."""
+        self.crash_and_recover(recoverer_at_crash=True)
+
+
+class LeaseFenceTests(SynchronousTestCase):
+    """
+    The fence between a writer that comes back and a recoverer that judged it gone,
+    in the two cases the model found (scenarios shrunk by hand, without faults but
+    a partition and one delayed call).  Process ``a`` writes; ``b`` recovers, its
+    passes run by hand.
+    """
+
+    def setUp(self) -> None:
+        self.world = World()
+        self.taken_over: list[str] = []
+        rng = random.Random(1)
+        self.a = self.world.spawn("a", rng, self.kill)
+        self.b = self.world.spawn("b", rng, self.kill)
+        self.a.recovery.stopService()
+        self.b.recovery.stopService()
+
+    def kill(self, process: Process) -> None:
+        """A takeover: the process exits at once."""
+        self.taken_over.append(process.name)
+        process.kill()
+
+    def test_claim_landing_after_a_renewal(self) -> None:
+        """
+        ``a`` checkpoints lines 1-3 into its staging upload, then cannot reach S3 for
+        4 s.  ``b``'s pass finds ``a``'s lease 4 s old and claims ``a`` by deleting
+        the lease, but that DeleteObject is slow (it lands 0.75 s later).  Meanwhile
+        ``a`` is back and renews its lease (If-Match: it is still there), so it holds
+        the lease by its own reckoning; then the delete lands and ``b`` completes
+        and merges ``a``'s upload.  ``a``'s next checkpoint gets NoSuchUpload: it
+        goes on in a new staging upload with its whole segment, lines 1-3 included,
+        and is taken over at its next renewal; recovery merges that upload too.
+
+        Lines 1-3 must be stored once.  (The claim deletes the lease without a
+        condition, on the strength of a listing made before; and a writer whose
+        staging upload vanished stages its segment again instead of taking it as
+        the sign of a takeover, which it is since recovery.)
+        """
+        world, a, s3 = self.world, self.a, self.world.s3
+        world.advance(4.0)
+        accepted = [a.registry.accept(make_message(n, 1, False)) for n in (1, 2, 3)]
+        self.assertTrue(self.successResultOf(accepted[-1].durable()))
+        a.partition(until=8.0)
+        world.advance(4.0)
+        s3.hold("DeleteObject")  # b's claim of a is slow
+        ensureDeferred(self.b.recoverer.recover_once())
+        world.run_until(lambda: a.lease.healthy_for > 0, 5.0)  # a renewed its lease
+        s3.release()  # the claim lands; b completes and merges a's upload
+        self.assertTrue(
+            self.successResultOf(a.registry.accept(make_message(4, 1, False)).durable())
+        )
+        world.advance(3.0)
+        self.b.recovery.startService()  # recovers what a staged since
+        world.advance(6.0)
+        lines = stored_lines(s3)
+        self.assertEqual(
+            [line for line, n in collections.Counter(lines).items() if n > 1], []
+        )
+
+    test_claim_landing_after_a_renewal.todo = (  # type: ignore[attr-defined]
+        "recovery claims with an unconditional DeleteObject, and a writer stages its"
+        " segment again after NoSuchUpload on its staging upload"
+    )
+
+    def test_sweep_deleting_a_renewed_lease(self) -> None:
+        """
+        ``a`` (no staged data) cannot reach S3 for 4.5 s.  ``b``'s pass lists the
+        leases, finds ``a``'s 4 s old, and goes on with its sweep, whose listing of
+        merge uploads under ``chat/`` stalls for 3 s.  Meanwhile ``a`` is back and
+        renews its lease.  The sweep then deletes ``a``'s lease as the lease of a
+        gone writer without staged data, on the strength of its listing from 3 s
+        before, and ``a``, healthy, is taken over at its next renewal: it exits
+        without a flush, losing every line it took that no checkpoint stored yet.
+
+        ``a`` must not be taken over: a lease renewed since the listing is not a
+        gone writer's (list again before deleting, or delete on a condition).
+        """
+        world, a, s3 = self.world, self.a, self.world.s3
+        world.advance(4.0)
+        a.partition(until=8.5)
+        world.advance(4.0)
+        # The pass's first ListMultipartUploads (staging) answers; the sweep's
+        # (chat/) stalls until released.
+        s3.before(
+            "ListMultipartUploads",
+            lambda: s3.before("ListMultipartUploads", lambda: s3.hold("ListMultipartUploads")),
+        )
+        ensureDeferred(self.b.recoverer.recover_once())
+        world.advance(3.0)
+        self.assertGreater(a.lease.healthy_for, 0)  # a renewed its lease
+        s3.release()
+        world.advance(3.0)
+        self.assertEqual(self.taken_over, [])
+
+    test_sweep_deleting_a_renewed_lease.todo = (  # type: ignore[attr-defined]
+        "the sweep deletes leases on the strength of a listing made before slow calls"
+    )
+
+    def tearDown(self) -> None:
+        """Stop the live processes' timers."""
+        for process in self.world.live:
+            process.lease.stop()
+            process.kill()
 
 
 class WritePathModelTests(SynchronousTestCase):
@@ -317,19 +579,39 @@ class WritePathModelTests(SynchronousTestCase):
 
     def test_model(self) -> None:
         """
-        Under every kind of storage fault, with two writers on the same keys: no line
-        stored twice at any step; after stop each acknowledged line stored once.
+        Under every kind of storage fault, with processes started, paused, cut off
+        and killed at any step: no line stored twice at any step; after stop and
+        recovery every line that had to survive stored once, nothing left under
+        ``_loghandler/``.  ``MODEL_EXAMPLES`` sets the number of examples (longer
+        local runs find rarer interleavings).
         """
+        # A killed process's coroutines wait forever on answers that never come;
+        # when an example's processes are garbage-collected, Python closes them,
+        # and one suspended in a merge's ``except BaseException`` awaits there (the
+        # cut client sends nothing): Python reports it on stderr.  A killed process
+        # is never collected, so these reports are noise here.
+        hook = sys.unraisablehook
+
+        def unraisable(report: Any) -> None:
+            if not (
+                isinstance(report.exc_value, RuntimeError)
+                and "coroutine ignored GeneratorExit" in str(report.exc_value)
+            ):
+                hook(report)
+
+        self.patch(sys, "unraisablehook", unraisable)
         run_state_machine_as_test(
             WritePathMachine,
             settings=settings(
-                max_examples=300,
-                stateful_step_count=40,
+                max_examples=int(os.environ.get("MODEL_EXAMPLES", "300")),
+                stateful_step_count=60,
                 deadline=None,
                 # CI runs a fixed set of examples; developers' runs explore anew.
                 derandomize=bool(os.environ.get("CI")),
                 suppress_health_check=list(HealthCheck),
             ),
         )
-        # Unexpected exceptions are logged once per type by the retry layer.
-        self.flushLoggedErrors(Unexpected)
+        gc.collect()
+        # Unexpected exceptions are logged once per type by the retry layer; the
+        # staging writes of a process whose lease was taken over fail with LeaseLost.
+        self.flushLoggedErrors(Unexpected, LeaseLost)
