@@ -22,6 +22,7 @@ any instant as SIGKILL would kill them.
 from __future__ import annotations
 
 import random
+import sys
 from typing import Any, Callable, Optional
 
 from twisted.internet.defer import Deferred
@@ -52,6 +53,44 @@ STALE_MERGE_UPLOAD_S = 30.0
 ATTEMPT_TIMEOUT_S = 5.0
 #: The master clock moves in steps of this many seconds.
 TICK_S = 0.25
+
+
+def _of_killed_process(traceback: Any) -> bool:
+    """Whether a traceback runs through the code of a killed process."""
+    while traceback is not None:
+        local = traceback.tb_frame.f_locals
+        for value in (local.get("self"), local.get("client")):
+            for client in (value, getattr(value, "client", None), getattr(value, "_client", None)):
+                if isinstance(client, ProcessClient) and client.cut:
+                    return True
+        traceback = traceback.tb_next
+    return False
+
+
+def _quiet_killed(hook: Callable[[Any], None]) -> Callable[[Any], None]:
+    """
+    ``sys.unraisablehook`` without the reports of killed processes' coroutines.
+
+    A killed process's coroutines wait forever for answers that never come.  When
+    they are garbage-collected (during the test run or at its end), Python closes
+    them, and one suspended in a merge (whose ``except BaseException`` awaits an
+    abort) or in the bucket probe (whose ``finally`` awaits) waits again: Python
+    reports "coroutine ignored GeneratorExit" on stderr.  A killed process is never
+    collected, and its cut client sends nothing, so these reports are noise.
+    """
+
+    def unraisable(report: Any) -> None:
+        if not (
+            isinstance(report.exc_value, RuntimeError)
+            and "coroutine ignored GeneratorExit" in str(report.exc_value)
+            and _of_killed_process(report.exc_traceback)
+        ):
+            hook(report)
+
+    return unraisable
+
+
+sys.unraisablehook = _quiet_killed(sys.unraisablehook)
 
 
 class ProcessClock(Clock):

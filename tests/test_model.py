@@ -29,11 +29,9 @@ whose ``durable()`` had fired True, the 200 of ``ACK=durable``).
 from __future__ import annotations
 
 import collections
-import gc
 import os
 import random
-import sys
-from typing import Any, Optional
+from typing import Optional
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -585,21 +583,6 @@ class WritePathModelTests(SynchronousTestCase):
         ``_loghandler/``.  ``MODEL_EXAMPLES`` sets the number of examples (longer
         local runs find rarer interleavings).
         """
-        # A killed process's coroutines wait forever on answers that never come;
-        # when an example's processes are garbage-collected, Python closes them,
-        # and one suspended in a merge's ``except BaseException`` awaits there (the
-        # cut client sends nothing): Python reports it on stderr.  A killed process
-        # is never collected, so these reports are noise here.
-        hook = sys.unraisablehook
-
-        def unraisable(report: Any) -> None:
-            if not (
-                isinstance(report.exc_value, RuntimeError)
-                and "coroutine ignored GeneratorExit" in str(report.exc_value)
-            ):
-                hook(report)
-
-        self.patch(sys, "unraisablehook", unraisable)
         run_state_machine_as_test(
             WritePathMachine,
             settings=settings(
@@ -611,7 +594,6 @@ class WritePathModelTests(SynchronousTestCase):
                 suppress_health_check=list(HealthCheck),
             ),
         )
-        gc.collect()
         # Unexpected exceptions are logged once per type by the retry layer; the
         # staging writes of a process whose lease was taken over fail with LeaseLost.
         self.flushLoggedErrors(Unexpected, LeaseLost)
