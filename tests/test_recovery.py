@@ -188,16 +188,53 @@ class PassTests(RecoveryCase):
         self.assertEqual(summary[0]["uploads_completed"], 1)
 
     def test_stale_lease_is_recovered(self) -> None:
-        """A writer whose lease is over 3 x lease_s old: its lease is deleted first."""
+        """
+        A writer whose lease is over 3 x lease_s old: its lease is claimed first
+        (replaced by an empty body If-Match the ETag listed), and deleted once all
+        it staged is merged.
+        """
         self.stale_lease("dead", 3 * LEASE_S + 15)
+        stale_etag = self.s3.objects[lease_key("dead")].etag
         staging, lines = self.stage_dead()
+        puts: list[tuple[bytes, object]] = []
+        put = self.s3.put
+
+        def recording(key: str, body: bytes, *args: Any, **kwargs: Any) -> Any:
+            if key == lease_key("dead"):
+                puts.append((body, kwargs.get("if_match")))
+            return put(key, body, *args, **kwargs)
+
+        self.s3.put = recording  # type: ignore[method-assign]
         report = self.recover()
         self.assertEqual(report.writers, ["dead"])
         self.assertEqual(self.stored(), lines)
         self.assertEqual(self.leftovers(), ([], []))
+        self.assertEqual(puts, [(b"", stale_etag)])
         ops = [(op, key) for op, key in self.s3.calls]
-        claim = ops.index(("DeleteObject", lease_key("dead")))
+        claim = ops.index(("PutObject", lease_key("dead")))
         self.assertLess(claim, ops.index(("ListParts", staging)))
+        self.assertLess(
+            ops.index(("ListParts", staging)), ops.index(("DeleteObject", lease_key("dead")))
+        )
+
+    def test_claim_fails_on_a_renewed_lease(self) -> None:
+        """
+        The writer renews its lease between the listing and the claim: the claim
+        (If-Match the stale ETag) gets 412, and its data are left to it.
+        """
+        self.stale_lease("dead", 3 * LEASE_S + 15)
+        self.stage_dead()
+
+        def renew() -> None:
+            # Just before the claim: the writer is back and renews.
+            self.s3.store(lease_key("dead"), b'{"writer_id": "dead"}')
+
+        self.s3.before("PutObject", renew)
+        report = self.recover()
+        self.assertEqual(report.writers, [])
+        self.assertEqual(self.s3.objects[lease_key("dead")].body, b'{"writer_id": "dead"}')
+        self.assertTrue(self.s3.uploads)
+        self.assertNotIn(KEY, self.s3.objects)
 
     def test_live_writer_untouched(self) -> None:
         """A writer with a fresh lease: nothing of its data is touched."""

@@ -357,6 +357,66 @@ class ReplacedUploadTests(WriterCase):
         self.assertEqual(self.stored(), first + rest + [message(1).to_line()])
 
 
+class TakenOverTests(WriterCase):
+    """A writer whose staging upload vanished because recovery took it over."""
+
+    def make_leased(self) -> tuple[S3ObjectStore, list[None]]:
+        from loghandler.storage.s3.lease import Lease
+
+        taken: list[None] = []
+        retry = RetryLayer(self.clock, attempt_timeout=10.0, backoff=Backoff(1.0, 8.0))
+        lease = Lease(self.s3, retry, self.clock, "w1", 10.0, lambda: taken.append(None))
+        store = self.make_store(writer_id="w1", retry=retry, lease=lease)
+        self.successResultOf(store.check())
+        self.addCleanup(lease.stop)
+        return store, taken
+
+    def test_vanished_upload_and_lease_claimed(self) -> None:
+        """
+        NoSuchUpload on the staging upload while the lease is a recoverer's claim:
+        the writer is taken over and stages nothing again (its segment would store
+        twice what the recoverer merged).
+        """
+        store, taken = self.make_leased()
+        writer = store.open(KEY)
+        self.successResultOf(writer.checkpoint(gzip_of(noise(0, 5))))
+        (upload_id,) = list(self.s3.uploads)
+        # What a recoverer does: claim the lease, complete and merge the upload.
+        self.s3.store("_loghandler/writers/w1", b"")
+        self.successResultOf(self.s3.abort_upload(writer.staging_key, upload_id))
+        with capturedLogs():
+            d = writer.checkpoint(gzip_of(noise(0, 8)))
+            self.run_until_failed(d)
+        self.assertEqual(taken, [None])
+        self.assertEqual(self.s3.uploads, {})
+        creates = [
+            key for op, key in self.s3.calls if op == "CreateMultipartUpload" and "staging" in key
+        ]
+        self.assertEqual(creates, [writer.staging_key])
+
+    def test_vanished_upload_lease_still_ours(self) -> None:
+        """
+        NoSuchUpload while the lease is still ours (an operator aborted the upload):
+        the stream goes on in a new upload.
+        """
+        store, taken = self.make_leased()
+        writer = store.open(KEY)
+        self.successResultOf(writer.checkpoint(gzip_of(noise(0, 5))))
+        (upload_id,) = list(self.s3.uploads)
+        self.successResultOf(self.s3.abort_upload(writer.staging_key, upload_id))
+        with capturedLogs():
+            self.assertTrue(self.run_until(writer.checkpoint(gzip_of(noise(0, 8)))))
+        self.assertEqual(taken, [])
+        self.assertEqual(len(self.s3.uploads), 1)
+
+    def run_until_failed(self, d: Deferred[Any]) -> None:
+        for _ in range(1000):
+            if d.called:
+                break
+            self.clock.advance(0.1)
+        self.failureResultOf(d)
+
+
 class DefectStopAndJitterTests(WriterCase):
     """Defect 5: stop did not wake sleeping retries; conflicts retried in lockstep."""
 

@@ -336,6 +336,52 @@ class Lease:
             raise
         return etag if current == body else None
 
+    async def confirm(self) -> bool:
+        """
+        Whether the lease is still ours, read from S3 now: a writer whose staging
+        upload vanished asks, since a recoverer that took the writer over completes
+        its uploads.  When it is not ours (missing, or another body: a recoverer's
+        claim), the lease is taken over (``on_taken_over`` is called) and False is
+        returned.
+
+        :raises Abandoned: the deadline passed first.
+        """
+        if self._state is not _State.RUNNING:
+            return False
+        info = await self._retry.call(
+            "HeadObject", self.key, lambda: self._client.head(self.key), cancelled=self._cancelled
+        )
+        ours = False
+        if info is not None:
+            etag = info.etag
+            try:
+                current: bytes = await self._retry.call(
+                    "GetObject",
+                    self.key,
+                    lambda: self._client.get(self.key, etag),
+                    cancelled=self._cancelled,
+                )
+            except StorageFault as e:
+                if e.fault not in (Fault.CONFLICT, Fault.GONE):
+                    raise
+                current = b""  # changed or deleted since the HEAD: not by us
+            ours = self._written_by_us(current)
+        if not ours:
+            self._taken_over(Exception("the lease is not this writer's any more"))
+        return ours
+
+    def _written_by_us(self, body: bytes) -> bool:
+        """Whether ``body`` is one of this process's lease writes (its nonce)."""
+        try:
+            fields = json.loads(body)
+        except ValueError:
+            return False
+        return (
+            isinstance(fields, dict)
+            and fields.get("writer_id") == self.writer_id
+            and fields.get("nonce") == self._nonce
+        )
+
     def _landed(self, etag: str, sent: float) -> None:
         now = self._clock.seconds()
         if self._sent is None or now - self._sent >= 2 * self.lease_s:

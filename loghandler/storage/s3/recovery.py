@@ -250,6 +250,7 @@ class Recoverer:
                 staged[writer].values(), key=lambda s: (s.parsed.key, s.parsed.sequence)
             )
             waiting: set[str] = set()  # keys whose earlier streams wait for the next pass
+            problems = report.problems
             for item in items:
                 if cancelled():
                     raise Abandoned("recovery stopped")
@@ -257,6 +258,9 @@ class Recoverer:
                     continue
                 if not await self._recover_key(item, report, cancelled):
                     waiting.add(item.parsed.key)
+            if not waiting and report.problems == problems:
+                # All it staged is merged: its claim (tombstone) goes too.
+                await self._delete(lease_key(writer), cancelled)
         if report.skipped is None:
             await self._sweep(set(staged), report, cancelled)
         if report.did_something:
@@ -300,7 +304,11 @@ class Recoverer:
         if writer == self.writer_id:
             return False
         lease = leases.get(writer)
-        return lease is None or now - lease.last_modified > 3 * self.lease_s
+        return (
+            lease is None
+            or lease.size == 0  # a recoverer's claim
+            or now - lease.last_modified > 3 * self.lease_s
+        )
 
     async def _list_staged(self, cancelled: Callable[[], bool]) -> dict[str, dict[str, _Staging]]:
         """Staging uploads and objects, by writer ID, then staging key."""
@@ -340,8 +348,14 @@ class Recoverer:
 
     async def _claim(self, writer: str, cancelled: Callable[[], bool]) -> bool:
         """
-        List the leases again; if ``writer`` is still gone, delete its lease (the
-        fence) and return True.
+        List the leases again; if ``writer`` is still gone, claim it and return True.
+
+        The claim is the fence: its lease is replaced by an empty body (a tombstone)
+        only while it is the stale version listed (``If-Match`` its ETag).  A writer
+        that renewed meanwhile changed the ETag, so the claim fails (412) and the
+        writer keeps its data; a writer that renews after the claim gets 412 and
+        finds a body that is not its own: it stops.  An unconditional delete would
+        remove a lease renewed after the listing.
         """
         now, leases = await self._list_leases(cancelled)
         if now is None or not self._gone(writer, now, leases):
@@ -349,10 +363,38 @@ class Recoverer:
                 "recovery: writer {writer} is back; its data are left to it", writer=writer
             )
             return False
-        if writer in leases:
-            key = lease_key(writer)
-            await self._call("DeleteObject", key, lambda: self._client.delete(key), cancelled)
-        return True
+        lease = leases.get(writer)
+        if lease is None or lease.size == 0:
+            return True  # no lease (its renewals fail) or claimed already
+        return await self._tombstone(lease, cancelled)
+
+    async def _tombstone(self, lease: ListedObject, cancelled: Callable[[], bool]) -> bool:
+        """
+        Replace ``lease`` (as listed) by an empty body, ``If-Match`` its ETag.
+
+        :returns: True when the lease is now a tombstone (ours or another
+            recoverer's) or missing; False when its writer renewed it.
+        """
+        key = lease.key
+        try:
+            await self._call(
+                "PutObject",
+                key,
+                lambda: self._client.put(key, b"", if_match=lease.etag),
+                cancelled,
+            )
+            return True
+        except StorageFault as e:
+            if e.fault not in (Fault.CONFLICT, Fault.GONE):
+                raise
+        info = await self._call("HeadObject", key, lambda: self._client.head(key), cancelled)
+        if info is None or info.size == 0:
+            return True
+        self._log.info(
+            "recovery: writer {writer} renewed its lease meanwhile; its data are left to it",
+            writer=lease_writer(key),
+        )
+        return False
 
     # -- one staging key -------------------------------------------------------------
 
@@ -543,8 +585,11 @@ class Recoverer:
                 report.garbage_deleted += 1
         for writer, lease in sorted(leases.items()):
             if writer not in with_data and self._gone(writer, now, leases):
-                await self._delete(lease.key, cancelled)
-                report.garbage_deleted += 1
+                # Claimed first (unless a tombstone already): a lease renewed since
+                # the listing is not deleted.
+                if lease.size == 0 or await self._tombstone(lease, cancelled):
+                    await self._delete(lease.key, cancelled)
+                    report.garbage_deleted += 1
 
     async def _abort(self, upload: PendingUpload, cancelled: Callable[[], bool]) -> bool:
         """Abort an upload; False when it was gone already."""

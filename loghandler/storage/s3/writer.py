@@ -353,7 +353,7 @@ class S3ObjectWriter:
                 continue  # out of numbers
             except StorageFault as e:
                 if e.fault is Fault.GONE:
-                    self._replace_upload(upload_id)
+                    await self._upload_vanished(upload_id)
                     continue
                 raise
             self._parts[segment] = (self._number, etag, len(body))
@@ -370,6 +370,21 @@ class S3ObjectWriter:
         ):
             self._number = number + 1
         return failure
+
+    async def _upload_vanished(self, upload_id: str) -> None:
+        """
+        NoSuchUpload on the staging upload.  With a lease, the likely cause is a
+        recoverer that judged this writer gone (while its lease lapsed) and took its
+        uploads: the lease is read to make sure (:meth:`Lease.confirm`), and when it
+        is not ours any more nothing is staged again (that would store twice what
+        the recoverer merged): :class:`Abandoned`, and the process is taken over.
+        Else someone aborted the upload: :meth:`_replace_upload`.
+        """
+        lease = self._store.lease
+        if lease is not None and not await lease.confirm():
+            self._abandoned = True
+            raise Abandoned(f"{self.key}: this writer was taken over")
+        self._replace_upload(upload_id)
 
     def _replace_upload(self, upload_id: str) -> None:
         """
@@ -536,7 +551,7 @@ class S3ObjectWriter:
                 if info is not None and self.write_id in info.writes:
                     self._staged = Staged(self.staging_key, info.size, info.etag, self.write_id)
                     return
-                self._replace_upload(upload_id)
+                await self._upload_vanished(upload_id)
                 raise
             self._staged = Staged(self.staging_key, size, etag, self.write_id)
             return
