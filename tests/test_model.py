@@ -49,7 +49,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from loghandler.interfaces import StorageError
 from loghandler.message import Message
 from loghandler.registry import Busy
-from loghandler.storage.memory import CONFLICT, LOST, STALL, MemoryStore
+from loghandler.storage.memory import CONFLICT, LOST, STALL, MemoryStore, lost_answer
 from loghandler.storage.s3.layout import PROBE_PREFIX, STAGING_PREFIX, WORK_PREFIX, lease_key
 from loghandler.storage.s3.lease import LeaseLost
 from tests.helpers import DAY_START_MS, read_lines
@@ -557,11 +557,64 @@ class LeaseFenceTests(SynchronousTestCase):
         world.advance(3.0)
         self.assertEqual(self.taken_over, [])
 
+    def test_checkpoint_answered_after_the_claim(self) -> None:
+        """
+        ``a`` checkpoints lines 1-3 (part 1 of its staging upload).  At 5.0, just
+        after a renewal of its lease, line 6's ``durable()`` starts a checkpoint of
+        lines 1-6: its first attempt gets no answer (it may have landed, so the next
+        attempt uses part number 2), and the second stalls in the network.  From
+        5.25 ``a`` cannot reach S3.  At 9.0 ``b`` judges ``a`` gone (its lease is
+        4 s old), claims it and lists its parts: part 1.  The stalled attempt lands
+        just before ``b``'s CompleteMultipartUpload, and its answer reaches ``a``,
+        which answers line 6 as durable (200 under ACK=durable); ``b`` completes
+        with part 1, lines 1-3.
+
+        A line answered durable must be stored: here, an answer that came 4 s
+        after the last lease write ``a`` knows landed, when a recoverer may have
+        claimed ``a`` and listed its parts (3 x ``LEASE_S``), cannot count before
+        the lease is confirmed (``Lease.held`` is checked before a call, not when
+        its answer comes).
+        """
+        world, a, s3 = self.world, self.a, self.world.s3
+        world.advance(4.0)
+        lines = [make_message(n, 1, False).to_line() for n in range(1, 7)]
+        first = [a.registry.accept(make_message(n, 1, False)) for n in (1, 2, 3)]
+        self.assertTrue(self.successResultOf(first[-1].durable()))
+        world.advance(1.0)  # 5.0: a's lease renewal lands
+        s3.fail("UploadPart", lost_answer())
+        s3.before("UploadPart", lambda: s3.before("UploadPart", lambda: s3.hold("UploadPart")))
+        accepted = [a.registry.accept(make_message(n, 1, False)) for n in (4, 5, 6)]
+        durable = accepted[-1].durable()
+        world.advance(0.25)
+        self.assertEqual([held.operation for held in s3.held], ["UploadPart"])
+        stalled = s3.held.pop()
+        s3.release()
+        a.partition(until=20.0)
+        world.advance(3.75)  # 9.0
+
+        def land_stalled() -> None:
+            s3.held.append(stalled)
+            s3.release()
+
+        s3.before("CompleteMultipartUpload", land_stalled)
+        ensureDeferred(self.b.recoverer.recover_once())
+        self.assertTrue(stalled.result.called)
+        answered = durable.called and durable.result is True
+        self.b.recovery.startService()
+        world.advance(15.0)
+        stored = set(stored_lines(s3))
+        self.assertEqual(set(lines if answered else lines[:3]) - stored, set())
+
+    test_checkpoint_answered_after_the_claim.todo = (  # type: ignore[attr-defined]
+        "a staging write's answer counts however long after the lease lapsed it comes"
+    )
+
     def tearDown(self) -> None:
-        """Stop the live processes' timers."""
+        """Stop the live processes' timers; a takeover logs LeaseLost."""
         for process in self.world.live:
             process.lease.stop()
             process.kill()
+        self.flushLoggedErrors(LeaseLost)
 
 
 class WritePathModelTests(SynchronousTestCase):
