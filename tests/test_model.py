@@ -605,10 +605,6 @@ class LeaseFenceTests(SynchronousTestCase):
         stored = set(stored_lines(s3))
         self.assertEqual(set(lines if answered else lines[:3]) - stored, set())
 
-    test_checkpoint_answered_after_the_claim.todo = (  # type: ignore[attr-defined]
-        "a staging write's answer counts however long after the lease lapsed it comes"
-    )
-
     def tearDown(self) -> None:
         """Stop the live processes' timers; a takeover logs LeaseLost."""
         for process in self.world.live:

@@ -246,9 +246,16 @@ class S3ObjectWriter:
         cancelled: Optional[Callable[[], bool]] = None,
     ) -> Any:
         await self._store.lease_held()  # no staging write without the lease
-        return await self._retry.call(
+        result = await self._retry.call(
             operation, self.staging_key, call, slots=slots, cancelled=cancelled or self._cancelled
         )
+        # An answer counts only while the lease is held when it comes: one that
+        # comes late (a stalled request) may have landed after a recoverer claimed
+        # this writer and listed its parts.  held() fires at once while the last
+        # renewal is fresh, else once a renewal lands (which proves no claim came
+        # first: a claim is a compare-and-swap on the lease), or fails if it was.
+        await self._store.lease_held()
+        return result
 
     # -- IObjectWriter -------------------------------------------------------------
 
