@@ -241,6 +241,7 @@ class Process:
         (production exits at once: the caller kills it).
     :ivar alive: False once killed.
     :ivar flushed: True once its flush on stop ended while it was alive.
+    :ivar closed: True once its store closed after the flush (lease released).
     :ivar accepted: (Accepted, line) of every message it took, in order.
     """
 
@@ -311,6 +312,8 @@ class Process:
         self._answers_first = False
         self._stop_pending: Optional[tuple[float, Callable[[Process], None]]] = None
         self.flushed = False
+        #: The lines it knew to be in storage when its flush ended.
+        self.durable_at_stop: set[bytes] = set()
         self.closed = False
         self.accepted: list[tuple[Accepted, bytes]] = []
         # As StreamService.startService, then the background services.
@@ -387,8 +390,8 @@ class Process:
     def stop(self, deadline_s: float, done: Callable[["Process"], None]) -> None:
         """
         As the root service's stop: the recovery service stops, then the flush with
-        a deadline ``deadline_s`` from now; ``done(self)`` once it ended while the
-        process lives, then the store closes (which releases the lease).
+        a deadline ``deadline_s`` from now (cut there); ``done(self)`` once it ended
+        while the process lives, then the store closes (which releases the lease).
         """
         if self.paused_until is not None:
             self._stop_pending = (deadline_s, done)
@@ -401,10 +404,12 @@ class Process:
             # the flush) just before it kills the process: that is no clean stop.
             if self.alive and not self.lease.lost:
                 self.flushed = True
+                self.durable_at_stop = self.durable()
                 done(self)
                 self.store.close().addBoth(self._closed)
 
-        self.registry.close_all().addBoth(flushed)
+        # As StreamService.stopService: the flush is cut at the deadline.
+        self.registry.close_all().addTimeout(deadline_s, self.clock).addBoth(flushed)
 
     def _closed(self, result: object) -> None:
         self.closed = True
