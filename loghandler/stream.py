@@ -391,5 +391,7 @@ class ObjectStream:
             )
 
     def _log_failure(self, failure: Failure, doing: str) -> None:
-        if not self._abandoned:  # else the completion reports what was lost
+        # Abandoned (the deadline, or the writer taken over by recovery): the
+        # completion reports what was lost, and a takeover is logged by the lease.
+        if not self._abandoned and not failure.check(Abandoned):
             self._log.failure("{key}: failed {doing}", failure, key=self.key, doing=doing)

@@ -407,3 +407,17 @@ class CheckpointTests(StreamCase):
         (lost,) = [e for e in events if "lost_lines" in e]
         self.assertEqual(lost["lost_lines"], 1)
         self.assertIn("5 lines before them are staged", lost["checkpointed"])
+
+    def test_abandoned_checkpoint_not_logged_as_failure(self) -> None:
+        """
+        A checkpoint that fails with Abandoned (the writer was taken over, or the
+        deadline) is not logged as a failure: the lease and the completion report it.
+        """
+        stream = self.stream()
+        stream.write(message(1).to_line())
+        stream.checkpoint()
+        ((_, _, d),) = self.writer.pending
+        with capturedLogs() as events:
+            d.errback(Abandoned(KEY))
+        self.assertEqual([e for e in events if e.get("log_failure")], [])
+        self.assertEqual(self.flushLoggedErrors(Abandoned), [])
