@@ -433,6 +433,23 @@ class DefectStopAndJitterTests(WriterCase):
         self.run_until(d, seconds=1)
         self.assertEqual(self.stored(), [message(1).to_line()])
 
+    def test_abandoned_while_merge_waits_is_staged_not_a_failure(self) -> None:
+        """
+        Abandoned at the deadline while the merge waits to retry: the data stay
+        staged (Finished "staged"), and nothing is logged as a failure.
+        """
+        store = self.make_store(
+            retry=RetryLayer(self.clock, backoff=Backoff(100.0, 100.0, uniform=lambda a, b: 50.0))
+        )
+        self.s3.fail("HeadObject", StorageError("HeadObject", 503, "SlowDown"))
+        writer = store.open(KEY)
+        d = writer.finish(gzip_of([message(1).to_line()]))
+        self.clock.advance(1)
+        with capturedLogs() as events:
+            writer.abandon()
+        self.assertEqual(self.successResultOf(d).outcome, "staged")
+        self.assertEqual([e for e in events if e.get("log_failure")], [])
+
     def test_conflict_retry_waits_with_jitter(self) -> None:
         """After a 412 the merge waits a jittered delay before redoing."""
         draws: list[tuple[float, float]] = []

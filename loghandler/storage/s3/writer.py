@@ -489,7 +489,7 @@ class S3ObjectWriter:
 
         def done(outcome: Any) -> None:
             if isinstance(outcome, Failure) and self._staged is not None:
-                if not outcome.check(Abandoned):
+                if not outcome.check(Abandoned, CancelledError):  # the deadline
                     self._log.failure("{key}: merge failed", outcome, key=self.key)
                 outcome = Finished("staged", staged_key=self._staged.key)
             if isinstance(outcome, Failure):
