@@ -665,7 +665,7 @@ class RecoveryService(TimerService):
         if (
             report.skipped is not None
             and wait is not None
-            and wait < self.step
+            and 0 < wait < self.step  # skipped for the health gate, not another reason
             and not self._stopping
             and (self._early is None or not self._early.active())
         ):
