@@ -652,11 +652,6 @@ class RecoveryPaceTests(SynchronousTestCase):
         b.lease.stop()
         s3.release()
 
-    test_own_lease_not_listed.todo = (  # type: ignore[attr-defined]
-        "RecoveryService runs a pass skipped for any reason again 10 ms later while"
-        " the lease is healthy"
-    )
-
 
 class WritePathModelTests(SynchronousTestCase):
     """Runs :class:`WritePathMachine`."""
