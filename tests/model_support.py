@@ -53,6 +53,8 @@ STALE_MERGE_UPLOAD_S = 30.0
 ATTEMPT_TIMEOUT_S = 5.0
 #: The master clock moves in steps of this many seconds.
 TICK_S = 0.25
+#: Asks for the lease one process may make in one tick before it is deemed to spin.
+SPIN_LIMIT = 10_000
 
 
 def _of_killed_process(traceback: Any) -> bool:
@@ -304,6 +306,13 @@ class Process:
             stale_merge_upload_s=STALE_MERGE_UPLOAD_S,
         )
         self.recovery = RecoveryService(self.recoverer, RECOVERY_INTERVAL_S, self.clock)
+        # A loop that never yields would hang the test: staging writes ask for the
+        # lease each time round, so too many asks in one tick end it, and say so.
+        self._lease_held = self.store.lease_held
+        self.store.lease_held = self._count_lease_held
+        self._asks = 0
+        #: Set when the process spun (see ``_count_lease_held``).
+        self.spun = False
         self.alive = True
         #: Until when (master seconds) the process is paused or cut off, if it is.
         self.paused_until: Optional[float] = None
@@ -328,8 +337,16 @@ class Process:
     def _ready(self, result: None) -> None:
         self.registry.ready = True
 
+    def _count_lease_held(self) -> "Deferred[None]":
+        self._asks += 1
+        if self._asks > SPIN_LIMIT:
+            self.spun = True
+            raise RuntimeError(f"{self.name} spins: {self._asks} asks for the lease in a tick")
+        return self._lease_held()
+
     def tick(self, now: float, step: float) -> None:
         """The master time moved by ``step`` to ``now``: so does this process's clock."""
+        self._asks = 0
         if self.partitioned_until is not None and now >= self.partitioned_until - 1e-9:
             self.partitioned_until = None
             self.client.partitioned = False
