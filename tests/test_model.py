@@ -688,9 +688,6 @@ class DeadlineTests(SynchronousTestCase):
         self.assertTrue(a.closed)
         a.kill()
 
-    test_deadline_during_a_part_retry.todo = (  # type: ignore[attr-defined]
-        "S3ObjectWriter._upload retries after the retry layer's Abandoned at the deadline"
-    )
 
 
 class WritePathModelTests(SynchronousTestCase):

@@ -355,9 +355,9 @@ class S3ObjectWriter:
                     or (not final and self._finishing),
                 )
             except Abandoned:
-                if self._abandoned or (not final and self._finishing):
-                    raise
-                continue  # out of numbers
+                if self._abandoned or not out_of_numbers():
+                    raise  # the writer's abandon, the deadline, or superseded by the tail
+                continue  # out of numbers: the loop's first check says so
             except StorageFault as e:
                 if e.fault is Fault.GONE:
                     await self._upload_vanished(upload_id)
