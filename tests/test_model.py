@@ -716,7 +716,7 @@ class WritePathModelTests(SynchronousTestCase):
         run_state_machine_as_test(
             Machine,
             settings=settings(
-                max_examples=int(os.environ.get("MODEL_EXAMPLES", "300")),
+                max_examples=int(os.environ.get("MODEL_EXAMPLES", "500")),
                 stateful_step_count=60,
                 deadline=None,
                 # CI runs a fixed set of examples; developers' runs explore anew.
