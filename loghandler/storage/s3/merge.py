@@ -234,7 +234,7 @@ class Merger:
                 lambda: self.client.complete_upload(target, upload_id, parts, **condition),
                 cancelled,
             )
-        except BaseException:
+        except Exception:  # CancelledError included; not GeneratorExit (a dropped coroutine)
             await self._abort(target, upload_id)
             raise
         _log.info(
