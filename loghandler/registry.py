@@ -11,7 +11,7 @@ import random
 from typing import Callable, Optional
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, DeferredSemaphore
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -210,17 +210,39 @@ class StreamRegistry:
         if self._settings.checkpoint_s > 0 and not self._checkpoints.running:
             self._checkpoints.start(self._settings.checkpoint_s, now=False)
 
-    def checkpoint_all(self) -> "Deferred[list[tuple[bool, None]]]":
+    def checkpoint_all(self) -> "Deferred[None]":
         """
         One round: a checkpoint of each open stream that received lines since its
-        last one, ``checkpoints_at_once`` at a time.
+        last one, ``checkpoints_at_once`` at a time.  A loop, not a chain of
+        Deferreds: checkpoints that end at once (idle streams) do not nest calls,
+        however many streams there are.
 
         :returns: a Deferred firing when the round's checkpoints ended.
         """
-        slots = DeferredSemaphore(self._settings.checkpoints_at_once)
-        return DeferredList(
-            [slots.run(entry.stream.checkpoint) for entry in list(self._open.values())]
-        )
+        streams = iter([entry.stream for entry in self._open.values()])
+        round_done: Deferred[None] = Deferred()
+        running = 0
+
+        def start_more() -> None:
+            nonlocal running
+            while running < self._settings.checkpoints_at_once:
+                stream = next(streams, None)
+                if stream is None:
+                    if running == 0 and not round_done.called:
+                        round_done.callback(None)
+                    return
+                ended = stream.checkpoint()
+                if not ended.called:
+                    running += 1
+                    ended.addBoth(one_ended)
+
+        def one_ended(result: object) -> None:
+            nonlocal running
+            running -= 1
+            start_more()
+
+        start_more()
+        return round_done
 
     def _relieve(self) -> None:
         """

@@ -719,3 +719,26 @@ class CheckpointRoundTests(RegistryCase):
         self.assertEqual(accepted.line, 1)
         self.assertTrue(self.successResultOf(accepted.durable()))
         self.assertEqual(self.staged(), {KEY: [message(1).to_line()]})
+
+    def test_round_over_many_streams_does_not_recurse(self) -> None:
+        """
+        A round over thousands of streams whose checkpoints end at once (the memory
+        store answers at once; idle streams start none) completes without nesting
+        a call per stream (a chain of Deferreds hit Python's recursion limit with
+        about 500 keys).
+        """
+        registry = self.make(budget=1 << 34, checkpoint_s=5.0)
+        days = [DAY_START_MS + n * MS_PER_DAY for n in range(3000)]
+        for n, day in enumerate(days, 1):
+            registry.accept(message(n, client_id=1, timestamp=day))
+        self.successResultOf(registry.checkpoint_all())
+        self.assertEqual(sum(1 for u in self.mem.uploads.values() if u.parts), 3000)
+        # The first streams' checkpoints wait for storage; the others are idle and
+        # wait behind them for a slot, then end at once, one after the other.
+        for n, day in enumerate(days[:4], 5000):
+            registry.accept(message(n, client_id=1, timestamp=day))
+        self.mem.hold("UploadPart")
+        d = registry.checkpoint_all()
+        self.assertNoResult(d)
+        self.mem.release()
+        self.successResultOf(d)
