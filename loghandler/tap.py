@@ -157,10 +157,21 @@ def makeService(options: Mapping[str, Any], reactor: Optional[Any] = None) -> IS
     budget = MemoryBudget(config.buffer_budget_bytes)
     store, background = make_store(config, reactor, budget)
     _log.info(
-        "loghandler on {addr}:{port}, storage {store}, objects completed after {lifetime:g} s",
+        "loghandler on {addr}:{port}, storage {store}, objects completed after {lifetime:g} s,"
+        " ACK={ack}, CHECKPOINT_S={checkpoint_s:g}, LEASE_S={lease_s:g},"
+        " RECOVERY_INTERVAL_S={recovery_interval_s:g}",
         addr=config.addr,
         port=config.port,
         store=store,
         lifetime=config.queue_timeout_s,
+        ack=config.ack,
+        checkpoint_s=config.checkpoint_s,
+        lease_s=config.lease_s,
+        recovery_interval_s=config.recovery_interval_s,
     )
+    if config.checkpoint_s == 0 and config.ack == "accepted" and not config.no_upload:
+        _log.warn(
+            "CHECKPOINT_S=0 with ACK=accepted: a crash loses every line since each"
+            " object's last rotation (up to QUEUE_TIMEOUT_MIN)"
+        )
     return build_service(config, store, reactor, budget=budget, background=background)
