@@ -315,8 +315,11 @@ class Lease:
             return
         self._landed(landed, sent)
 
-    async def _ours(self, body: bytes) -> Optional[str]:
-        """The lease's ETag when its body is ``body``, else None (also when missing)."""
+    async def _read(self) -> Optional[tuple[str, bytes]]:
+        """
+        The lease's ETag and body (HEAD, then GET ``If-Match`` that ETag), or None
+        when it is missing, or changed or deleted between the two.
+        """
         info = await self._retry.call(
             "HeadObject", self.key, lambda: self._client.head(self.key), cancelled=self._cancelled
         )
@@ -324,7 +327,7 @@ class Lease:
             return None
         etag = info.etag
         try:
-            current: bytes = await self._retry.call(
+            body: bytes = await self._retry.call(
                 "GetObject",
                 self.key,
                 lambda: self._client.get(self.key, etag),
@@ -334,7 +337,12 @@ class Lease:
             if e.fault in (Fault.CONFLICT, Fault.GONE):
                 return None  # changed or deleted since the HEAD: not by us
             raise
-        return etag if current == body else None
+        return etag, body
+
+    async def _ours(self, body: bytes) -> Optional[str]:
+        """The lease's ETag when its body is ``body``, else None (also when missing)."""
+        current = await self._read()
+        return current[0] if current is not None and current[1] == body else None
 
     async def confirm(self) -> bool:
         """
@@ -348,24 +356,8 @@ class Lease:
         """
         if self._state is not _State.RUNNING:
             return False
-        info = await self._retry.call(
-            "HeadObject", self.key, lambda: self._client.head(self.key), cancelled=self._cancelled
-        )
-        ours = False
-        if info is not None:
-            etag = info.etag
-            try:
-                current: bytes = await self._retry.call(
-                    "GetObject",
-                    self.key,
-                    lambda: self._client.get(self.key, etag),
-                    cancelled=self._cancelled,
-                )
-            except StorageFault as e:
-                if e.fault not in (Fault.CONFLICT, Fault.GONE):
-                    raise
-                current = b""  # changed or deleted since the HEAD: not by us
-            ours = self._written_by_us(current)
+        current = await self._read()
+        ours = current is not None and self._written_by_us(current[1])
         if not ours:
             self._taken_over(Exception("the lease is not this writer's any more"))
         return ours
