@@ -29,6 +29,11 @@ def noise_line(n: int, size: int = 200) -> bytes:
     )
 
 
+def noise(first: int, count: int) -> list[bytes]:
+    """``count`` poorly compressible lines numbered from ``first``."""
+    return [noise_line(n) for n in range(first, first + count)]
+
+
 def members(data: bytes) -> list[bytes]:
     """
     Split gzip data into its decompressed members.

@@ -27,7 +27,7 @@ from loghandler.storage.s3.lease import Lease
 from loghandler.storage.s3.merge import Merger
 from loghandler.storage.s3.recovery import RecoveryReport, Recoverer, RecoveryService
 from loghandler.threads import synchronously
-from tests.helpers import message, noise_line, read_lines
+from tests.helpers import message, noise, read_lines
 
 KEY = "chat/2020-03-30/content_logs_2020-03-30_3"
 PART = 1024
@@ -37,11 +37,6 @@ LEASE_S = 10.0
 def invalid(operation: str) -> StorageError:
     """A 400 answer: the retry layer raises it at once (INVALID), as a crash would stop."""
     return StorageError(operation, 400, "InvalidRequest", "injected")
-
-
-def noise(first: int, count: int) -> list[bytes]:
-    """``count`` poorly compressible lines numbered from ``first``."""
-    return [noise_line(n) for n in range(first, first + count)]
 
 
 class RecoveryCase(SynchronousTestCase):

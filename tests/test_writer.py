@@ -29,7 +29,7 @@ from loghandler.storage.memory import MemoryStore
 from loghandler.storage.s3 import merge
 from loghandler.storage.s3.merge import single_member
 from loghandler.storage.s3.writer import STAGING_PREFIX, S3ObjectStore, S3ObjectWriter
-from tests.helpers import members, message, noise_line, read_lines
+from tests.helpers import members, message, noise, read_lines
 
 KEY = "chat/2020-03-30/content_logs_2020-03-30_3"
 PART = 4096
@@ -38,11 +38,6 @@ PART = 4096
 def gzip_of(lines: list[bytes]) -> bytes:
     """One gzip member holding ``lines``."""
     return gzip.compress(b"".join(lines))
-
-
-def noise(first: int, count: int) -> list[bytes]:
-    """``count`` poorly compressible lines numbered from ``first``."""
-    return [noise_line(n) for n in range(first, first + count)]
 
 
 class WriterCase(SynchronousTestCase):
