@@ -93,7 +93,6 @@ class ObjectStream:
         )
         self._checkpoint_in_flight: Optional[Deferred[None]] = None
         self._checkpoint_wanted = False
-        self._checkpoint_ended: list[Deferred[None]] = []
         self._snapshot_lines = 0  # lines covered by the newest checkpoint handed over
         self._checkpoint_bytes = 0
         self.checkpoints = 0
@@ -209,12 +208,12 @@ class ObjectStream:
         self._checkpoint_bytes = len(body)
         self._budget.change(len(body))
         ended: Deferred[None] = Deferred()
-        self._checkpoint_ended.append(ended)
         d: Deferred[bool] = self._writer.checkpoint(body)
         done = d.addCallback(self._checkpoint_landed, covered)
         done.addErrback(self._log_failure, "storing a checkpoint")
         self._checkpoint_in_flight = done
         done.addBoth(self._checkpoint_done)
+        done.addBoth(lambda _: ended.callback(None))  # at once if it already ended
         return ended
 
     def _checkpoint_landed(self, landed: bool, covered: int) -> None:
@@ -226,9 +225,6 @@ class ObjectStream:
         self._budget.change(-self._checkpoint_bytes)
         self._checkpoint_bytes = 0
         self._checkpoint_in_flight = None
-        ended, self._checkpoint_ended = self._checkpoint_ended, []
-        for d in ended:
-            d.callback(None)
         if self._checkpoint_wanted:
             self.checkpoint()
 
