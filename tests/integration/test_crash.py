@@ -75,10 +75,15 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from tests.helpers import members
 from tests.integration.faultproxy import FaultProxy, FaultRule
 from tests.integration.moto import MotoServer, shared_moto
-from tests.integration.test_faults import Daemon, canonical_body, utc_key, wait_exits
+from tests.integration.test_faults import (
+    Daemon,
+    canonical_body,
+    read_chat_object,
+    utc_key,
+    wait_exits,
+)
 
 #: Seconds a test may take in all (trial fails it after that).
 TEST_TIMEOUT = 120
@@ -540,22 +545,12 @@ class CrashHarness:
         total = 0
         for entry in self.objects("chat/"):
             key = entry["Key"]
-            answer = self.s3.get_object(Bucket=self.moto.bucket, Key=key)
-            data = answer["Body"].read()
+            data, key_lines, problem = read_chat_object(self.s3, self.moto.bucket, key)
             total += len(data)
-            if answer.get("ContentType") != "application/gzip" or "ContentEncoding" in answer:
-                bad[key] = "Content-Type %r, Content-Encoding %r" % (
-                    answer.get("ContentType"),
-                    answer.get("ContentEncoding"),
-                )
-            try:
-                text = b"".join(members(data))
-            except Exception as e:  # zlib.error or a truncated member
-                bad[key] = f"not whole gzip members: {e!r} ({len(data)} bytes)"
-                continue
-            if text and not text.endswith(b"\n"):
-                bad[key] = "does not end with a newline"
-            lines[key] = text.splitlines(keepends=True)
+            if problem is not None:
+                bad[key] = problem
+            if key_lines is not None:
+                lines[key] = key_lines
         return lines, bad, total
 
 

@@ -95,6 +95,32 @@ def canonical_body(content_id: int, client_id: int, timestamp: int, text: str) -
     ).encode("utf-8")
 
 
+def read_chat_object(
+    s3: Any, bucket: str, key: str
+) -> tuple[bytes, Optional[list[bytes]], Optional[str]]:
+    """
+    One object under ``chat/`` read with botocore's client ``s3``: its bytes, its
+    lines (None when it is not whole gzip members), and what is wrong with it, if
+    anything (not ``application/gzip``, a ``Content-Encoding``, not whole gzip
+    members, no final newline), else None.
+    """
+    answer = s3.get_object(Bucket=bucket, Key=key)
+    data: bytes = answer["Body"].read()
+    problem: Optional[str] = None
+    if answer.get("ContentType") != "application/gzip" or "ContentEncoding" in answer:
+        problem = "Content-Type %r, Content-Encoding %r" % (
+            answer.get("ContentType"),
+            answer.get("ContentEncoding"),
+        )
+    try:
+        text = b"".join(members(data))
+    except Exception as e:  # zlib.error or a truncated member
+        return data, None, f"not whole gzip members: {e!r} ({len(data)} bytes)"
+    if text and not text.endswith(b"\n"):
+        problem = "does not end with a newline"
+    return data, text.splitlines(keepends=True), problem
+
+
 #: Operations moto answers with a bare 500 (a KeyError in moto 5.2.5) when their
 #: upload does not exist, where S3 answers 404 NoSuchUpload.
 
@@ -449,21 +475,11 @@ class FaultTests(TestCase):
         lines: dict[str, list[bytes]] = {}
         bad: dict[str, str] = {}
         for key in keys:
-            answer = self.s3.get_object(Bucket=bucket, Key=key)
-            data = answer["Body"].read()
-            if answer.get("ContentType") != "application/gzip" or "ContentEncoding" in answer:
-                bad[key] = "Content-Type %r, Content-Encoding %r" % (
-                    answer.get("ContentType"),
-                    answer.get("ContentEncoding"),
-                )
-            try:
-                text = b"".join(members(data))
-            except Exception as e:  # zlib.error or a truncated member
-                bad[key] = f"not whole gzip members: {e!r} ({len(data)} bytes)"
-                continue
-            if text and not text.endswith(b"\n"):
-                bad[key] = "does not end with a newline"
-            lines[key] = text.splitlines(keepends=True)
+            _, key_lines, problem = read_chat_object(self.s3, bucket, key)
+            if problem is not None:
+                bad[key] = problem
+            if key_lines is not None:
+                lines[key] = key_lines
         return {
             "lines": lines,
             "bad": bad,
