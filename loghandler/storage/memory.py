@@ -12,13 +12,10 @@ use (moto enforces fewer of them):
   409 ConditionalRequestConflict and discards the upload (injected with
   :meth:`MemoryStore.conflict`).
 
-Fault injection, per operation (``UploadPart``, ``CompleteMultipartUpload``...):
-:meth:`~MemoryStore.fail` (an error before the call lands), :meth:`~MemoryStore.lose_answer`
-(the call lands, then the answer is lost), :meth:`~MemoryStore.hold` (the call stalls
-until :meth:`~MemoryStore.release`; a caller that gives up cancels its Deferred, but
-the call still lands when released, as a request already sent may),
-:meth:`~MemoryStore.conflict` and :meth:`~MemoryStore.before` (run code first, to
-play another writer).
+Fault injection, per operation (``UploadPart``, ``CompleteMultipartUpload``...), as
+:class:`~loghandler.storage.scripted.ScriptedCalls` gives it (fail, lose the answer,
+hold, run code before, chaos), plus :meth:`~MemoryStore.conflict` and the chaos step
+:data:`CONFLICT`.
 """
 
 from __future__ import annotations
@@ -28,10 +25,7 @@ import itertools
 from typing import Any, Callable, Optional, Sequence
 
 import attrs
-from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import ConnectionLost
-from twisted.python.failure import Failure
-from twisted.web.client import ResponseNeverReceived
+from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
 from loghandler.config import S3_MAX_PART_SIZE, S3_MIN_PART_SIZE
@@ -45,6 +39,17 @@ from loghandler.storage.s3.api import (
     PendingUpload,
     StoredPart,
 )
+from loghandler.storage.scripted import LOST, STALL, Held, ScriptedCalls, lost_answer
+
+__all__ = [
+    "CONFLICT",
+    "LOST",
+    "STALL",
+    "Held",
+    "MemoryStore",
+    "StoredObject",
+    "lost_answer",
+]
 
 #: S3's largest part number.
 _MAX_PART_NUMBER = 10_000
@@ -54,18 +59,8 @@ def _etag(body: bytes) -> str:
     return '"%s"' % hashlib.md5(body).hexdigest()
 
 
-#: A fault step (:meth:`MemoryStore.lose_answer`, :attr:`MemoryStore.chaos`): carry
-#: the call out, then lose its answer.
-LOST = Exception("answer lost")
-#: A :attr:`MemoryStore.chaos` step: hold the call until :meth:`MemoryStore.release`.
-STALL = Exception("stall")
 #: A :attr:`MemoryStore.chaos` step: a conditional Complete answers 409.
 CONFLICT = Exception("conflict")
-
-
-def lost_answer() -> ResponseNeverReceived:
-    """The exception treq raises when the connection drops before the answer."""
-    return ResponseNeverReceived([Failure(ConnectionLost("connection lost"))])
 
 
 @attrs.define
@@ -93,25 +88,8 @@ class _Upload:
     parts: dict[int, tuple[bytes, str]] = attrs.field(factory=dict)
 
 
-@attrs.define
-class Held:
-    """
-    A stalled call.
-
-    :ivar operation: its operation name.
-    :ivar key: its key.
-    :ivar run: carries the call out (lands it).
-    :ivar result: the caller's Deferred (it may have cancelled it).
-    """
-
-    operation: str
-    key: str
-    run: Callable[[], Any]
-    result: Deferred[Any]
-
-
 @implementer(IS3Client)
-class MemoryStore:
+class MemoryStore(ScriptedCalls):
     """
     One bucket in dicts.
 
@@ -130,67 +108,19 @@ class MemoryStore:
     def __init__(
         self, min_part_size: int = S3_MIN_PART_SIZE, now: Callable[[], float] = lambda: 0.0
     ) -> None:
+        super().__init__()
         self.min_part_size = min_part_size
         self._now = now
         self.objects: dict[str, StoredObject] = {}
         self.uploads: dict[str, _Upload] = {}
-        self.calls: list[tuple[str, str]] = []
-        self.held: list[Held] = []
         self.versioning_status = ""
-        # operation -> what its next calls do: None (answer), an exception (fail
-        # before landing) or LOST (land, then lose the answer).
-        self._script: dict[str, list[Optional[BaseException]]] = {}
-        self._holding: set[str] = set()
-        self._before: dict[str, list[Callable[[], None]]] = {}
         self._conflicts = 0
         self._ids = itertools.count(1)
-        #: When set, called with the operation name for each call that no scripted
-        #: fault applies to: None (answer), an exception (fail before landing),
-        #: :data:`LOST`, :data:`STALL` or :data:`CONFLICT`.
-        self.chaos: Optional[Callable[[str], Optional[BaseException]]] = None
 
     def __repr__(self) -> str:
         return "<MemoryStore>"
 
     # -- test controls ---------------------------------------------------------
-
-    def fail(self, operation: str, error: BaseException, times: int = 1, after: int = 0) -> None:
-        """
-        Make ``times`` calls of ``operation`` fail with ``error``, unlanded, once
-        ``after`` more calls of it (beyond those already scripted) went through.
-        """
-        self._script.setdefault(operation, []).extend([None] * after + [error] * times)
-
-    def lose_answer(self, operation: str, times: int = 1, after: int = 0) -> None:
-        """
-        Carry out ``times`` calls of ``operation`` (after ``after`` more, as for
-        :meth:`fail`) but answer them with :func:`lost_answer`, as when the
-        connection drops after the write landed.
-        """
-        self._script.setdefault(operation, []).extend([None] * after + [LOST] * times)
-
-    def hold(self, operation: str) -> None:
-        """Keep calls of ``operation`` waiting in :attr:`held` until :meth:`release`."""
-        self._holding.add(operation)
-
-    def release(self, count: Optional[int] = None) -> None:
-        """
-        Stop holding; carry out the first ``count`` held calls (all by default), also
-        those whose caller gave up (their effect lands, their answer goes nowhere).
-        """
-        if count is None:
-            self._holding.clear()
-            count = len(self.held)
-        ready, self.held = self.held[:count], self.held[count:]
-        for held in ready:
-            try:
-                value = held.run()
-            except Exception:
-                if not held.result.called:
-                    held.result.errback(Failure())
-            else:
-                if not held.result.called:
-                    held.result.callback(value)
 
     def conflict(self, times: int = 1) -> None:
         """
@@ -199,10 +129,6 @@ class MemoryStore:
         Complete races another write of the key.
         """
         self._conflicts += times
-
-    def before(self, operation: str, action: Callable[[], None]) -> None:
-        """Run ``action`` once, just before the next call of ``operation``."""
-        self._before.setdefault(operation, []).append(action)
 
     def body(self, key: str) -> bytes:
         """The stored bytes of ``key`` (KeyError if missing)."""
@@ -215,30 +141,11 @@ class MemoryStore:
 
     # -- plumbing ----------------------------------------------------------------
 
-    def _call(self, operation: str, key: str, run: Callable[[], Any]) -> Deferred[Any]:
-        self.calls.append((operation, key))
-        for action in self._before.pop(operation, []):
-            action()
-        script = self._script.get(operation)
-        step = script.pop(0) if script else None
-        if step is None and self.chaos is not None:
-            step = self.chaos(operation)
-            if step is CONFLICT:
-                self._conflicts += 1
-                step = None
-        if step is not None and step is not LOST and step is not STALL:
-            return fail(step)
-        if operation in self._holding or step is STALL:
-            result: Deferred[Any] = Deferred()
-            self.held.append(Held(operation, key, run, result))
-            return result
-        try:
-            value = run()
-        except Exception as e:
-            return fail(e)
-        if step is LOST:
-            return fail(lost_answer())
-        return succeed(value)
+    def _chaos_step(self, step: Optional[BaseException]) -> Optional[BaseException]:
+        if step is CONFLICT:
+            self._conflicts += 1
+            return None
+        return step
 
     def _check(
         self, operation: str, key: str, if_match: Optional[str], if_none_match: bool
