@@ -39,12 +39,14 @@ class StorageError(Exception):
 class PreconditionFailed(StorageError):
     """
     412 Precondition Failed: an ``If-Match``, ``If-None-Match: *`` or
-    ``x-amz-copy-source-if-match`` condition did not hold, because another writer
-    changed the object first.
+    ``x-amz-copy-source-if-match`` condition (or Azure's ``appendpos`` or
+    ``maxsize``) did not hold, because another writer changed the object first.
+    ``code`` is the store's error code (S3: ``PreconditionFailed``; Azure:
+    ``AppendPositionConditionNotMet``, ``ConditionNotMet``...).
     """
 
-    def __init__(self, operation: str, message: str = ""):
-        super().__init__(operation, 412, "PreconditionFailed", message)
+    def __init__(self, operation: str, message: str = "", code: str = "PreconditionFailed"):
+        super().__init__(operation, 412, code, message)
 
 
 class Abandoned(Exception):
@@ -84,11 +86,18 @@ class IObjectWriter(Interface):
         "True when the writer can take no more parts (S3: 10,000 parts or the"
         " rollover size staged): the stream must finish now."
     )
+    checkpoints_are_parts = Attribute(
+        "False when a checkpoint replaces the previous one (S3 uploads the segment's"
+        " part again): the stream hands :meth:`checkpoint` a snapshot of the member it"
+        " fills.  True when the store keeps every byte it is given and replaces"
+        " nothing (an Azure append blob): the stream checkpoints by closing its gzip"
+        " member and handing it to :meth:`part`, whatever its size."
+    )
 
     def part(body: bytes) -> "Deferred[None]":
         """
-        Store ``body`` (bytes of whole gzip members, at least the store's part size)
-        as the next piece of the stream's data.  Fires with None once it is stored;
+        Store ``body`` (bytes of whole gzip members, at least the store's part size
+        unless :attr:`checkpoints_are_parts`) as the next piece of the stream's data.  Fires with None once it is stored;
         every failure is retried (no piece is ever skipped).
 
         :raises Abandoned: (errback) the writer was abandoned first.

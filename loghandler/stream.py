@@ -11,7 +11,9 @@ hands the tail to the writer, which stages it and merges the object.
 
 Checkpoints (DESIGN.md section 6): :meth:`checkpoint` hands the writer the part
 being filled as it stands (:meth:`GzipPartEncoder.snapshot`), one checkpoint at a
-time; the stream counts how many of its lines are in storage (:attr:`durable_lines`:
+time.  A writer that replaces nothing (``checkpoints_are_parts``: an Azure append
+blob) is instead handed the member closed at that moment, as a part of its own.
+The stream counts how many of its lines are in storage (:attr:`durable_lines`:
 lines of landed parts and checkpoints) and :meth:`wait_durable` tells a caller when
 its line is (group commit: a waiting caller starts the next checkpoint as soon as
 the one in flight ends).
@@ -200,6 +202,8 @@ class ObjectStream:
         self._checkpoint_wanted = False
         if self.lines <= max(self._snapshot_lines, self._lines_cut):
             return succeed(None)  # nothing new since the last checkpoint or part
+        if self._writer.checkpoints_are_parts:
+            return self._checkpoint_as_part()
         body = self._encoder.snapshot()
         if not body:
             return succeed(None)
@@ -215,6 +219,34 @@ class ObjectStream:
         done.addBoth(self._checkpoint_done)
         done.addBoth(lambda _: ended.callback(None))  # at once if it already ended
         return ended
+
+    def _checkpoint_as_part(self) -> "Deferred[None]":
+        """
+        Close the member being filled and hand it to the writer as a part: its
+        lines are in storage once that part is, and the next part starts a new
+        member (the writer keeps every byte, so a snapshot would store them twice).
+        """
+        held = self._encoder.buffered_bytes
+        body = self._encoder.finish()
+        self._budget.change(len(body) - held)
+        lines = self.lines - self._lines_cut
+        self._lines_cut = self.lines
+        self._unstored_bytes += len(body)
+        ended: Deferred[None] = Deferred()
+        d = self._writer.part(body)
+        self._part_uploads.add(d)
+        d.addCallback(self._part_stored, len(body), lines)
+        d.addCallback(self._count_checkpoint)
+        d.addErrback(self._log_failure, "storing a checkpoint")
+        d.addBoth(self._part_done, d)
+        self._checkpoint_in_flight = d
+        d.addBoth(self._checkpoint_done)
+        d.addBoth(lambda _: ended.callback(None))
+        return ended
+
+    def _count_checkpoint(self, result: None) -> None:
+        if not self._done:
+            self.checkpoints += 1
 
     def _checkpoint_landed(self, landed: bool, covered: int) -> None:
         if landed and not self._done:

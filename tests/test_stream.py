@@ -49,9 +49,10 @@ class ControlledWriter:
     ``finish`` appends (body, Deferred) to :attr:`pending`.
     """
 
-    def __init__(self, key: str = KEY) -> None:
+    def __init__(self, key: str = KEY, checkpoints_are_parts: bool = False) -> None:
         self.key = key
         self.full = False
+        self.checkpoints_are_parts = checkpoints_are_parts
         self.pending: list[tuple[str, bytes, Deferred[object]]] = []
         self.stored: list[bytes] = []
         self.checkpoints: list[bytes] = []
@@ -421,3 +422,96 @@ class CheckpointTests(StreamCase):
             d.errback(Abandoned(KEY))
         self.assertEqual([e for e in events if e.get("log_failure")], [])
         self.assertEqual(self.flushLoggedErrors(Abandoned), [])
+
+
+class AppendCheckpointTests(StreamCase):
+    """
+    Checkpoints for a writer that replaces nothing (``checkpoints_are_parts``, an
+    Azure append blob): the member is closed and handed over as a part.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.writer = ControlledWriter(checkpoints_are_parts=True)
+
+    def test_checkpoint_hands_closed_member_as_part(self) -> None:
+        """
+        Each checkpoint is a part of whole members holding exactly the lines since
+        the last one; every line is stored once, in order, and counted durable when
+        its part landed.
+        """
+        lines = [noise_line(n) for n in range(700)]
+        stream = self.stream(in_flight=4)
+        for n, line in enumerate(lines):
+            stream.write(line)
+            if n % 37 == 36:
+                before = len(self.writer.pending)
+                stream.checkpoint()
+                self.assertEqual(self.writer.kinds()[before:], ["part"])
+                self.assertLess(stream.durable_lines, n + 1)
+                self.writer.answer()
+                self.assertEqual(stream.durable_lines, n + 1)
+                self.assertEqual(read_lines(b"".join(self.writer.stored)), lines[: n + 1])
+        self.assertEqual(self.writer.checkpoints, [])  # checkpoint() never used
+        done = stream.close()
+        self.writer.answer()
+        self.successResultOf(done)
+        self.assertEqual(read_lines(b"".join(self.writer.stored)), lines)
+        self.assertGreater(stream.checkpoints, 15)
+        self.assertGreater(len(members(b"".join(self.writer.stored))), 18)
+        self.assertEqual(self.budget.held, 0)
+
+    def test_one_checkpoint_in_flight_and_close_waits_for_it(self) -> None:
+        """
+        A second checkpoint waits for the first; closing meanwhile does not cancel
+        it (its lines are not in the tail) and the tail follows it.
+        """
+        stream = self.stream()
+        stream.write(message(1).to_line())
+        stream.checkpoint()
+        stream.write(message(2).to_line())
+        stream.checkpoint()
+        self.assertEqual(self.writer.kinds(), ["part"])
+        done = stream.close()
+        self.assertEqual(self.writer.kinds(), ["part"])
+        self.writer.answer()  # the checkpoint, then the tail is handed over
+        self.assertEqual(self.writer.kinds(), ["finish"])
+        self.writer.answer()
+        self.successResultOf(done)
+        self.assertEqual(
+            read_lines(b"".join(self.writer.stored)),
+            [message(1).to_line(), message(2).to_line()],
+        )
+
+    def test_wait_durable_cuts_a_checkpoint(self) -> None:
+        """Group commit: a waiter starts a checkpoint; the next one after it lands."""
+        stream = self.stream()
+        stream.write(message(1).to_line())
+        first = stream.wait_durable(1)
+        stream.write(message(2).to_line())
+        second = stream.wait_durable(2)
+        self.assertEqual(self.writer.kinds(), ["part"])
+        self.writer.answer()
+        self.assertTrue(self.successResultOf(first))
+        self.assertNoResult(second)
+        self.assertEqual(self.writer.kinds(), ["part"])
+        self.writer.answer()
+        self.assertTrue(self.successResultOf(second))
+
+    def test_failed_checkpoint_reports_lines_lost(self) -> None:
+        """
+        A checkpoint and tail abandoned at the deadline: their lines are reported
+        lost, the waiter answered False, the memory released.
+        """
+        stream = self.stream()
+        stream.write(message(1).to_line())
+        waiter = stream.wait_durable(1)
+        stream.write(message(2).to_line())
+        done = stream.close()
+        with capturedLogs() as events:
+            stream.abandon()
+        self.successResultOf(done)
+        self.assertFalse(self.successResultOf(waiter))
+        lost = [e for e in events if "not stored" in e.get("log_format", "")]
+        self.assertEqual([e["lost_lines"] for e in lost], [2])
+        self.assertEqual(self.budget.held, 0)

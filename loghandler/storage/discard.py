@@ -24,6 +24,7 @@ class DiscardWriter:
     """
 
     full = False
+    checkpoints_are_parts = False
 
     def __init__(self, store: "DiscardStore", key: str) -> None:
         self._store = store

@@ -192,6 +192,8 @@ class S3ObjectWriter:
     """
 
     _log = Logger()
+    #: A checkpoint replaces the segment's previous upload (a snapshot, not a part).
+    checkpoints_are_parts = False
 
     def __init__(self, store: S3ObjectStore, key: str, staging_key: str) -> None:
         self._store = store
