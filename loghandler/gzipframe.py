@@ -99,3 +99,37 @@ class GzipPartEncoder:
         self._pending = 0
         self._compressor = zlib.compressobj(self._level, zlib.DEFLATED, _GZIP_WBITS)
         return body
+
+
+#: FLG bit of the extra field (RFC 1952 section 2.3.1).
+_FEXTRA = 0x04
+#: Bytes of the fixed gzip member header: ID1 ID2 CM FLG MTIME(4) XFL OS.
+_HEADER_BYTES = 10
+
+
+def with_extra_field(body: bytes, subfield_id: bytes, data: bytes) -> bytes:
+    """
+    ``body`` (bytes starting with a gzip member, as zlib writes it: no optional
+    fields) with an extra field (RFC 1952 section 2.3.1.1) in its first member's
+    header: one subfield ``subfield_id`` (2 bytes, SI1 SI2) holding ``data``.
+    Decompressors skip it; the data decode as before.  The header grows by
+    ``6 + len(data)`` bytes.
+
+    :raises ValueError: ``body`` does not start with a gzip header without flags,
+        or ``subfield_id`` is not 2 bytes, or ``data`` is over 65,531 bytes.
+    """
+    if len(subfield_id) != 2 or len(data) > 0xFFFF - 4:
+        raise ValueError("a subfield ID is 2 bytes and its data at most 65,531")
+    if len(body) < _HEADER_BYTES or body[:3] != b"\x1f\x8b\x08" or body[3] != 0:
+        raise ValueError("not a gzip member header without optional fields")
+    subfield = subfield_id + len(data).to_bytes(2, "little") + data
+    return b"".join(
+        (
+            body[:3],
+            bytes((_FEXTRA,)),
+            body[4:_HEADER_BYTES],
+            len(subfield).to_bytes(2, "little"),
+            subfield,
+            body[_HEADER_BYTES:],
+        )
+    )

@@ -9,13 +9,14 @@ here, once, into a :class:`Fault`, and only here is a call tried again.
   timeout capped by the time left before the shutdown deadline.  Writers make every
   write safe to repeat (part numbers, write IDs, conditions), so a landed write that
   is sent again stores nothing twice.
-- ``PERMANENT`` (access denied, no such bucket, a wrong region): fails until an
+- ``PERMANENT`` (access denied, no such bucket or container, a wrong region): fails until an
   operator acts.  Logged once per cause, reported as the store's ``problem`` (so
   ``/healthz`` answers 503 with it), and tried again slowly: the data stay in memory
   and go out once the operator fixed it.
-- ``CONFLICT`` (412 Precondition Failed, 409 ConditionalRequestConflict): another
-  writer changed the key; raised to the caller, which redoes its merge from the HEAD.
-- ``GONE`` (NoSuchUpload, NoSuchKey): the upload or object is not there (any more);
+- ``CONFLICT`` (412 Precondition Failed, any 409: ConditionalRequestConflict, Azure's
+  BlockCountExceedsLimit): another writer changed the key; raised to the caller,
+  which redoes its merge from the HEAD, or reads an append blob back.
+- ``GONE`` (NoSuchUpload, NoSuchKey, BlobNotFound): the upload or object is not there (any more);
   raised to the caller, which checks whether its own write landed, never "recreate".
 - ``INVALID`` (any other 4xx): this request can never succeed as sent; raised.
 
@@ -26,7 +27,8 @@ sleeping retries are woken when the flush starts, waits are then at most
 
 Backoff: "Exponential Backoff And Jitter", AWS Architecture Blog, 2015;
 https://docs.aws.amazon.com/sdkref/latest/guide/feature-retry-behavior.html.
-S3 error codes: https://docs.aws.amazon.com/AmazonS3/latest/API/ErrorResponses.html
+S3 error codes: https://docs.aws.amazon.com/AmazonS3/latest/API/ErrorResponses.html;
+Azure's: https://learn.microsoft.com/rest/api/storageservices/blob-service-error-codes
 """
 
 from __future__ import annotations
@@ -62,7 +64,17 @@ class Fault(enum.Enum):
 
 #: Statuses and codes of failures worth another attempt.
 _TRANSIENT_STATUSES = frozenset({0, 408, 429, 500, 502, 503, 504})
-_TRANSIENT_CODES = frozenset({"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable"})
+_TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "RequestTimeout",
+        "InternalError",
+        "ServiceUnavailable",
+        # Azure
+        "ServerBusy",
+        "OperationTimedOut",
+    }
+)
 #: Failures that last until an operator acts.
 _PERMANENT_STATUSES = frozenset({301, 307, 401, 403})
 _PERMANENT_CODES = frozenset(
@@ -75,9 +87,18 @@ _PERMANENT_CODES = frozenset(
         "AuthorizationHeaderMalformed",
         "AccountProblem",
         "PermanentRedirect",
+        # Azure
+        "ContainerNotFound",
+        "AuthenticationFailed",
+        "AuthorizationFailure",
+        "AuthorizationPermissionMismatch",
+        "InvalidAuthenticationInfo",
+        "AccountIsDisabled",
+        "InsufficientAccountPermissions",
+        "CredentialUnavailable",
     }
 )
-_GONE_CODES = frozenset({"NoSuchUpload", "NoSuchKey"})
+_GONE_CODES = frozenset({"NoSuchUpload", "NoSuchKey", "BlobNotFound"})
 
 
 def classify(error: BaseException) -> Fault:
@@ -210,6 +231,15 @@ class RetryLayer:
                 timer.cancel()
         self._check_time()
 
+    def attempt_timeout(self) -> float:
+        """
+        Seconds an attempt started now may take: ``attempt_timeout``, capped by the
+        time left before the deadline.  A client whose calls cannot be cancelled
+        (they run in a thread) gives each call this timeout itself.
+        """
+        left = self.time_left()
+        return self._attempt_timeout if left is None else max(0.0, min(self._attempt_timeout, left))
+
     # -- calls ---------------------------------------------------------------------
 
     async def call(
@@ -265,11 +295,7 @@ class RetryLayer:
             await slots.acquire()
         try:
             self._check_time()
-            timeout = self._attempt_timeout
-            left = self.time_left()
-            if left is not None:
-                timeout = min(timeout, left)
-            result: _T = await call().addTimeout(timeout, self._clock)
+            result: _T = await call().addTimeout(self.attempt_timeout(), self._clock)
             return result
         finally:
             if slots is not None:
