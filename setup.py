@@ -5,16 +5,28 @@ from setuptools import setup
 setup(
     name="loghandler",
     version="0.1.0",
-    description="Stream POSTed log messages as gzip NDJSON into one S3 object per day and client",
+    description=(
+        "Stream POSTed log messages as gzip NDJSON into one object per day and client"
+        " on S3 or Azure Blob Storage"
+    ),
     long_description=open("README.rst", encoding="utf-8").read(),
     long_description_content_type="text/x-rst",
     python_requires=">=3.9",
-    packages=["loghandler", "loghandler.storage", "loghandler.storage.s3", "twisted.plugins"],
+    packages=[
+        "loghandler",
+        "loghandler.storage",
+        "loghandler.storage.s3",
+        "loghandler.storage.azure",
+        "twisted.plugins",
+    ],
     install_requires=[
         "twisted>=23.10",
         "treq>=23.11",
         "botocore>=1.31",
         "attrs>=23.1",
+        "azure-storage-blob>=12.19",
+        # DefaultAzureCredential, when no AZURE_KEY is given (workload identity).
+        "azure-identity>=1.15",
     ],
     extras_require={
         "test": ["hypothesis>=6.80", "moto[server]>=5.0"],

@@ -8,6 +8,8 @@ daemon that cannot start says why.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import math
 import re
@@ -23,6 +25,11 @@ GiB = 1024 * MiB
 #: (https://docs.aws.amazon.com/AmazonS3/latest/userguide/qfacts.html).
 S3_MIN_PART_SIZE = 5 * MiB
 S3_MAX_PART_SIZE = 5 * GiB
+
+#: The largest part with ``STORAGE=azure``: a part is one append block, at most
+#: 100 MiB; the encoder may overshoot the part size by a message or so.
+AZURE_MAX_PART_SIZE = 96 * MiB
+
 
 class ConfigError(ValueError):
     """
@@ -63,6 +70,12 @@ class Config:
     recovery_interval_s: float = 30.0
     ack: str = "accepted"
     durable_timeout_s: float = 10.0
+    azure_acc: Optional[str] = None
+    azure_key: Optional[str] = None
+    azure_container: Optional[str] = None
+    azure_blob_endpoint: Optional[str] = None
+    azure_connection_string: Optional[str] = None
+    azure_max_blocks: int = 50_000
 
 
 @attrs.frozen
@@ -211,11 +224,81 @@ def _flag(env: str, value: str) -> bool:
 
 def _storage(env: str, value: str) -> str:
     text = value.strip().lower()
-    if text == "aws":
+    if text in ("aws", "azure"):
         return text
-    if text == "azure":
-        raise ConfigError(f"{env}: 'azure' is not available in this version yet; use 'aws'")
-    raise ConfigError(f"{env}: must be 'aws' (azure is not available yet), got {value!r}")
+    raise ConfigError(f"{env}: must be 'aws' or 'azure', got {value!r}")
+
+
+#: Azure's rules for names (https://learn.microsoft.com/rest/api/storageservices/
+#: naming-and-referencing-containers--blobs--and-metadata): storage accounts 3 to 24
+#: lowercase letters and digits; containers 3 to 63 lowercase letters, digits and
+#: single hyphens, starting and ending with a letter or digit.
+_AZURE_ACCOUNT = re.compile(r"[a-z0-9]{3,24}\Z")
+_AZURE_CONTAINER = re.compile(r"[a-z0-9](?:[a-z0-9]|-(?!-)){1,61}[a-z0-9]\Z")
+
+
+def _azure_account(env: str, value: str) -> str:
+    text = value.strip()
+    if not _AZURE_ACCOUNT.match(text):
+        raise ConfigError(
+            f"{env}: not a valid storage account name (3-24 of a-z, 0-9), got {value!r}"
+        )
+    return text
+
+
+def _azure_container(env: str, value: str) -> str:
+    text = value.strip()
+    if not _AZURE_CONTAINER.match(text):
+        raise ConfigError(
+            f"{env}: not a valid container name (3-63 of a-z, 0-9, single '-'), got {value!r}"
+        )
+    return text
+
+
+def _azure_key(env: str, value: str) -> str:
+    text = value.strip()
+    try:
+        decoded = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        decoded = b""
+    if not decoded:
+        raise ConfigError(f"{env}: must be the storage account's key, in base64")
+    return text
+
+
+#: The keys of an Azure Storage connection string this daemon understands.
+_CONNECTION_STRING_KEYS = frozenset(
+    {
+        "defaultendpointsprotocol",
+        "accountname",
+        "accountkey",
+        "blobendpoint",
+        "endpointsuffix",
+        "sharedaccesssignature",
+        "queueendpoint",
+        "tableendpoint",
+        "fileendpoint",
+        "usedevelopmentstorage",
+    }
+)
+
+
+def _connection_string(env: str, value: str) -> str:
+    text = value.strip()
+    fields = {}
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        name, equals, field = item.partition("=")
+        if not equals or name.strip().lower() not in _CONNECTION_STRING_KEYS:
+            # Never quote the text: it holds the account key.
+            what = f"unknown key {name.strip()[:40]!r}" if equals else "a part without '='"
+            raise ConfigError(
+                f"{env}: not an Azure Storage connection string (Key=Value;... with"
+                f" AccountName, AccountKey, BlobEndpoint...); {what}"
+            )
+        fields[name.strip().lower()] = field
+    if not {"accountname", "blobendpoint", "usedevelopmentstorage"} & fields.keys():
+        raise ConfigError(f"{env}: needs AccountName or BlobEndpoint")
+    return text
 
 
 def _endpoint(env: str, value: str) -> str:
@@ -233,7 +316,7 @@ def _endpoint(env: str, value: str) -> str:
 SETTINGS: tuple[Setting, ...] = (
     Setting("ADDR", "addr", _address, "IP address to listen on"),
     Setting("PORT", "port", _integer(0, 65535), "TCP port to listen on (0: any free port)"),
-    Setting("STORAGE", "storage", _storage, "object store: aws (azure: not yet)"),
+    Setting("STORAGE", "storage", _storage, "object store: aws or azure"),
     Setting(
         "QUEUE_TIMEOUT_MIN",
         "queue_timeout_s",
@@ -250,6 +333,28 @@ SETTINGS: tuple[Setting, ...] = (
         "aws_endpoint_url",
         _endpoint,
         "S3-compatible endpoint (moto, MinIO); path-style addressing",
+    ),
+    Setting("AZURE_ACC", "azure_acc", _azure_account, "Azure storage account name"),
+    Setting("AZURE_KEY", "azure_key", _azure_key, "Azure storage account key", secret=True),
+    Setting("AZURE_CONTAINER", "azure_container", _azure_container, "Azure container"),
+    Setting(
+        "AZURE_BLOB_ENDPOINT",
+        "azure_blob_endpoint",
+        _endpoint,
+        "Azure blob endpoint (default https://{AZURE_ACC}.blob.core.windows.net; Azurite)",
+    ),
+    Setting(
+        "AZURE_CONNECTION_STRING",
+        "azure_connection_string",
+        _connection_string,
+        "Azure Storage connection string, in place of AZURE_ACC/AZURE_KEY",
+        secret=True,
+    ),
+    Setting(
+        "AZURE_MAX_BLOCKS",
+        "azure_max_blocks",
+        _integer(2, 50_000),
+        "blocks after which a blob rolls over to {key}.1, .2... (Azure's limit: 50000)",
     ),
     Setting(
         "SHUTDOWN_TIMEOUT_S",
@@ -355,10 +460,17 @@ def from_environ(
             continue
         values[setting.field] = setting.parse(setting.env, raw)
     config = Config(**values)  # type: ignore[arg-type]
-    if not config.no_upload:
+    if not config.no_upload and config.storage == "aws":
         for env, value in (("AWS_BUCKET", config.aws_bucket), ("AWS_REGION", config.aws_region)):
             if value is None:
                 raise ConfigError(f"{env}: required with STORAGE=aws (or set NO_UPLOAD=1)")
+    if not config.no_upload and config.storage == "azure":
+        _check_azure(config)
+    if config.storage == "azure" and config.part_size > AZURE_MAX_PART_SIZE:
+        raise ConfigError(
+            "PART_SIZE_BYTES: at most %d (96 MiB) with STORAGE=azure (an append block"
+            " holds 100 MiB), got %d" % (AZURE_MAX_PART_SIZE, config.part_size)
+        )
     if config.buffer_budget_bytes < 4 * config.part_size:
         raise ConfigError(
             "BUFFER_BUDGET_BYTES: must be at least 4 x PART_SIZE_BYTES (%d), got %d"
@@ -368,3 +480,23 @@ def from_environ(
         missing = "AWS_ACCESS_SECRET" if config.aws_access_secret is None else "AWS_ACCESS_KEY"
         raise ConfigError(f"{missing}: AWS_ACCESS_KEY and AWS_ACCESS_SECRET go together")
     return config
+
+
+def _check_azure(config: Config) -> None:
+    """
+    ``STORAGE=azure``: a container, and either a connection string or an account
+    (with its key, or none for azure-identity's ``DefaultAzureCredential``).
+    """
+    if config.azure_container is None:
+        raise ConfigError("AZURE_CONTAINER: required with STORAGE=azure (or set NO_UPLOAD=1)")
+    if config.azure_connection_string is not None:
+        for env, value in (("AZURE_ACC", config.azure_acc), ("AZURE_KEY", config.azure_key)):
+            if value is not None:
+                raise ConfigError(
+                    f"{env}: set either AZURE_CONNECTION_STRING or AZURE_ACC/AZURE_KEY, not both"
+                )
+        return
+    if config.azure_acc is None:
+        raise ConfigError(
+            "AZURE_ACC: required with STORAGE=azure (or set AZURE_CONNECTION_STRING)"
+        )

@@ -32,9 +32,10 @@ class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
         "Streams log messages POSTed to /log as gzip NDJSON into one object per UTC day"
-        " and client on S3.  Every option mirrors an environment variable of the same"
+        " and client on S3 or Azure Blob Storage.  Every option mirrors an environment variable of the same"
         " name in capitals (--queue-timeout-min: QUEUE_TIMEOUT_MIN) and wins over it."
-        " AWS_ACCESS_KEY and AWS_ACCESS_SECRET are read from the environment only."
+        " AWS_ACCESS_KEY, AWS_ACCESS_SECRET, AZURE_KEY and AZURE_CONNECTION_STRING are"
+        " read from the environment only."
     )
     optFlags = [
         [s.option, None, "%s [%s]" % (s.help, s.env)] for s in SETTINGS if s.field in _FLAGS
@@ -105,6 +106,8 @@ def make_store(
         from loghandler.storage.discard import DiscardStore
 
         return DiscardStore(), []
+    if config.storage == "azure":
+        return make_azure_store(config, reactor), []
     import uuid
 
     from loghandler.retry import RetryLayer
@@ -145,6 +148,37 @@ def make_store(
         client, retry, store.merger, lease, writer_id, config.lease_s, store.merge_slots
     )
     return store, [RecoveryService(recoverer, config.recovery_interval_s, reactor)]
+
+
+#: Azure calls at once (threads of the Azure client's pool).
+AZURE_CALLS_AT_ONCE = 16
+
+
+def make_azure_store(config: Config, reactor: Any) -> IObjectStore:
+    """
+    The Azure store: append blobs in ``AZURE_CONTAINER`` through azure-storage-blob
+    on a thread pool of :data:`AZURE_CALLS_AT_ONCE` threads; exits with one line
+    when the SDK refuses the settings.
+    """
+    from loghandler.retry import RetryLayer
+    from loghandler.storage.azure.client import AzureBlobClient
+    from loghandler.storage.azure.settings import container_client
+    from loghandler.storage.azure.writer import AzureObjectStore
+
+    retry = RetryLayer(reactor)
+    try:
+        sdk_client = container_client(config, AZURE_CALLS_AT_ONCE)
+    except ConfigError as e:
+        _exit(str(e))
+        raise
+    client = AzureBlobClient(sdk_client, reactor, AZURE_CALLS_AT_ONCE, retry.attempt_timeout)
+    return AzureObjectStore(
+        client,
+        reactor,
+        retry=retry,
+        call_slots=AZURE_CALLS_AT_ONCE,
+        max_blocks=config.azure_max_blocks,
+    )
 
 
 def makeService(options: Mapping[str, Any], reactor: Optional[Any] = None) -> IService:

@@ -224,11 +224,11 @@ class ErrorTests(SynchronousTestCase):
         """STORAGE=gcs is refused, naming STORAGE and quoting the value."""
         self.assertConfigError(dict(BASE, STORAGE="gcs"), "STORAGE", "'gcs'")
 
-    def test_storage_azure_not_available(self) -> None:
-        """STORAGE=azure says plainly that Azure is not available in this version."""
+    def test_storage_gcs_message(self) -> None:
+        """STORAGE=gcs names the two stores there are."""
         self.assertEqual(
-            self.assertConfigError(dict(BASE, STORAGE="azure"), "STORAGE"),
-            "STORAGE: 'azure' is not available in this version yet; use 'aws'",
+            self.assertConfigError(dict(BASE, STORAGE="gcs"), "STORAGE"),
+            "STORAGE: must be 'aws' or 'azure', got 'gcs'",
         )
 
     def test_part_size_below_minimum(self) -> None:
@@ -832,3 +832,101 @@ class MakeStoreTests(SynchronousTestCase):
         )
         self.assertIsInstance(store, DiscardStore)
         self.assertEqual(background, [])
+
+
+AZURE = {
+    "STORAGE": "azure",
+    "AZURE_ACC": "devstoreaccount1",
+    "AZURE_KEY": "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==",
+    "AZURE_CONTAINER": "logs",
+}
+
+
+class AzureSettingsTests(SynchronousTestCase):
+    """STORAGE=azure and its settings."""
+
+    assertConfigError = ErrorTests.assertConfigError
+
+    def test_shared_key(self) -> None:
+        """Account, key and container; no AWS setting needed; 50,000 blocks by default."""
+        config = from_environ(AZURE)
+        self.assertEqual(
+            (config.storage, config.azure_acc, config.azure_container, config.azure_max_blocks),
+            ("azure", "devstoreaccount1", "logs", 50_000),
+        )
+        self.assertEqual(config.azure_key, AZURE["AZURE_KEY"])
+
+    def test_account_without_key_uses_identity(self) -> None:
+        """AZURE_ACC alone is accepted (DefaultAzureCredential)."""
+        environ = {k: v for k, v in AZURE.items() if k != "AZURE_KEY"}
+        self.assertIsNone(from_environ(environ).azure_key)
+
+    def test_connection_string_alone(self) -> None:
+        """AZURE_CONNECTION_STRING replaces AZURE_ACC and AZURE_KEY."""
+        config = from_environ(
+            {
+                "STORAGE": "azure",
+                "AZURE_CONTAINER": "logs",
+                "AZURE_CONNECTION_STRING": "AccountName=a1;AccountKey=a2V5;"
+                "BlobEndpoint=http://127.0.0.1:10000/a1;",
+            }
+        )
+        self.assertIn("BlobEndpoint", config.azure_connection_string or "")
+
+    def test_missing(self) -> None:
+        """Each required setting missing is named, in one line."""
+        for missing, variable in (
+            ("AZURE_CONTAINER", "AZURE_CONTAINER"),
+            ("AZURE_ACC", "AZURE_ACC"),
+        ):
+            environ = {k: v for k, v in AZURE.items() if k != missing}
+            if missing == "AZURE_ACC":
+                del environ["AZURE_KEY"]
+            self.assertConfigError(environ, variable, "required with STORAGE=azure")
+
+    def test_no_upload_needs_nothing(self) -> None:
+        """NO_UPLOAD=1 with STORAGE=azure needs no Azure setting."""
+        self.assertTrue(from_environ({"STORAGE": "azure", "NO_UPLOAD": "1"}).no_upload)
+
+    def test_malformed(self) -> None:
+        """Malformed values are refused naming the variable; secrets are never quoted."""
+        for variable, value, contains in (
+            ("AZURE_ACC", "Dev_Account", "not a valid storage account name"),
+            ("AZURE_ACC", "ab", "3-24"),
+            ("AZURE_CONTAINER", "Logs", "not a valid container name"),
+            ("AZURE_CONTAINER", "a--b", "single '-'"),
+            ("AZURE_CONTAINER", "-ab", "not a valid container name"),
+            ("AZURE_KEY", "not base64!!", "in base64"),
+            ("AZURE_BLOB_ENDPOINT", "127.0.0.1:10000", "http:// or https://"),
+            ("AZURE_MAX_BLOCKS", "50001", "from 2 to 50000"),
+            ("AZURE_MAX_BLOCKS", "1", "from 2 to 50000"),
+        ):
+            message = self.assertConfigError(dict(AZURE, **{variable: value}), variable, contains)
+            if variable == "AZURE_KEY":
+                self.assertNotIn(value, message)
+
+    def test_connection_string_malformed_is_not_quoted(self) -> None:
+        """A malformed connection string is named, its secret never shown."""
+        environ = {
+            "STORAGE": "azure",
+            "AZURE_CONTAINER": "logs",
+            "AZURE_CONNECTION_STRING": "secretsecretsecret",
+        }
+        message = self.assertConfigError(environ, "AZURE_CONNECTION_STRING", "not an Azure")
+        self.assertNotIn("secretsecret", message)
+
+    def test_connection_string_and_key_conflict(self) -> None:
+        """A connection string and an account key together are refused."""
+        self.assertConfigError(
+            dict(AZURE, AZURE_CONNECTION_STRING="AccountName=a1;AccountKey=a2V5"),
+            "AZURE_ACC",
+            "either AZURE_CONNECTION_STRING or AZURE_ACC/AZURE_KEY",
+        )
+
+    def test_part_size_capped(self) -> None:
+        """A part is one append block: over 96 MiB is refused with STORAGE=azure only."""
+        self.assertConfigError(
+            dict(AZURE, PART_SIZE_BYTES=str(96 * MiB + 1)), "PART_SIZE_BYTES", "STORAGE=azure"
+        )
+        environ = dict(BASE, PART_SIZE_BYTES=str(97 * MiB), BUFFER_BUDGET_BYTES=str(1024 * MiB))
+        self.assertEqual(from_environ(environ).part_size, 97 * MiB)

@@ -1,0 +1,209 @@
+"""
+:class:`AzureBlobClient`: the :class:`~loghandler.storage.azure.api.IAppendBlobClient`
+on azure-storage-blob's synchronous client, each call run on a bounded thread pool of
+its own (``deferToThreadPool``), stopped by :meth:`AzureBlobClient.close` after the
+flush (DESIGN.md section 7).
+
+- The SDK's own retries are off (``retry_total=0``): the one retry layer
+  (:mod:`loghandler.retry`) retries, with the ``appendpos`` condition.
+- A call running in a thread cannot be cancelled, so each call gets its own
+  timeout, the retry layer's :meth:`~loghandler.retry.RetryLayer.attempt_timeout`
+  (capped by the time left before the shutdown deadline): the connection and each
+  read of the answer (``connection_timeout``, ``read_timeout``).
+- The SDK's errors become :class:`~loghandler.interfaces.StorageError` with Azure's
+  status and error code (a 412 :class:`~loghandler.interfaces.PreconditionFailed`);
+  no answer (refused, cut, timed out) is status 0; a credential that cannot get a
+  token (azure-identity) is 401 ``CredentialUnavailable``.
+
+REST pages: Get Container Properties, Get Blob Properties, Put Blob (append blob),
+Append Block, Get Blob; https://learn.microsoft.com/rest/api/storageservices/
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from loghandler.interfaces import PreconditionFailed, StorageError
+from loghandler.storage.azure.api import BLOB_NOT_FOUND, Appended, BlobState, IAppendBlobClient
+
+_T = TypeVar("_T")
+
+
+def storage_error(operation: str, error: BaseException) -> BaseException:
+    """
+    What the SDK raised, as the store's error (see the module docstring); an
+    exception of any other kind is returned as it is.
+    """
+    from azure.core.exceptions import (
+        ClientAuthenticationError,
+        HttpResponseError,
+        ServiceRequestError,
+        ServiceResponseError,
+    )
+
+    if isinstance(error, HttpResponseError) and error.status_code:
+        code = getattr(error, "error_code", None) or ""
+        if not code and error.response is not None:
+            code = getattr(error.response, "headers", {}).get("x-ms-error-code", "")
+        code = str(getattr(code, "value", code))  # a StorageErrorCode member, or text
+        message = (error.reason or "").strip()
+        if error.status_code == 412:
+            return PreconditionFailed(operation, message, code or "ConditionNotMet")
+        return StorageError(operation, error.status_code, code, message)
+    if isinstance(error, ClientAuthenticationError):  # no token from the credential
+        return StorageError(operation, 401, "CredentialUnavailable", str(error).splitlines()[0])
+    if isinstance(error, (ServiceRequestError, ServiceResponseError)):
+        return StorageError(operation, 0, type(error).__name__, str(error).splitlines()[0])
+    return error
+
+
+@implementer(IAppendBlobClient)
+class AzureBlobClient:
+    """
+    One container's append blobs through azure-storage-blob.
+
+    :param container_client: an ``azure.storage.blob.ContainerClient`` built with
+        ``retry_total=0`` (see :func:`~loghandler.storage.azure.settings.container_client`).
+    :param reactor: fires the results on the reactor thread.
+    :param threads: the pool's size: calls at once.
+    :param timeout: seconds the next call may take (the retry layer's
+        :meth:`~loghandler.retry.RetryLayer.attempt_timeout`).
+    """
+
+    name = "azure"
+
+    def __init__(
+        self,
+        container_client: Any,
+        reactor: Any,
+        threads: int,
+        timeout: Callable[[], float],
+    ) -> None:
+        self._container = container_client
+        self.container: str = container_client.container_name
+        self._reactor = reactor
+        self._timeout = timeout
+        self._pool = ThreadPool(minthreads=0, maxthreads=threads, name="azure-blob")
+        self._started = False
+
+    def __repr__(self) -> str:
+        return f"<AzureBlobClient {self._container.url}>"
+
+    def _run(self, operation: str, call: Callable[..., _T], **kwargs: Any) -> "Deferred[_T]":
+        if not self._started:
+            self._pool.start()
+            self._started = True
+        seconds = max(0.1, self._timeout())
+        kwargs.update(connection_timeout=seconds, read_timeout=seconds)
+        # The server's own timeout for the operation, whole seconds (at least 1).
+        kwargs.setdefault("timeout", max(1, int(seconds)))
+
+        def in_thread() -> _T:
+            try:
+                return call(**kwargs)
+            except Exception as e:
+                converted = storage_error(operation, e)
+                if converted is e:
+                    raise
+                raise converted from None
+
+        return deferToThreadPool(self._reactor, self._pool, in_thread)
+
+    def check(self) -> "Deferred[None]":
+        return self._run(
+            "GetContainerProperties", self._container.get_container_properties
+        ).addCallback(lambda _: None)
+
+    def properties(self, name: str) -> "Deferred[Optional[BlobState]]":
+        blob = self._container.get_blob_client(name)
+
+        def call(**kwargs: Any) -> Optional[BlobState]:
+            try:
+                props = blob.get_blob_properties(**kwargs)
+            except Exception as e:
+                error = storage_error("GetBlobProperties", e)
+                if isinstance(error, StorageError) and error.code == BLOB_NOT_FOUND:
+                    return None
+                raise
+            blob_type = getattr(props.blob_type, "value", str(props.blob_type))
+            return BlobState(
+                size=int(props.size),
+                blocks=int(props.append_blob_committed_block_count or 0),
+                blob_type=str(blob_type),
+            )
+
+        return self._run("GetBlobProperties", call)
+
+    def create(self, name: str, content_type: str) -> "Deferred[bool]":
+        from azure.core import MatchConditions
+        from azure.storage.blob import ContentSettings
+
+        blob = self._container.get_blob_client(name)
+
+        def call(**kwargs: Any) -> bool:
+            try:
+                blob.create_append_blob(
+                    content_settings=ContentSettings(content_type=content_type),
+                    match_condition=MatchConditions.IfMissing,
+                    **kwargs,
+                )
+            except Exception as e:
+                error = storage_error("CreateAppendBlob", e)
+                if isinstance(error, StorageError) and error.status in (409, 412):
+                    return False  # it exists (If-None-Match: *)
+                raise
+            return True
+
+        return self._run("CreateAppendBlob", call)
+
+    def append(
+        self, name: str, body: bytes, position: int, max_size: int
+    ) -> "Deferred[Appended]":
+        blob = self._container.get_blob_client(name)
+
+        def call(**kwargs: Any) -> Appended:
+            answer = blob.append_block(
+                body,
+                length=len(body),
+                appendpos_condition=position,
+                maxsize_condition=max_size,
+                **kwargs,
+            )
+            return Appended(
+                offset=int(answer["blob_append_offset"]),
+                blocks=int(answer["blob_committed_block_count"]),
+            )
+
+        return self._run("AppendBlock", call)
+
+    def read(self, name: str, offset: int, length: int) -> "Deferred[bytes]":
+        blob = self._container.get_blob_client(name)
+
+        def call(**kwargs: Any) -> bytes:
+            try:
+                data: bytes = blob.download_blob(
+                    offset=offset, length=length, max_concurrency=1, **kwargs
+                ).readall()
+            except Exception as e:
+                error = storage_error("GetBlob", e)
+                if isinstance(error, StorageError) and error.status == 416:
+                    return b""  # the blob ends before offset
+                raise
+            return data
+
+        return self._run("GetBlob", call)
+
+    def close(self) -> "Deferred[None]":
+        """Stop the thread pool (waiting for calls still running), close connections."""
+
+        def stop() -> None:
+            if self._started:
+                self._pool.stop()
+            self._container.close()
+
+        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), stop)
