@@ -190,18 +190,30 @@ def makeService(options: Mapping[str, Any], reactor: Optional[Any] = None) -> IS
     config = load_config(options, os.environ)
     budget = MemoryBudget(config.buffer_budget_bytes)
     store, background = make_store(config, reactor, budget)
+    if background:  # S3: leases and recovery
+        store_settings = ", LEASE_S=%g, RECOVERY_INTERVAL_S=%g" % (
+            config.lease_s,
+            config.recovery_interval_s,
+        )
+    elif config.storage == "azure" and not config.no_upload:
+        from loghandler.storage.azure.settings import describe
+
+        store_settings = ", %s, rollover after %d blocks" % (
+            describe(config),
+            config.azure_max_blocks,
+        )
+    else:
+        store_settings = ""
     _log.info(
         "loghandler on {addr}:{port}, storage {store}, objects completed after {lifetime:g} s,"
-        " ACK={ack}, CHECKPOINT_S={checkpoint_s:g}, LEASE_S={lease_s:g},"
-        " RECOVERY_INTERVAL_S={recovery_interval_s:g}",
+        " ACK={ack}, CHECKPOINT_S={checkpoint_s:g}{store_settings}",
         addr=config.addr,
         port=config.port,
         store=store,
         lifetime=config.queue_timeout_s,
         ack=config.ack,
         checkpoint_s=config.checkpoint_s,
-        lease_s=config.lease_s,
-        recovery_interval_s=config.recovery_interval_s,
+        store_settings=store_settings,
     )
     if config.checkpoint_s == 0 and config.ack == "accepted" and not config.no_upload:
         _log.warn(

@@ -856,6 +856,15 @@ class AzureSettingsTests(SynchronousTestCase):
         )
         self.assertEqual(config.azure_key, AZURE["AZURE_KEY"])
 
+    def test_checkpoint_default_is_30_s(self) -> None:
+        """
+        Unset, CHECKPOINT_S is 30 s with STORAGE=azure (a member and a block per
+        checkpoint), 10 s with aws; set, it is what it says.
+        """
+        self.assertEqual(from_environ(AZURE).checkpoint_s, 30.0)
+        self.assertEqual(from_environ(BASE).checkpoint_s, 10.0)
+        self.assertEqual(from_environ(dict(AZURE, CHECKPOINT_S="10")).checkpoint_s, 10.0)
+
     def test_account_without_key_uses_identity(self) -> None:
         """AZURE_ACC alone is accepted (DefaultAzureCredential)."""
         environ = {k: v for k, v in AZURE.items() if k != "AZURE_KEY"}
@@ -915,6 +924,16 @@ class AzureSettingsTests(SynchronousTestCase):
         message = self.assertConfigError(environ, "AZURE_CONNECTION_STRING", "not an Azure")
         self.assertNotIn("secretsecret", message)
 
+    def test_connection_string_endpoint_scheme(self) -> None:
+        """A BlobEndpoint that is not http(s) is refused (the SDK would take it)."""
+        environ = {
+            "STORAGE": "azure",
+            "AZURE_CONTAINER": "logs",
+            "AZURE_CONNECTION_STRING": "AccountName=a1;AccountKey=a2V5;BlobEndpoint=ftp://x",
+        }
+        message = self.assertConfigError(environ, "AZURE_CONNECTION_STRING", "http://")
+        self.assertNotIn("a2V5", message)
+
     def test_connection_string_and_key_conflict(self) -> None:
         """A connection string and an account key together are refused."""
         self.assertConfigError(
@@ -930,3 +949,54 @@ class AzureSettingsTests(SynchronousTestCase):
         )
         environ = dict(BASE, PART_SIZE_BYTES=str(97 * MiB), BUFFER_BUDGET_BYTES=str(1024 * MiB))
         self.assertEqual(from_environ(environ).part_size, 97 * MiB)
+
+
+class MakeAzureStoreTests(SynchronousTestCase):
+    """
+    ``loghandler.tap.make_store`` with ``STORAGE=azure``: the real azure-storage-blob
+    ContainerClient is built (it sends nothing until a call), with the SDK's retries
+    off, for the endpoint and credential the settings name.
+    """
+
+    def make(self, environ: dict[str, str]) -> object:
+        store, background = _tap().make_store(from_environ(environ), object(), None)
+        self.assertEqual(background, [])
+        return store
+
+    def test_shared_key(self) -> None:
+        """AZURE_ACC/AZURE_KEY at AZURE_BLOB_ENDPOINT: the container's URL, a shared key."""
+        from loghandler.storage.azure.writer import AzureObjectStore
+
+        store = self.make(dict(AZURE, AZURE_BLOB_ENDPOINT="http://127.0.0.1:10000/devstoreaccount1",
+                               AZURE_MAX_BLOCKS="7"))
+        assert isinstance(store, AzureObjectStore)
+        sdk = store.client._container  # type: ignore[attr-defined]
+        self.assertEqual(sdk.url, "http://127.0.0.1:10000/devstoreaccount1/logs")
+        self.assertEqual(sdk.credential.account_name, "devstoreaccount1")
+        self.assertEqual(sdk._config.retry_policy.total_retries, 0)
+        self.assertEqual(store.max_blocks, 7)
+
+    def test_default_endpoint_and_identity(self) -> None:
+        """AZURE_ACC alone: https://{acc}.blob.core.windows.net and DefaultAzureCredential."""
+        from azure.identity import DefaultAzureCredential
+
+        environ = {k: v for k, v in AZURE.items() if k != "AZURE_KEY"}
+        sdk = self.make(environ).client._container  # type: ignore[attr-defined]
+        self.assertEqual(sdk.url, "https://devstoreaccount1.blob.core.windows.net/logs")
+        self.assertIsInstance(sdk.credential, DefaultAzureCredential)
+
+    def test_connection_string_refused_by_sdk(self) -> None:
+        """A connection string the SDK refuses stops the start: one line, exit 2."""
+        environ = {
+            "STORAGE": "azure",
+            "AZURE_CONTAINER": "logs",
+            "AZURE_CONNECTION_STRING": "AccountKey=a2V5;BlobEndpoint=",
+        }
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        with self.assertRaises(SystemExit) as raised:
+            self.make(environ)
+        self.assertEqual(raised.exception.code, 2)
+        (line,) = stderr.getvalue().splitlines()
+        self.assertTrue(line.startswith("loghandler: AZURE_CONNECTION_STRING: "), line)
+        self.assertNotIn("a2V5", line)
