@@ -235,8 +235,8 @@ class ObjectStream:
         ended: Deferred[None] = Deferred()
         d = self._writer.part(body)
         self._part_uploads.add(d)
+        d.addCallback(self._count_checkpoint)  # counted before the waiters hear of it
         d.addCallback(self._part_stored, len(body), lines)
-        d.addCallback(self._count_checkpoint)
         d.addErrback(self._log_failure, "storing a checkpoint")
         d.addBoth(self._part_done, d)
         self._checkpoint_in_flight = d
