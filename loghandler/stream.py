@@ -73,6 +73,7 @@ class ObjectStream:
         self._budget = budget
         # (body, lines in it) of the parts waiting to be handed to the writer.
         self._queue: collections.deque[tuple[bytes, int]] = collections.deque()
+        self._lines_handed = 0  # lines in the parts handed to the writer
         self._part_uploads: set[Deferred[None]] = set()
         self._idle_waiters: list[Deferred[None]] = []
         self._producer: Optional[IPushProducer] = None
@@ -84,6 +85,10 @@ class ObjectStream:
         self.lines = 0
         self._lines_cut = 0
         self._lines_stored = 0
+        # (first, last) line numbers of the parts the writer gave up.  After such a
+        # gap durable_lines (a prefix) stops; waiters are answered line by line.
+        self._lost: list[tuple[int, int]] = []
+        self._lost_lines = 0
         self._unstored_bytes = 0
         self.raw_bytes = 0
         self.stored_bytes = 0
@@ -160,9 +165,16 @@ class ObjectStream:
     def _pump(self) -> None:
         while self._queue and len(self._part_uploads) < self._parts_in_flight:
             body, lines = self._queue.popleft()
+            self._lines_handed += lines
+            last = self._lines_handed
             d = self._writer.part(body)
             self._part_uploads.add(d)
-            d.addCallback(self._part_stored, len(body), lines)
+            d.addCallbacks(
+                self._part_stored,
+                self._part_lost,
+                callbackArgs=(len(body), lines),
+                errbackArgs=(lines, last),
+            )
             d.addErrback(self._log_failure, "storing a part")
             d.addBoth(self._part_done, d)
         if self._queue and not self._paused and self._producer is not None:
@@ -180,8 +192,21 @@ class ObjectStream:
         self._unstored_bytes -= size
         self._lines_stored += lines
         self._budget.change(-size)
-        # The writer stores a stream's uploads in order: every line before is stored.
-        self._now_durable(self._lines_stored)
+        # The writer stores a stream's uploads in order: every line before is stored
+        # or given up (then it is in self._lost).
+        self._now_durable(self._lines_stored + self._lost_lines)
+
+    def _part_lost(self, failure: Failure, lines: int, last: int) -> Failure:
+        """
+        The writer gave up the part of lines ``last - lines + 1`` .. ``last`` (the
+        deadline, or an error it does not retry): they are lost; their waiters are
+        answered False, and :attr:`durable_lines` stops before them.
+        """
+        if not self._done:
+            self._lost.append((last - lines + 1, last))
+            self._lost_lines += lines
+            self._now_durable(last)
+        return failure
 
     # checkpoints and durability
 
@@ -232,11 +257,18 @@ class ObjectStream:
         lines = self.lines - self._lines_cut
         self._lines_cut = self.lines
         self._unstored_bytes += len(body)
+        self._lines_handed += lines  # the queue is empty: this part is the next
+        last = self._lines_handed
         ended: Deferred[None] = Deferred()
         d = self._writer.part(body)
         self._part_uploads.add(d)
         d.addCallback(self._count_checkpoint)  # counted before the waiters hear of it
-        d.addCallback(self._part_stored, len(body), lines)
+        d.addCallbacks(
+            self._part_stored,
+            self._part_lost,
+            callbackArgs=(len(body), lines),
+            errbackArgs=(lines, last),
+        )
         d.addErrback(self._log_failure, "storing a checkpoint")
         d.addBoth(self._part_done, d)
         self._checkpoint_in_flight = d
@@ -261,12 +293,16 @@ class ObjectStream:
             self.checkpoint()
 
     def _now_durable(self, lines: int) -> None:
-        if lines <= self.durable_lines:
-            return
-        self.durable_lines = lines
+        """Lines up to ``lines`` are stored, but those of parts given up."""
+        if not self._lost and lines > self.durable_lines:
+            self.durable_lines = lines
         waiters = self._durable_waiters
         while waiters and waiters[0][0] <= lines:
-            waiters.popleft()[1].callback(True)
+            line, waiter = waiters.popleft()
+            waiter.callback(not self._is_lost(line))
+
+    def _is_lost(self, line: int) -> bool:
+        return any(first <= line <= last for first, last in self._lost)
 
     def wait_durable(self, line: int) -> "Deferred[bool]":
         """
@@ -279,6 +315,8 @@ class ObjectStream:
         """
         if line <= self.durable_lines:
             return succeed(True)
+        if line <= self._lines_stored + self._lost_lines:  # its part ended: stored or lost
+            return succeed(not self._is_lost(line))
         if self._done:
             return succeed(False)
 
@@ -364,6 +402,15 @@ class ObjectStream:
             finished: Finished = await self._writer.finish(tail, on_staged)
             on_staged()
             self._report(finished)
+            if self._lost_lines:
+                self._log.error(
+                    "{key}: not stored: {lost_lines} lines ({lost_bytes} gzip bytes) of"
+                    " {parts} parts the writer gave up (see above); the other lines are",
+                    key=self.key,
+                    lost_lines=self._lost_lines,
+                    lost_bytes=self._unstored_bytes,
+                    parts=len(self._lost),
+                )
         except Exception as e:
             if isinstance(e, Abandoned):  # the deadline, seen first by the writer
                 self._abandoned = True

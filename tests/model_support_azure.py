@@ -138,8 +138,6 @@ class AzureProcess(Process):
         completes early).
     :ivar timed_out: whether its flush on stop was cut by its deadline (timed out,
         or ended by itself at the deadline, when the retry layer gives up).
-    :ivar durable_before_deadline: the lines it knew to be in storage at the start
-        of its last tick before its stop's deadline (see :meth:`tick`).
     """
 
     client: AzureProcessClient
@@ -203,7 +201,6 @@ class AzureProcess(Process):
         self.accepted = []
         self.timed_out = False
         self._deadline: Optional[float] = None
-        self.durable_before_deadline: set[bytes] = set()
         # As StreamService.startService.
         self.registry.ready = False
         self.registry.start_checkpoints()
@@ -216,13 +213,8 @@ class AzureProcess(Process):
         return f"<AzureProcess {self.name} {'alive' if self.alive else 'dead'}>"
 
     def tick(self, now: float, step: float) -> None:
-        """
-        ``Process.tick``; the spin count starts again.  During a flush, before its
-        deadline, what the process knows stored is noted first.
-        """
+        """``Process.tick``; the spin count starts again."""
         self.client.sent = 0
-        if self._deadline is not None and self.clock.seconds() < self._deadline - 1e-9:
-            self.durable_before_deadline = self.durable()
         super().tick(now, step)
 
     def stop(self, deadline_s: float, done: Callable[[Process], None]) -> None:
@@ -236,7 +228,6 @@ class AzureProcess(Process):
             return
         started = self.clock.seconds()
         self._deadline = started + deadline_s
-        self.durable_before_deadline = self.durable()
         self.store.stopping(self._deadline)
 
         def flushed(result: object) -> None:

@@ -17,7 +17,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from loghandler.budget import MemoryBudget
-from loghandler.interfaces import Abandoned, Finished, IObjectWriter
+from loghandler.interfaces import Abandoned, Finished, IObjectWriter, StorageError
 from loghandler.stream import ObjectStream, StreamClosed
 from tests.helpers import members, message, noise_line, read_lines
 
@@ -515,3 +515,55 @@ class AppendCheckpointTests(StreamCase):
         lost = [e for e in events if "not stored" in e.get("log_format", "")]
         self.assertEqual([e["lost_lines"] for e in lost], [2])
         self.assertEqual(self.budget.held, 0)
+
+
+class LostPartTests(StreamCase):
+    """
+    A part the writer gives up (the deadline, an error it does not retry): its lines
+    are lost and answered so; lines stored after it are answered durable one by one,
+    and durable_lines (a prefix) stops before the gap.
+    """
+
+    def test_gap_answers_each_line(self) -> None:
+        self.writer = ControlledWriter(checkpoints_are_parts=True)
+        stream = self.stream()
+        stream.write(message(1).to_line())
+        first = stream.wait_durable(1)  # checkpoint 1: line 1
+        stream.write(message(2).to_line())
+        second = stream.wait_durable(2)  # waits for checkpoint 1, then checkpoint 2
+        (_, _, d) = self.writer.pending.pop(0)
+        d.errback(StorageError("AppendBlock", 400, "InvalidHeaderValue"))
+        self.assertFalse(self.successResultOf(first))
+        self.assertEqual(self.writer.kinds(), ["part"])  # checkpoint 2 went out
+        self.writer.answer()
+        self.assertTrue(self.successResultOf(second))
+        self.assertEqual(stream.durable_lines, 0)
+        self.assertFalse(self.successResultOf(stream.wait_durable(1)))
+        self.assertTrue(self.successResultOf(stream.wait_durable(2)))
+        with capturedLogs() as events:
+            done = stream.close()
+            self.writer.answer()
+            self.successResultOf(done)
+        lost = [e for e in events if e.get("lost_lines") is not None]
+        self.assertEqual([(e["lost_lines"], e["parts"]) for e in lost], [(1, 1)])
+        self.assertEqual(self.budget.held, 0)
+        self.assertEqual(len(self.flushLoggedErrors(StorageError)), 1)
+
+    def test_abandoned_part_then_empty_tail_is_not_durable(self) -> None:
+        """
+        The model-based test's case (a durable wait, the checkpoint abandoned at
+        the deadline, then the flush's empty tail succeeds without a call): the
+        line was answered durable and counted in durable_lines before the fix.
+        """
+        self.writer = ControlledWriter(checkpoints_are_parts=True)
+        stream = self.stream()
+        stream.write(message(1).to_line())
+        waiter = stream.wait_durable(1)
+        done = stream.close()
+        (_, _, d) = self.writer.pending.pop(0)
+        d.errback(Abandoned(KEY))
+        self.assertEqual(self.writer.kinds(), ["finish"])
+        self.writer.answer()  # the empty tail
+        self.successResultOf(done)
+        self.assertFalse(self.successResultOf(waiter))
+        self.assertEqual(stream.durable_lines, 0)
