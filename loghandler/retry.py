@@ -165,7 +165,9 @@ class RetryLayer:
         self._backoff = backoff
         self._permanent_backoff = permanent_backoff
         self._deadline: Optional[float] = None
-        self._sleeping: set[Deferred[None]] = set()
+        # Sleeping retries, woken in the order they fell asleep (a dict keeps it; a
+        # set's order would vary from run to run, and with it a replayed test).
+        self._sleeping: dict[Deferred[None], None] = {}
         self._unexpected_logged: set[type] = set()
         #: None while storage works, else why it fails for good (for /healthz).
         self.problem: Optional[str] = None
@@ -183,7 +185,7 @@ class RetryLayer:
         retry now; no attempt or wait goes past the deadline.
         """
         self._deadline = deadline
-        sleeping, self._sleeping = self._sleeping, set()
+        sleeping, self._sleeping = self._sleeping, {}
         for sleep in sleeping:
             sleep.callback(None)
 
@@ -216,7 +218,7 @@ class RetryLayer:
         self._check_time()
         seconds = self._capped(seconds)
         sleep: Deferred[None] = Deferred()
-        self._sleeping.add(sleep)
+        self._sleeping[sleep] = None
 
         def wake() -> None:
             if not sleep.called:
@@ -226,7 +228,7 @@ class RetryLayer:
         try:
             await sleep
         finally:
-            self._sleeping.discard(sleep)
+            self._sleeping.pop(sleep, None)
             if timer.active():
                 timer.cancel()
         self._check_time()

@@ -264,6 +264,8 @@ class Process:
             self.clock,
             attempt_timeout=ATTEMPT_TIMEOUT_S,
             backoff=Backoff(0.1, 2.0, uniform=rng.uniform),
+            # From the example's generator too, so that hypothesis can replay it.
+            permanent_backoff=Backoff(5.0, 60.0, uniform=rng.uniform),
         )
         self.lease = Lease(
             self.client,

@@ -48,16 +48,6 @@ MAX_BLOCKS = 6
 SPIN_LIMIT = 5_000
 
 
-class _OrderedSet(dict):  # type: ignore[type-arg]
-    """A set that iterates in insertion order (``add``, ``discard``, ``in``, ``len``)."""
-
-    def add(self, item: Any) -> None:
-        self[item] = None
-
-    def discard(self, item: Any) -> None:
-        self.pop(item, None)
-
-
 class Spinning(Exception):
     """A process sent more than :data:`SPIN_LIMIT` calls in one tick."""
 
@@ -166,10 +156,6 @@ class AzureProcess(Process):
             backoff=Backoff(0.1, 2.0, uniform=rng.uniform),
             permanent_backoff=Backoff(5.0, 60.0, uniform=rng.uniform),
         )
-        # The retries that stopping() wakes, in the order they went to sleep, not
-        # in the order of their ids: their calls draw the faults (and backoffs) from
-        # the example's generator, and hypothesis must be able to replay an example.
-        self.retry._sleeping = _OrderedSet()  # type: ignore[assignment]
         self.store = AzureObjectStore(
             self.client,  # type: ignore[arg-type]  # (mypy-zope misses implementer_only)
             self.clock,
