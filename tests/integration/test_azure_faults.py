@@ -83,20 +83,6 @@ TEST_TIMEOUT = 120
 #: The report every scenario's figures are appended to.
 REPORT = "azure-faults-report.json"
 
-#: A daemon log entry tolerated though it holds a traceback: a cut answer (the proxy
-#: closes the connection inside the body of the answer) raises azure-core's
-#: ``IncompleteReadError`` (Append Block) or an ``HttpResponseError`` without a
-#: status (Get Blob, the read-back), which ``storage_error`` in
-#: ``loghandler/storage/azure/client.py`` does not turn into a ``StorageError``
-#: (status 0, no answer); the retry layer then logs each type once per process as
-#: an unexpected error, at critical level with its traceback, and retries it as
-#: transient, which is right.  Counted as ``known_unexpected_errors``.
-KNOWN_UNEXPECTED = re.compile(
-    r"\[loghandler\.retry\.RetryLayer#critical\] unexpected error from \S+ \S+; retrying it"
-    r"\n(?:\t.*\n)*?\tazure\.core\.exceptions\.(?:IncompleteReadError|HttpResponseError):"
-    r" \('Connection broken: IncompleteRead\("
-)
-
 #: The start of a twistd log entry (its timestamp); continuation lines do not have it.
 _ENTRY = re.compile(r"^\d{4}-\d\d-\d\dT", re.M)
 
@@ -238,15 +224,12 @@ class AzureHarness:
 
     def log_problems(self) -> list[str]:
         """
-        Tracebacks and critical lines in any daemon's log, but for the known one of
-        :data:`KNOWN_UNEXPECTED` (counted by :meth:`daemon_figures`).
+        Tracebacks and critical lines in any daemon's log.
         """
         problems = []
         for daemon in self.daemons:
             for entry in log_entries(daemon.log()):
-                if ("Traceback" in entry or "#critical]" in entry) and not KNOWN_UNEXPECTED.search(
-                    entry
-                ):
+                if "Traceback" in entry or "#critical]" in entry:
                     problems.append(f"{daemon.name}: a traceback or critical error:\n{entry[-4000:]}")
         return problems
 
@@ -263,9 +246,6 @@ class AzureHarness:
                 "retried_calls": d.count(r"failed \(.*\); retry \d+ in"),
                 "answer_lost_block_landed": d.count(r"was ours: an earlier attempt landed"),
                 "rolled_over": d.count(r"is full \("),
-                "known_unexpected_errors": sum(
-                    1 for entry in log_entries(d.log()) if KNOWN_UNEXPECTED.search(entry)
-                ),
             }
             for d in self.daemons
         }

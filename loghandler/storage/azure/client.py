@@ -12,7 +12,7 @@ flush (DESIGN.md section 7).
   read of the answer (``connection_timeout``, ``read_timeout``).
 - The SDK's errors become :class:`~loghandler.interfaces.StorageError` with Azure's
   status and error code (a 412 :class:`~loghandler.interfaces.PreconditionFailed`);
-  no answer (refused, cut, timed out) is status 0; a credential that cannot get a
+  no usable answer (refused, timed out, cut inside the answer) is status 0; a credential that cannot get a
   token (azure-identity) is 401 ``CredentialUnavailable``.
 
 REST pages: Get Container Properties, Get Blob Properties, Put Blob (append blob),
@@ -56,10 +56,17 @@ def storage_error(operation: str, error: BaseException) -> BaseException:
             return PreconditionFailed(operation, message, code or "ConditionNotMet")
         return StorageError(operation, error.status_code, code, message)
     if isinstance(error, ClientAuthenticationError):  # no token from the credential
-        return StorageError(operation, 401, "CredentialUnavailable", str(error).splitlines()[0])
-    if isinstance(error, (ServiceRequestError, ServiceResponseError)):
-        return StorageError(operation, 0, type(error).__name__, str(error).splitlines()[0])
+        return StorageError(operation, 401, "CredentialUnavailable", _first_line(error))
+    if isinstance(error, (ServiceRequestError, ServiceResponseError, HttpResponseError)):
+        # No usable answer: refused, timed out, or cut inside the answer (an
+        # IncompleteReadError, or an HttpResponseError without a status).
+        return StorageError(operation, 0, type(error).__name__, _first_line(error))
     return error
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).splitlines()
+    return lines[0] if lines else ""
 
 
 @implementer(IAppendBlobClient)
