@@ -163,8 +163,7 @@ class AzureHarness:
 
     def load(self, daemon: Daemon, first_id: int = 1, **options: Any) -> Load:
         """A :class:`Load` on ``daemon`` whose content_ids start at ``first_id``, started."""
-        load = Load(daemon.port, **options)
-        load._ids = itertools.count(first_id)  # unique across the loads of a scenario
+        load = Load(daemon.port, first_id=first_id, **options)
         self.loads.append(load)
         load.start()
         return load

@@ -173,7 +173,7 @@ class Load:
     ``connections``-th slot of the client's schedule, so a slow answer (``ACK=durable``)
     does not slow the offered rate until all of a client's connections wait; a
     connection more than 1 s behind its schedule drops the backlog.  Every content_id
-    is unique; the lines are the canonical ones, so a stored line equals the body
+    is unique (counted from ``first_id``, so that two loads of one test differ); the lines are the canonical ones, so a stored line equals the body
     plus ``\\n``.
 
     :ivar records: stored line -> :class:`Sent`, for every message tried.
@@ -192,6 +192,7 @@ class Load:
         big_text_bytes: int = 8192,
         connections: int = 4,
         seed: int = 0,
+        first_id: int = 1,
     ) -> None:
         self.port = port
         self.rate = rate
@@ -205,7 +206,7 @@ class Load:
         self.started = 0.0
         self.stopped: Optional[float] = None
         self._lock = threading.Lock()
-        self._ids = itertools.count(1)
+        self._ids = itertools.count(first_id)  # content_ids, unique across loads
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
