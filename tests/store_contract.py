@@ -183,6 +183,11 @@ class ObjectStoreContractMixin:
     #: Why the store cannot be made to roll over in a test (S3 rolls over at 4 GiB),
     #: or None when :meth:`make_store` takes ``max_blocks``.
     rollover_unsupported: Optional[str] = None
+    #: Why two writers of one key may not complete at the same instant on this
+    #: backend (an emulator that lacks a condition the real store enforces), or
+    #: None.  When set, :meth:`test_two_writers_at_once` closes them one after the
+    #: other; their parts and checkpoints still interleave.
+    concurrent_completion_unsupported: Optional[str] = None
 
     # -- what a backend provides ----------------------------------------------------
 
@@ -408,7 +413,8 @@ class ObjectStoreContractMixin:
     async def test_two_writers_at_once(self) -> None:
         """
         Two stores (two writer IDs: two processes) write one key at the same time,
-        parts and checkpoints interleaved, and finish at the same time: the key
+        parts and checkpoints interleaved, and finish at the same time (one after
+        the other where :attr:`concurrent_completion_unsupported` says why): the key
         holds every line of both exactly once, each writer's lines in their order.
         """
         key = self.key()
@@ -432,7 +438,10 @@ class ObjectStoreContractMixin:
         await self.checkpoint(a)
         a.write(noise(700_000, 3))
         b.write(noise(SECOND_WRITER + 700_000, 4))
-        finished = await self.close(a, b)
+        if self.concurrent_completion_unsupported is None:
+            finished = await self.close(a, b)
+        else:
+            finished = await self.close(a) + await self.close(b)
         self.assertEqual(finished, [Finished("merged", key=key)] * 2)
         self.assertInterleaving(await self.object_lines(key), a.lines, b.lines)
         self.assertEqual(await self.object_keys("chat/"), [key])
