@@ -302,6 +302,11 @@ def _connection_string(env: str, value: str) -> str:
                 f" AccountName, AccountKey, BlobEndpoint...); {what}"
             )
         fields[name.strip().lower()] = field
+    if "accountkey" in fields:
+        try:
+            base64.b64decode(fields["accountkey"].strip(), validate=True)
+        except (binascii.Error, ValueError):
+            raise ConfigError(f"{env}: its AccountKey is not base64") from None
     if not {"accountname", "blobendpoint", "usedevelopmentstorage"} & fields.keys():
         raise ConfigError(f"{env}: needs AccountName or BlobEndpoint")
     endpoint = fields.get("blobendpoint", "").strip()
@@ -449,6 +454,10 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 
+#: Settings whose blank value is an error rather than "unset".
+_NEVER_BLANK = frozenset({"azure_key", "azure_connection_string"})
+
+
 def from_environ(
     environ: Mapping[str, str], overrides: Optional[Mapping[str, str]] = None
 ) -> Config:
@@ -466,6 +475,10 @@ def from_environ(
     values: dict[str, object] = {}
     for setting in SETTINGS:
         raw = merged.get(setting.env)
+        if raw is not None and raw.strip() == "" and setting.field in _NEVER_BLANK:
+            # Blank is not unset here: it would silently change how the daemon
+            # authenticates (DefaultAzureCredential instead of a key).
+            raise ConfigError(f"{setting.env}: is set but empty; unset it, or give its value")
         if raw is None or (raw.strip() == "" and setting.field != "no_upload"):
             continue
         values[setting.field] = setting.parse(setting.env, raw)

@@ -205,7 +205,7 @@ class RetryLayer:
         left = self.time_left()
         if left is None:
             return seconds
-        return min(seconds, STOPPING_MAX_WAIT_S, left)
+        return max(0.0, min(seconds, STOPPING_MAX_WAIT_S, left))
 
     async def wait(self, seconds: float) -> None:
         """

@@ -133,14 +133,17 @@ class AppendTests(AzureWriterCase):
     def test_appends_to_existing_blob(self) -> None:
         """
         An existing blob is appended to, never reset: one Get Blob Properties for
-        its length, no create.
+        its length, one read of its first bytes, no create.
         """
         old = [message(n).to_line() for n in range(3)]
         self.azure.append_now(KEY, gzip.compress(b"".join(old)))
         lines = noise(10, 5)
         self.write([lines])
         self.assertEqual(self.lines_of(KEY), old + lines)
-        self.assertEqual([op for op, _ in self.azure.calls], ["GetBlobProperties", "AppendBlock"])
+        self.assertEqual(
+            self.azure.calls,
+            [("GetBlobProperties", KEY), ("GetBlob", KEY), ("AppendBlock", KEY)],
+        )  # GetBlob: its first 3 bytes, a gzip header (else it is another program's)
 
     def test_checkpoints_are_blocks(self) -> None:
         """
@@ -368,6 +371,21 @@ class RolloverTests(AzureWriterCase):
         self.assertEqual(sorted(self.azure.blobs), names)
         self.assertEqual([len(self.azure.blobs[n].body) for n in names], sizes)
         self.assertEqual([line for n in names for line in self.lines_of(n)], lines)
+
+    def test_foreign_append_blob_is_skipped(self) -> None:
+        """
+        An append blob at the key that does not start with a gzip header (another
+        program's): appending gzip after it would make it unreadable, so the
+        stream goes on in KEY.1 and leaves it alone; one log line says so.
+        """
+        self.azure.append_now(KEY, b"plain text, not gzip\n")
+        lines = noise(0, 5)
+        with capturedLogs() as events:
+            self.assertEqual(self.write([lines]), Finished("merged", key=KEY + ".1"))
+        self.assertEqual(self.azure.body(KEY), b"plain text, not gzip\n")
+        self.assertEqual(self.lines_of(KEY + ".1"), lines)
+        (skip,) = [e for e in events if "skipped" in e]
+        self.assertIn("not gzip", skip["skipped"])
 
     def test_block_blob_at_key_is_skipped(self) -> None:
         """A block blob at the key (put there by someone else) is left alone."""

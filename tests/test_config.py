@@ -934,6 +934,22 @@ class AzureSettingsTests(SynchronousTestCase):
         message = self.assertConfigError(environ, "AZURE_CONNECTION_STRING", "http://")
         self.assertNotIn("a2V5", message)
 
+    def test_blank_secrets_are_errors(self) -> None:
+        """
+        AZURE_KEY or AZURE_CONNECTION_STRING set but blank is refused (unset would
+        silently mean DefaultAzureCredential); a connection string's AccountKey
+        must be base64, as AZURE_KEY must.
+        """
+        for variable in ("AZURE_KEY", "AZURE_CONNECTION_STRING"):
+            self.assertConfigError(dict(AZURE, **{variable: " "}), variable, "set but empty")
+        environ = {
+            "STORAGE": "azure",
+            "AZURE_CONTAINER": "logs",
+            "AZURE_CONNECTION_STRING": "AccountName=a1;AccountKey=not*base64",
+        }
+        message = self.assertConfigError(environ, "AZURE_CONNECTION_STRING", "AccountKey is not base64")
+        self.assertNotIn("not*base64", message)
+
     def test_connection_string_and_key_conflict(self) -> None:
         """A connection string and an account key together are refused."""
         self.assertConfigError(

@@ -191,3 +191,19 @@ class RetryLayerTests(SynchronousTestCase):
         d = self.start(lambda: Deferred())
         d.cancel()
         self.failureResultOf(d, Abandoned)
+
+
+class DeadlinePassedTests(SynchronousTestCase):
+    """Times computed once the shutdown deadline has passed."""
+
+    def test_wait_and_timeout_never_negative(self) -> None:
+        """
+        An attempt that fails just after the deadline: the wait logged ("retry 1
+        in -0.00 s" before) and the next attempt's timeout are 0, never negative.
+        """
+        clock = Clock()
+        layer = RetryLayer(clock, attempt_timeout=10.0, backoff=Backoff(1.0, 8.0))
+        layer.stopping(clock.seconds() + 1.0)
+        clock.advance(1.5)
+        self.assertEqual(layer._capped(5.0), 0.0)
+        self.assertEqual(layer.attempt_timeout(), 0.0)

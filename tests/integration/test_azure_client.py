@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
@@ -176,5 +177,80 @@ class AzureClientTests(TestCase):
             elapsed = time.monotonic() - started
             self.assertEqual((timed_out.status, classify(timed_out)), (0, Fault.TRANSIENT))
             self.assertTrue(0.9 < elapsed < 5, elapsed)
+
+        return defer.ensureDeferred(run())
+
+
+class AzureClientAccessTests(TestCase):
+    """Credentials and the end of the client's life, on Azurite."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.azurite = shared_azurite()
+        self.azurite.reset()
+
+    def test_container_sas(self) -> Deferred[None]:
+        """
+        A container SAS with read, add, create and write permissions (what the
+        writer needs) passes the start check and appends; the client's repr (in
+        the start line and in every check line) shows no signature.
+        """
+        from datetime import datetime, timedelta, timezone
+
+        from azure.storage.blob import ContainerSasPermissions, generate_container_sas
+
+        sas = generate_container_sas(
+            self.azurite.account,
+            self.azurite.container,
+            account_key=self.azurite.key,
+            permission=ContainerSasPermissions(read=True, add=True, create=True, write=True),
+            expiry=datetime.now(timezone.utc) + timedelta(hours=1),
+        )
+        env = {
+            "STORAGE": "azure",
+            "AZURE_CONTAINER": self.azurite.container,
+            "AZURE_CONNECTION_STRING": "BlobEndpoint=%s;SharedAccessSignature=%s"
+            % (self.azurite.endpoint_url, sas),
+        }
+        client = AzureBlobClient(container_client(from_environ(env), 2), reactor, 2, lambda: 10.0)
+        self.addCleanup(client.close)
+        self.assertNotIn("sig=", repr(client))
+        self.assertIn(self.azurite.container, repr(client))
+
+        async def run() -> None:
+            await client.check()
+            self.assertTrue(await client.create(NAME, "application/gzip"))
+            body = gzip.compress(b"sas\n")
+            self.assertEqual(await client.append(NAME, body, 0, 1 << 30), Appended(0, 1))
+
+        return defer.ensureDeferred(run())
+
+    def test_close_does_not_wait_for_a_hung_call(self) -> Deferred[None]:
+        """
+        A server that takes the connection and never answers: a call hangs in its
+        thread (for its 30 s timeout), yet close() fires within about a second, and
+        the pool's threads are daemon threads, which do not hold the exit.
+        """
+        silent = socket.socket()
+        self.addCleanup(silent.close)
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        env = dict(
+            self.azurite.env(),
+            AZURE_BLOB_ENDPOINT="http://127.0.0.1:%d/devstoreaccount1" % silent.getsockname()[1],
+        )
+        client = AzureBlobClient(container_client(from_environ(env), 2), reactor, 2, lambda: 30.0)
+        hung = client.properties(NAME)
+        hung.addErrback(lambda _: None)  # it fails when the socket closes at cleanup
+
+        async def run() -> None:
+            await deferLater(reactor, 0.3, lambda: None)
+            threads = [t for t in client._pool.threads if t.is_alive()]
+            self.assertTrue(threads and all(t.daemon for t in threads))
+            started = time.monotonic()
+            await client.close()
+            self.assertLess(time.monotonic() - started, 3.0)
+            self.assertFalse(hung.called)
 
         return defer.ensureDeferred(run())

@@ -553,7 +553,7 @@ class AzureEndToEndTests(SynchronousTestCase):
         first = check("first_run")
         for name, family in first.items():
             self.assertGreaterEqual(len(family), 3, f"{name}: too few rollovers to test them")
-        rolled = daemon.log().count("is full (full); going on in")
+        rolled = daemon.log().count("takes no more blocks (full); going on in")
         self.assertGreater(rolled, 0)
 
         daemon = self.start(**settings)

@@ -244,7 +244,7 @@ class AzureHarness:
                 "exit_s": None if d.exit_seconds is None else round(d.exit_seconds, 2),
                 "retried_calls": d.count(r"failed \(.*\); retry \d+ in"),
                 "answer_lost_block_landed": d.count(r"was ours: an earlier attempt landed"),
-                "rolled_over": d.count(r"is full \("),
+                "rolled_over": d.count(r"takes no more blocks \("),
             }
             for d in self.daemons
         }

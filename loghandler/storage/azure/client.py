@@ -7,7 +7,7 @@ flush (DESIGN.md section 7).
 - The SDK's own retries are off (``retry_total=0``): the one retry layer
   (:mod:`loghandler.retry`) retries, with the ``appendpos`` condition.
 - A call running in a thread cannot be cancelled, so each call gets its own
-  timeout, the retry layer's :meth:`~loghandler.retry.RetryLayer.attempt_timeout`
+  timeout (the start check at most :data:`CHECK_TIMEOUT_S`), the retry layer's :meth:`~loghandler.retry.RetryLayer.attempt_timeout`
   (capped by the time left before the shutdown deadline): the connection and each
   read of the answer (``connection_timeout``, ``read_timeout``).
 - The SDK's errors become :class:`~loghandler.interfaces.StorageError` with Azure's
@@ -21,7 +21,9 @@ Append Block, Get Blob; https://learn.microsoft.com/rest/api/storageservices/
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable, Optional, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
@@ -32,6 +34,35 @@ from loghandler.interfaces import PreconditionFailed, StorageError
 from loghandler.storage.azure.api import BLOB_NOT_FOUND, Appended, BlobState, IAppendBlobClient
 
 _T = TypeVar("_T")
+
+#: Seconds the start check (and each check while it fails) may take: the daemon
+#: answers 503 meanwhile, and says why once it fails.
+CHECK_TIMEOUT_S = 10.0
+#: Seconds :meth:`AzureBlobClient.close` waits for calls still running in threads;
+#: then the process goes on without them (the threads are daemon threads).
+CLOSE_GRACE_S = 1.0
+#: The blob the start check asks for (Get Blob Properties; it never exists): the
+#: call needs only what the writer needs, blob read permission, which a container
+#: SAS or the Storage Blob Data Contributor role grants (Get Container Properties
+#: needs more).
+CHECK_BLOB = "_loghandler/container-check"
+
+
+class _DaemonThreadPool(ThreadPool):
+    """
+    A thread pool of daemon threads: a call hung in a thread (a server that never
+    answers) cannot hold the process at exit, nor ``reactor.stop``.
+    """
+
+    @staticmethod
+    def threadFactory(*args: Any, **kwargs: Any) -> threading.Thread:  # type: ignore[override]
+        return threading.Thread(*args, daemon=True, **kwargs)
+
+
+def without_query(url: str) -> str:
+    """``url`` without its query (a SAS token is a secret), for logs."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
 
 
 def storage_error(operation: str, error: BaseException) -> BaseException:
@@ -95,17 +126,23 @@ class AzureBlobClient:
         self.container: str = container_client.container_name
         self._reactor = reactor
         self._timeout = timeout
-        self._pool = ThreadPool(minthreads=0, maxthreads=threads, name="azure-blob")
+        self._pool = _DaemonThreadPool(minthreads=0, maxthreads=threads, name="azure-blob")
         self._started = False
 
     def __repr__(self) -> str:
-        return f"<AzureBlobClient {self._container.url}>"
+        return f"<AzureBlobClient {without_query(self._container.url)}>"
 
-    def _run(self, operation: str, call: Callable[..., _T], **kwargs: Any) -> "Deferred[_T]":
+    def _run(
+        self,
+        operation: str,
+        call: Callable[..., _T],
+        timeout: Optional[float] = None,
+        **kwargs: Any,
+    ) -> "Deferred[_T]":
         if not self._started:
             self._pool.start()
             self._started = True
-        seconds = max(0.1, self._timeout())
+        seconds = max(0.1, min(self._timeout(), timeout or float("inf")))
         kwargs.update(connection_timeout=seconds, read_timeout=seconds)
         # The server's own timeout for the operation, whole seconds (at least 1).
         kwargs.setdefault("timeout", max(1, int(seconds)))
@@ -122,9 +159,23 @@ class AzureBlobClient:
         return deferToThreadPool(self._reactor, self._pool, in_thread)
 
     def check(self) -> "Deferred[None]":
-        return self._run(
-            "GetContainerProperties", self._container.get_container_properties
-        ).addCallback(lambda _: None)
+        """
+        Get Blob Properties of :data:`CHECK_BLOB` in the container, within
+        :data:`CHECK_TIMEOUT_S`: fires when the container answers (the blob is
+        missing, as it should be); 404 ContainerNotFound, 403... errback.
+        """
+        blob = self._container.get_blob_client(CHECK_BLOB)
+
+        def call(**kwargs: Any) -> None:
+            try:
+                blob.get_blob_properties(**kwargs)
+            except Exception as e:
+                error = storage_error("GetBlobProperties", e)
+                if isinstance(error, StorageError) and error.code == BLOB_NOT_FOUND:
+                    return
+                raise
+
+        return self._run("GetBlobProperties", call, timeout=CHECK_TIMEOUT_S)
 
     def properties(self, name: str) -> "Deferred[Optional[BlobState]]":
         blob = self._container.get_blob_client(name)
@@ -206,11 +257,27 @@ class AzureBlobClient:
         return self._run("GetBlob", call)
 
     def close(self) -> "Deferred[None]":
-        """Stop the thread pool (waiting for calls still running), close connections."""
+        """
+        Stop the thread pool and close the connections, in a thread of their own;
+        fires once done, or after :data:`CLOSE_GRACE_S` when a call still hangs in
+        a thread (its timeout is its own; the daemon threads do not hold the exit).
+        """
+        done: Deferred[None] = Deferred()
+
+        def fire() -> None:
+            if grace.active():
+                grace.cancel()
+            if not done.called:
+                done.callback(None)
 
         def stop() -> None:
-            if self._started:
-                self._pool.stop()
-            self._container.close()
+            try:
+                if self._started:
+                    self._pool.stop()
+                self._container.close()
+            finally:
+                self._reactor.callFromThread(fire)
 
-        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), stop)
+        grace = self._reactor.callLater(CLOSE_GRACE_S, fire)
+        threading.Thread(target=stop, name="azure-blob-close", daemon=True).start()
+        return done

@@ -57,8 +57,14 @@ def container_client(config: Config, connections: int) -> Any:
     if config.azure_key is not None:
         credential = {"account_name": config.azure_acc, "account_key": config.azure_key}
     else:
+        import logging
+
         from azure.identity import DefaultAzureCredential
 
+        # azure-identity logs every credential it tried, about 14 lines, at each
+        # failed attempt (every 5 s while the start check fails); the daemon logs
+        # the failure once per cause ("401 CredentialUnavailable ...").
+        logging.getLogger("azure.identity").setLevel(logging.ERROR)
         credential = DefaultAzureCredential()
     try:
         return ContainerClient(endpoint, config.azure_container, credential=credential, **options)

@@ -32,8 +32,9 @@ committed blocks (50,000, a limit all writers of the blob share) or
 names S3's rollover uses, :func:`~loghandler.keys.rollover_key`): when its own count
 says so, or when the service refuses (409 ``BlockCountExceedsLimit``, 412
 ``MaxBlobSizeConditionNotMet``).  A blob that is not an append blob is skipped the
-same way.  A blob deleted from outside (404 ``BlobNotFound``) is created again; what
-it held is gone.
+same way, and so is one that does not start with a gzip header (another program's
+data: appending gzip after it would make the blob unreadable).  A blob deleted from
+outside (404 ``BlobNotFound``) is created again; what it held is gone.
 """
 
 from __future__ import annotations
@@ -350,30 +351,34 @@ class AzureObjectWriter:
             )
             self._blob = None
         else:  # BlockCountExceedsLimit, MaxBlobSizeConditionNotMet, InvalidBlobType...
-            self._roll_over(name, code or str(error))
+            self._roll_over(name, f"{getattr(error.error, 'status', '')} {code}".strip())
 
-    def _roll_over(self, name: str, reason: str) -> None:
+    def _roll_over(self, name: str, reason: str, log: bool = True) -> None:
         self._generation += 1
         self._store.rolled_over(self.key, self._generation)
         self._blob = None
-        self._log.info(
-            "{key}: {blob} is full ({reason}); going on in {next_blob}",
-            key=self.key,
-            blob=name,
-            reason=reason,
-            next_blob=rollover_key(self.key, self._generation),
-        )
+        if log:
+            self._log.info(
+                "{key}: {blob} takes no more blocks ({reason}); going on in {next_blob}",
+                key=self.key,
+                blob=name,
+                reason=reason,
+                next_blob=rollover_key(self.key, self._generation),
+            )
 
     async def _open_blob(self) -> None:
         """
         Find the blob to append to: the current generation's, created when missing,
-        skipped when full or not an append blob; learn its length.
+        skipped when full, not an append blob, or not gzip (another program's);
+        learn its length.  One log line for the blobs skipped.
         """
+        skipped: list[str] = []
         while True:
             name = rollover_key(self.key, self._generation)
             state = await self._call(
                 "GetBlobProperties", name, lambda: self._client.properties(name)
             )
+            reason = ""
             if state is None:
                 created = await self._call(
                     "CreateAppendBlob", name, lambda: self._client.create(name, CONTENT_TYPE)
@@ -381,12 +386,40 @@ class AzureObjectWriter:
                 if not created:
                     continue  # another writer (or a lost answer) created it: read it
                 self._blob, self._length, self._blocks = name, 0, 0
-                return
-            if state.blob_type != "AppendBlob":
-                self._roll_over(name, f"a {state.blob_type}, not an append blob")
+            elif state.blob_type != "AppendBlob":
+                reason = f"a {state.blob_type}, not an append blob"
+            elif state.blocks >= self._store.max_blocks or state.size >= self._store.max_blob_bytes:
+                reason = "full"
+            elif state.size and name not in self.blobs and not await self._is_gzip(name):
+                reason = "not gzip: another program's"
+            else:
+                self._blob, self._length, self._blocks = name, state.size, state.blocks
+            if reason:
+                skipped.append(f"{name} ({reason})")
+                self._roll_over(name, reason, log=False)
                 continue
-            if state.blocks >= self._store.max_blocks or state.size >= self._store.max_blob_bytes:
-                self._roll_over(name, f"{state.blocks} blocks, {state.size} bytes")
-                continue
-            self._blob, self._length, self._blocks = name, state.size, state.blocks
+            if skipped:
+                self._log.info(
+                    "{key}: skipped {count} blobs that take no more blocks: {skipped};"
+                    " appending to {blob}",
+                    key=self.key,
+                    count=len(skipped),
+                    skipped=", ".join(
+                        skipped if len(skipped) <= 4 else skipped[:2] + ["..."] + skipped[-2:]
+                    ),
+                    blob=name,
+                )
             return
+
+    async def _is_gzip(self, name: str) -> bool:
+        """
+        Whether blob ``name`` starts with a gzip member header (RFC 1952 2.3.1):
+        asked once per writer and blob, before its first append there.
+        """
+        try:
+            start = await self._call("GetBlob", name, lambda: self._client.read(name, 0, 3))
+        except StorageFault as e:
+            if e.fault is Fault.GONE:
+                return True  # deleted meanwhile: the next look creates it again
+            raise
+        return bool(start == b"\x1f\x8b\x08" or not start)
