@@ -5,6 +5,6 @@ from twisted.application.service import ServiceMaker
 loghandler = ServiceMaker(
     "loghandler",
     "loghandler.tap",
-    "Stream POSTed log messages as gzip NDJSON to S3.",
+    "Stream POSTed log messages as gzip NDJSON to S3 or Azure Blob Storage.",
     "loghandler",
 )

@@ -78,7 +78,7 @@ class IAppendBlobClient(Interface):
     container = Attribute("The container's name (str).")
 
     def check() -> "Deferred[None]":
-        """Get Container Properties: fires when the container answers."""
+        """Fires when the container answers with these credentials (a probe call)."""
 
     def properties(name: str) -> "Deferred[Optional[BlobState]]":
         """Get Blob Properties of blob ``name``; None when it does not exist."""

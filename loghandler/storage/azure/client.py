@@ -15,7 +15,7 @@ flush (DESIGN.md section 7).
   no usable answer (refused, timed out, cut inside the answer) is status 0; a credential that cannot get a
   token (azure-identity) is 401 ``CredentialUnavailable``.
 
-REST pages: Get Container Properties, Get Blob Properties, Put Blob (append blob),
+REST pages: Get Blob Properties, Put Blob (append blob),
 Append Block, Get Blob; https://learn.microsoft.com/rest/api/storageservices/
 """
 

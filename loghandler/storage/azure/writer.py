@@ -148,7 +148,7 @@ class AzureObjectStore:
             self._generations[key] = generation
 
     def check(self) -> "Deferred[None]":
-        """Get Container Properties, one attempt."""
+        """The client's check of the container, one attempt."""
         return self.client.check()
 
     def stopping(self, deadline: float) -> None:
