@@ -65,6 +65,8 @@ class Config:
     part_size: int = S3_MIN_PART_SIZE
     max_client_id: int = 10
     max_body_bytes: int = 64 * 1024
+    batch_max_bytes: int = MiB
+    batch_max_lines: int = 1000
     timestamp_max_age_s: float = 7 * 24 * 3600.0
     timestamp_max_ahead_s: float = 3600.0
     buffer_budget_bytes: int = 256 * MiB
@@ -390,6 +392,18 @@ SETTINGS: tuple[Setting, ...] = (
         "largest request body in bytes (413 above)",
     ),
     Setting(
+        "BATCH_MAX_BYTES",
+        "batch_max_bytes",
+        _integer(256, 64 * MiB),
+        "largest application/x-ndjson batch body in bytes (413 above)",
+    ),
+    Setting(
+        "BATCH_MAX_LINES",
+        "batch_max_lines",
+        _integer(1, 100_000),
+        "most messages in one application/x-ndjson batch (413 above)",
+    ),
+    Setting(
         "TIMESTAMP_MAX_AGE_S",
         "timestamp_max_age_s",
         _positive_number,
@@ -500,6 +514,11 @@ def from_environ(
         raise ConfigError(
             "BUFFER_BUDGET_BYTES: must be at least 4 x PART_SIZE_BYTES (%d), got %d"
             % (4 * config.part_size, config.buffer_budget_bytes)
+        )
+    if config.batch_max_bytes > config.buffer_budget_bytes // 2:
+        raise ConfigError(
+            "BATCH_MAX_BYTES: must be at most half of BUFFER_BUDGET_BYTES (%d), got %d"
+            % (config.buffer_budget_bytes // 2, config.batch_max_bytes)
         )
     if (config.aws_access_key is None) != (config.aws_access_secret is None):
         missing = "AWS_ACCESS_SECRET" if config.aws_access_secret is None else "AWS_ACCESS_KEY"

@@ -188,13 +188,52 @@ class StreamRegistry:
             raise Busy("buffers are full", 1)
         key = key_for(message.timestamp, message.client_id)
         entry = self._open.get(key)
+        if entry is not None and entry.admission.paused:
+            raise Busy("uploads for this object are backed up", 1)
+        return self._write(key, message.to_line())
+
+    def accept_batch(self, messages: list[Message]) -> list[Accepted]:
+        """
+        Add validated messages, all or none: every check :meth:`accept` makes is made
+        for the whole batch first, then all are written.  The budget must have room
+        for the lines uncompressed (more than they will hold once compressed) and for
+        each stream the batch opens.
+
+        :returns: where each message went, in order.
+
+        :raises Busy: as :meth:`accept`, or the batch does not fit in the budget
+            left; nothing was accepted.
+        """
+        if self.stopping:
+            raise Busy("server is stopping", 5)
+        if not self.ready:
+            raise Busy("storage is not reachable yet", 5)
+        if self.budget.exhausted:
+            self._relieve()
+            raise Busy("buffers are full", 1)
+        lines = [(key_for(m.timestamp, m.client_id), m.to_line()) for m in messages]
+        needed = 0
+        new_keys: set[str] = set()
+        for key, line in lines:
+            needed += len(line)
+            entry = self._open.get(key)
+            if entry is None:
+                new_keys.add(key)
+            elif entry.admission.paused:
+                raise Busy("uploads for this object are backed up", 1)
+        needed += len(new_keys) * STREAM_OVERHEAD_BYTES
+        if self.budget.held + needed > self.budget.limit:
+            raise Busy("buffers are too full for this batch", 1)
+        return [self._write(key, line) for key, line in lines]
+
+    def _write(self, key: str, line: bytes) -> Accepted:
+        """Write one line to the key's stream, opening it if needed."""
+        entry = self._open.get(key)
         if entry is None:
             entry = self._open[key] = self._start(key)
-        elif entry.admission.paused:
-            raise Busy("uploads for this object are backed up", 1)
         stream = entry.stream
         try:
-            stream.write(message.to_line())
+            stream.write(line)
         except Exception:
             self._log.failure("{key}: stream failed; completing it", key=key)
             self._complete(key)

@@ -172,6 +172,8 @@ def build_service(
         config.access_log,
         durable_timeout_s=config.durable_timeout_s if config.ack == "durable" else None,
         clock=reactor,
+        batch_max_bytes=config.batch_max_bytes,
+        batch_max_lines=config.batch_max_lines,
     )
     root = MultiService()
     StreamService(registry, store, reactor, config.shutdown_timeout_s).setServiceParent(root)

@@ -1,10 +1,12 @@
 """
-HTTP: ``POST /log`` takes one JSON message (DESIGN.md section 1), ``GET /healthz``
+HTTP: ``POST /log`` takes one JSON message (DESIGN.md section 1), or with
+``Content-Type: application/x-ndjson`` a batch of them, one per line; ``GET /healthz``
 says whether the server takes messages; everything else is a JSON 404.
 
-Every answer is JSON.  200 ``{"ok": true}`` means the message is held for its object;
-400 / 413 name what is wrong; 503 with ``Retry-After`` means try again later.  A
-request is all-or-nothing: an error means nothing of it was kept.
+Every answer is JSON.  200 ``{"ok": true}`` means the message is held for its object
+(``{"ok": true, "accepted": N}`` for a batch); 400 / 413 name what is wrong (and for a
+batch the line, from 1); 503 with ``Retry-After`` means try again later.  A request is
+all-or-nothing: an error means nothing of it was kept.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import io
 import json
 from typing import Any, Callable, Optional, Union
 
-from twisted.internet.defer import CancelledError, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -23,9 +25,21 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from loghandler.message import Limits, Rejection, parse_message, too_large
 from loghandler.registry import Accepted, Busy, StreamRegistry
+from loghandler.stream import ObjectStream
 
 _OK = b'{"ok":true}'
 _HELD = b'{"ok":true,"durable":false}'
+
+#: The Content-Type of a batch: one JSON message per line.
+BATCH_CONTENT_TYPE = b"application/x-ndjson"
+
+
+def is_batch(request: http.Request) -> bool:
+    """Whether the request's Content-Type is ``application/x-ndjson`` (parameters ignored)."""
+    values = request.requestHeaders.getRawHeaders(b"content-type")
+    if not values:
+        return False
+    return values[0].split(b";", 1)[0].strip().lower() == BATCH_CONTENT_TYPE
 
 
 def _respond(request: Request, status: int, body: bytes) -> bytes:
@@ -40,6 +54,38 @@ def _refuse(request: Request, rejection: Rejection) -> bytes:
 
 def _error(request: Request, status: int, error: str) -> bytes:
     return _refuse(request, Rejection(status, error))
+
+
+def _refuse_line(request: Request, rejection: Rejection, line: int) -> bytes:
+    body = {"error": rejection.error, "field": rejection.field, "line": line}
+    return _respond(request, rejection.status, json.dumps(body).encode("ascii"))
+
+
+def _all_durable(waits: "list[Deferred[bool]]") -> "Deferred[bool]":
+    """
+    True once every wait fired True, False if any fired False; cancelling it cancels
+    them all (and it fails with the first failure).
+    """
+    if len(waits) == 1:
+        return waits[0]
+
+    def cancel(_: object) -> None:
+        for wait in waits:
+            wait.cancel()
+
+    combined: Deferred[bool] = Deferred(cancel)
+
+    def done(results: list[tuple[bool, Any]]) -> None:
+        if combined.called:
+            return
+        for ok, value in results:
+            if not ok:
+                combined.errback(value)
+                return
+        combined.callback(all(value for _, value in results))
+
+    DeferredList(waits, consumeErrors=True).addCallback(done)
+    return combined
 
 
 def _global_clock() -> IReactorTime:
@@ -73,7 +119,10 @@ class BoundedBody(io.BytesIO):
 
 class LogResource(Resource):
     """
-    ``/log``: POST one message.
+    ``/log``: POST one message, or with ``Content-Type: application/x-ndjson`` a batch
+    of them, one per line (a final newline is allowed; a blank line elsewhere is an
+    error with its number; each line is held to ``max_body_bytes``).  A batch is
+    validated whole before any of it is taken.
 
     :param registry: takes accepted messages.
     :param limits: what a message may hold.
@@ -82,6 +131,8 @@ class LogResource(Resource):
     :param durable_timeout_s: with ``ACK=durable``, the seconds to wait for the
         message to reach storage before answering 202; None for ``ACK=accepted``.
     :param clock: for that timeout.
+    :param batch_max_bytes: the body size limit of a batch (413 above).
+    :param batch_max_lines: the most messages in a batch (413 above).
     """
 
     isLeaf = True
@@ -95,6 +146,8 @@ class LogResource(Resource):
         max_body_bytes: int,
         durable_timeout_s: Optional[float] = None,
         clock: Optional[IReactorTime] = None,
+        batch_max_bytes: int = 1024 * 1024,
+        batch_max_lines: int = 1000,
     ) -> None:
         super().__init__()
         self._registry = registry
@@ -103,6 +156,8 @@ class LogResource(Resource):
         self._max_body_bytes = max_body_bytes
         self._durable_timeout_s = durable_timeout_s
         self._clock: IReactorTime = clock if clock is not None else _global_clock()
+        self._batch_max_bytes = batch_max_bytes
+        self._batch_max_lines = batch_max_lines
 
     def render(self, request: Request) -> Union[bytes, int]:
         """Dispatch: POST on ``/log`` itself, 404 below it, 405 for other methods."""
@@ -120,6 +175,8 @@ class LogResource(Resource):
             body = content.getvalue()
         else:
             body = content.read() if content is not None else b""
+        if is_batch(request):
+            return self._render_batch(request, body, getattr(content, "overflowed", False))
         if getattr(content, "overflowed", False) or len(body) > self._max_body_bytes:
             return _refuse(request, too_large(self._max_body_bytes))
         try:
@@ -136,21 +193,80 @@ class LogResource(Resource):
             return _error(request, 500, "internal error; the message was not kept")
         if self._durable_timeout_s is None:
             return _respond(request, 200, _OK)
-        return self._answer_when_durable(request, accepted)
+        return self._answer_when_durable(request, accepted.durable())
 
-    def _answer_when_durable(self, request: Request, accepted: Accepted) -> Union[bytes, int]:
-        """``ACK=durable``: 200 once stored, 202 after the timeout, 500 if lost."""
+    def _render_batch(self, request: Request, body: bytes, overflowed: bool) -> Union[bytes, int]:
+        """Validate every line, then hand all the messages to their streams, or none."""
+        limit = self._batch_max_bytes
+        if overflowed or len(body) > limit:
+            return _error(
+                request, 413, f"batch body is larger than {limit} bytes (BATCH_MAX_BYTES)"
+            )
+        lines = body.split(b"\n")
+        if len(lines) > 1 and lines[-1] == b"":
+            del lines[-1]  # the final newline
+        if len(lines) > self._batch_max_lines:
+            return _error(
+                request,
+                413,
+                f"batch has more than {self._batch_max_lines} lines (BATCH_MAX_LINES)",
+            )
+        now_ms = self._now_ms()
+        messages = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                if len(lines) == 1:
+                    return _error(request, 400, "body is empty")
+                return _refuse_line(request, Rejection(400, "line is empty"), number)
+            if len(line) > self._max_body_bytes:
+                error = f"line is larger than {self._max_body_bytes} bytes (MAX_BODY_BYTES)"
+                return _refuse_line(request, Rejection(413, error), number)
+            try:
+                messages.append(parse_message(line, now_ms, self._limits))
+            except Rejection as rejection:
+                return _refuse_line(request, rejection, number)
+        try:
+            accepted = self._registry.accept_batch(messages)
+        except Busy as busy:
+            request.responseHeaders.setRawHeaders(b"retry-after", [b"%d" % busy.retry_after])
+            return _error(request, 503, busy.reason)
+        except Exception:
+            self._log.failure("accepting a batch failed")
+            return _error(request, 500, "internal error; the batch was not kept whole")
+        ok = b'{"ok":true,"accepted":%d}' % len(accepted)
+        if self._durable_timeout_s is None:
+            return _respond(request, 200, ok)
+        last: dict[ObjectStream, Accepted] = {}
+        for one in accepted:
+            last[one.stream] = one  # each stream's highest line
+        return self._answer_when_durable(
+            request,
+            _all_durable([one.durable() for one in last.values()]),
+            ok,
+            "storage failed; messages of the batch were not stored",
+        )
+
+    def _answer_when_durable(
+        self,
+        request: Request,
+        durable: "Deferred[bool]",
+        ok: bytes = _OK,
+        lost: str = "storage failed; the message was not stored",
+    ) -> Union[bytes, int]:
+        """
+        ``ACK=durable``: 200 (``ok``) once ``durable`` fires True, 202 after the
+        timeout, 500 (``lost``) if it fires False.
+        """
         assert self._durable_timeout_s is not None
-        durable = accepted.durable()
         if durable.called:  # already in storage (or lost)
             outcome: list[bool] = []
             durable.addCallback(outcome.append)
-            return self._durable_answer(request, outcome[0])
+            return self._durable_answer(request, outcome[0], ok, lost)
         durable.addTimeout(self._durable_timeout_s, self._clock)
 
         def answer(stored: bool) -> None:
             if not request.finished and not request._disconnected:
-                request.write(self._durable_answer(request, stored))
+                request.write(self._durable_answer(request, stored, ok, lost))
                 request.finish()
 
         def late(failure: Failure) -> None:
@@ -164,10 +280,10 @@ class LogResource(Resource):
         request.notifyFinish().addErrback(lambda _: durable.cancel())
         return NOT_DONE_YET
 
-    def _durable_answer(self, request: Request, stored: bool) -> bytes:
+    def _durable_answer(self, request: Request, stored: bool, ok: bytes, lost: str) -> bytes:
         if stored:
-            return _respond(request, 200, _OK)
-        return _error(request, 500, "storage failed; the message was not stored")
+            return _respond(request, 200, ok)
+        return _error(request, 500, lost)
 
 
 class HealthResource(Resource):
@@ -234,28 +350,53 @@ class Root(Resource):
         return _error(request, 404, "not found")
 
 
+class LogRequest(Request):
+    """
+    A request whose body is kept by :meth:`LogSite.getContentFile` with the limit of
+    its kind: a batch (``application/x-ndjson``) or a single message.  The headers are
+    in when twisted.web calls :meth:`gotLength`.
+    """
+
+    def gotLength(self, length: Optional[int]) -> None:
+        """Called by twisted.web once the headers are in."""
+        site = getattr(self.channel, "site", None)
+        if isinstance(site, LogSite):
+            self.content = site.getContentFile(length, is_batch(self))
+        else:
+            super().gotLength(length)
+
+
 class LogSite(Site):
     """
     The ``Site`` for the log resources: request bodies stay in memory and are cut at
-    the size limit, POST form parsing is off (it costs ~70 µs a request in Twisted's
-    ``email``-based Content-Type parse), and no access-log line is formatted unless
-    asked for.
+    the size limit (``batch_max_bytes`` for a batch), POST form parsing is off (it
+    costs ~70 µs a request in Twisted's ``email``-based Content-Type parse), and no
+    access-log line is formatted unless asked for.
 
     :param resource: the root resource.
     :param max_body_bytes: the body size limit.
     :param access_log: whether to log a line per request.
+    :param batch_max_bytes: the body size limit of a batch.
     """
 
+    requestFactory = LogRequest
+
     def __init__(
-        self, resource: IResource, max_body_bytes: int, access_log: bool = False, **kwargs: Any
+        self,
+        resource: IResource,
+        max_body_bytes: int,
+        access_log: bool = False,
+        batch_max_bytes: int = 1024 * 1024,
+        **kwargs: Any,
     ) -> None:
         super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
         self._max_body_bytes = max_body_bytes
+        self._batch_max_bytes = batch_max_bytes
         self._access_log = access_log
 
-    def getContentFile(self, length: Optional[int]) -> BoundedBody:
-        """Called by twisted.web for each request body."""
-        return BoundedBody(self._max_body_bytes, length)
+    def getContentFile(self, length: Optional[int], batch: bool = False) -> BoundedBody:
+        """Called (by :class:`LogRequest`) for each request body."""
+        return BoundedBody(self._batch_max_bytes if batch else self._max_body_bytes, length)
 
     def log(self, request: http.Request) -> None:
         """Write an access-log line only when ``ACCESS_LOG=1``."""
@@ -271,6 +412,8 @@ def make_site(
     access_log: bool = False,
     durable_timeout_s: Optional[float] = None,
     clock: Optional[IReactorTime] = None,
+    batch_max_bytes: int = 1024 * 1024,
+    batch_max_lines: int = 1000,
 ) -> LogSite:
     """
     The whole HTTP side: root, ``/log``, ``/healthz`` and the site.
@@ -279,7 +422,16 @@ def make_site(
     root = Root()
     root.putChild(
         b"log",
-        LogResource(registry, limits, now_ms, max_body_bytes, durable_timeout_s, clock),
+        LogResource(
+            registry,
+            limits,
+            now_ms,
+            max_body_bytes,
+            durable_timeout_s,
+            clock,
+            batch_max_bytes,
+            batch_max_lines,
+        ),
     )
     root.putChild(b"healthz", HealthResource(registry))
-    return LogSite(root, max_body_bytes, access_log)
+    return LogSite(root, max_body_bytes, access_log, batch_max_bytes)

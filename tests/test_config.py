@@ -49,6 +49,8 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(config.part_size, 5 * 1024 * 1024)
         self.assertEqual(config.max_client_id, 10)
         self.assertEqual(config.max_body_bytes, 65536)
+        self.assertEqual(config.batch_max_bytes, 1048576)
+        self.assertEqual(config.batch_max_lines, 1000)
         self.assertEqual(config.timestamp_max_age_s, 7 * 24 * 3600.0)
         self.assertEqual(config.timestamp_max_ahead_s, 3600.0)
         self.assertEqual(config.buffer_budget_bytes, 256 * MiB)
@@ -344,6 +346,8 @@ class ErrorTests(SynchronousTestCase):
             "PART_SIZE_BYTES": "1\r2",
             "MAX_CLIENT_ID": "0",
             "MAX_BODY_BYTES": "1\x0b",
+            "BATCH_MAX_BYTES": "1\n2",
+            "BATCH_MAX_LINES": "0",
             "TIMESTAMP_MAX_AGE_S": "a\x85b",
             "TIMESTAMP_MAX_AHEAD_S": "-1",
             "BUFFER_BUDGET_BYTES": "1",
@@ -362,6 +366,78 @@ class ErrorTests(SynchronousTestCase):
     def test_config_error_is_value_error(self) -> None:
         """ConfigError is a ValueError."""
         self.assertTrue(issubclass(ConfigError, ValueError))
+
+
+class BatchSettingsTests(SynchronousTestCase):
+    """
+    BATCH_MAX_BYTES and BATCH_MAX_LINES (batch ingest, issue 8): good values parsed,
+    each bad one refused in one line naming its variable; --batch-max-bytes and
+    --batch-max-lines mirror them.
+    """
+
+    assertConfigError = ErrorTests.assertConfigError
+
+    def test_values_parsed(self) -> None:
+        """Both fill their fields; the bounds themselves are taken."""
+        config = from_environ(dict(BASE, BATCH_MAX_BYTES=" 256 ", BATCH_MAX_LINES="1"))
+        self.assertEqual((config.batch_max_bytes, config.batch_max_lines), (256, 1))
+        config = from_environ(
+            dict(BASE, BATCH_MAX_BYTES=str(64 * MiB), BATCH_MAX_LINES="100000")
+        )
+        self.assertEqual((config.batch_max_bytes, config.batch_max_lines), (64 * MiB, 100_000))
+
+    def test_bytes_bounds(self) -> None:
+        """BATCH_MAX_BYTES below 256, above 64 MiB, or not an integer is refused."""
+        self.assertEqual(
+            self.assertConfigError(dict(BASE, BATCH_MAX_BYTES="255"), "BATCH_MAX_BYTES"),
+            "BATCH_MAX_BYTES: must be from 256 to 67108864, got 255",
+        )
+        for text in (str(64 * MiB + 1), "-1", "1.5", "1MiB"):
+            self.assertConfigError(dict(BASE, BATCH_MAX_BYTES=text), "BATCH_MAX_BYTES", text)
+
+    def test_lines_bounds(self) -> None:
+        """BATCH_MAX_LINES below 1, above 100000, or not an integer is refused."""
+        self.assertEqual(
+            self.assertConfigError(dict(BASE, BATCH_MAX_LINES="0"), "BATCH_MAX_LINES"),
+            "BATCH_MAX_LINES: must be from 1 to 100000, got 0",
+        )
+        for text in ("100001", "-5", "ten"):
+            self.assertConfigError(dict(BASE, BATCH_MAX_LINES=text), "BATCH_MAX_LINES", text)
+
+    def test_bytes_at_most_half_the_budget(self) -> None:
+        """A batch must fit in half the buffer budget, or every batch could get 503."""
+        environ = dict(BASE, BUFFER_BUDGET_BYTES=str(20 * MiB))
+        self.assertEqual(
+            from_environ(dict(environ, BATCH_MAX_BYTES=str(10 * MiB))).batch_max_bytes,
+            10 * MiB,
+        )
+        self.assertEqual(
+            self.assertConfigError(
+                dict(environ, BATCH_MAX_BYTES=str(10 * MiB + 1)), "BATCH_MAX_BYTES"
+            ),
+            "BATCH_MAX_BYTES: must be at most half of BUFFER_BUDGET_BYTES (%d), got %d"
+            % (10 * MiB, 10 * MiB + 1),
+        )
+
+    def test_empty_means_default(self) -> None:
+        """Empty values are the defaults."""
+        self.assertEqual(
+            from_environ(dict(BASE, BATCH_MAX_BYTES="", BATCH_MAX_LINES=" ")), from_environ(BASE)
+        )
+
+    def test_options(self) -> None:
+        """--batch-max-bytes and --batch-max-lines give their variables; help shows defaults."""
+        from loghandler.config import SETTINGS
+
+        options = _tap().Options()
+        options.parseOptions(["--batch-max-bytes", "4096", "--batch-max-lines", "10"])
+        self.assertEqual(
+            options.overrides(), {"BATCH_MAX_BYTES": "4096", "BATCH_MAX_LINES": "10"}
+        )
+        shown = {s.env: s.default_text for s in SETTINGS}
+        self.assertEqual(
+            (shown["BATCH_MAX_BYTES"], shown["BATCH_MAX_LINES"]), ("1048576", "1000")
+        )
 
 
 class CrashSettingsTests(SynchronousTestCase):

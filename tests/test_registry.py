@@ -400,6 +400,59 @@ class AdmissionTests(RegistryCase):
         self.assertLanded({KEY: sent, other: [message(1, client_id=4).to_line()]})
 
 
+class BatchTests(RegistryCase):
+    """accept_batch: every check first, then every message, or none."""
+
+    def test_all_taken_in_order(self) -> None:
+        """Each message goes to its key's stream; the Accepted line numbers count up."""
+        other = key_for(message(1).timestamp, 4)
+        batch = [message(1), message(2, client_id=4), message(3)]
+        accepted = self.registry.accept_batch(batch)
+        self.assertEqual([a.line for a in accepted], [1, 1, 2])
+        self.assertIs(accepted[0].stream, accepted[2].stream)
+        self.successResultOf(self.registry.close_all())
+        self.assertLanded(
+            {KEY: [message(1).to_line(), message(3).to_line()], other: [batch[1].to_line()]}
+        )
+
+    def test_budget_left_too_small(self) -> None:
+        """
+        A batch needing more than the budget left (its lines and a new stream's
+        overhead) is refused whole, though the budget is not spent; it fits once there
+        is room.
+        """
+        batch = [message(n) for n in range(1, 4)]
+        needed = STREAM_OVERHEAD_BYTES + sum(len(m.to_line()) for m in batch)
+        registry = self.make(budget=needed + 100)
+        registry.budget.change(101)
+        with self.assertRaises(Busy) as caught:
+            registry.accept_batch(batch)
+        self.assertEqual(caught.exception.reason, "buffers are too full for this batch")
+        self.assertEqual((registry.open_keys, registry.budget.held), ([], 101))
+        registry.budget.change(-1)
+        self.assertEqual(len(registry.accept_batch(batch)), 3)
+        registry.budget.change(-100)
+        self.successResultOf(registry.close_all())
+        self.assertLanded({KEY: [m.to_line() for m in batch]})
+
+    def test_backed_up_key_refuses_all(self) -> None:
+        """One line for a backed-up key: Busy, and no other line of the batch is taken."""
+        self.registry.accept(message(1))
+        self.registry._open[KEY].admission.pauseProducing()
+        with self.assertRaises(Busy) as caught:
+            self.registry.accept_batch([message(2, client_id=4), message(3)])
+        self.assertEqual(caught.exception.reason, "uploads for this object are backed up")
+        self.assertEqual(self.registry.open_keys, [KEY])
+        self.assertEqual(self.registry._open[KEY].stream.lines, 1)
+
+    def test_stopping(self) -> None:
+        """While stopping, a batch is refused with 'server is stopping'."""
+        self.registry.close_all()
+        with self.assertRaises(Busy) as caught:
+            self.registry.accept_batch([message(1)])
+        self.assertEqual(caught.exception.reason, "server is stopping")
+
+
 class FlushTests(RegistryCase):
     """close_all completes everything in parallel and is bounded by cancellation."""
 

@@ -24,7 +24,7 @@ from loghandler.registry import StreamRegistry, StreamSettings
 from loghandler.retry import RetryLayer
 from loghandler.storage.memory import MemoryStore
 from loghandler.storage.s3.writer import S3ObjectStore
-from loghandler.web import BoundedBody, make_site
+from loghandler.web import BoundedBody, LogSite, make_site
 from tests.helpers import DAY_START_MS, read_lines
 
 NOW_MS = DAY_START_MS + 3_600_000
@@ -63,7 +63,11 @@ class WebCase(SynchronousTestCase):
             budget,
             uniform=lambda a, b: b,
         )
-        site = self.site = make_site(self.registry, Limits(), lambda: NOW_MS, MAX_BODY)
+        self.serve(make_site(self.registry, Limits(), lambda: NOW_MS, MAX_BODY))
+
+    def serve(self, site: LogSite) -> None:
+        """Send the requests to ``site``."""
+        self.site = site
         self.client = StubTreq(site.resource)
         # Serve through our own Site (body limit, no form parsing), not treq's plain one.
         site.reactor = self.client._agent._memoryReactor
@@ -138,8 +142,8 @@ class PostTests(WebCase):
         bodies: list[BoundedBody] = []
         real = self.site.getContentFile
 
-        def record(length: Optional[int]) -> BoundedBody:
-            bodies.append(real(length))
+        def record(length: Optional[int], batch: bool = False) -> BoundedBody:
+            bodies.append(real(length, batch))
             return bodies[-1]
 
         self.site.getContentFile = record  # type: ignore[method-assign]
@@ -274,12 +278,16 @@ class DurableAckTests(WebCase):
 
     def setUp(self) -> None:
         super().setUp()
-        site = self.site = make_site(
-            self.registry, Limits(), lambda: NOW_MS, MAX_BODY, durable_timeout_s=5.0, clock=self.clock
+        self.serve(
+            make_site(
+                self.registry,
+                Limits(),
+                lambda: NOW_MS,
+                MAX_BODY,
+                durable_timeout_s=5.0,
+                clock=self.clock,
+            )
         )
-        self.client = StubTreq(site.resource)
-        site.reactor = self.client._agent._memoryReactor
-        self.client._agent._serverFactory = site
 
     def post(self) -> Any:
         """Start a POST; its response Deferred (not yet answered, maybe)."""
@@ -353,3 +361,287 @@ class DurableAckTests(WebCase):
         code, answer = self.answer(d)
         self.assertEqual(code, 500)
         self.assertEqual(answer["error"], "storage failed; the message was not stored")
+
+
+BATCH_BYTES = 4096
+BATCH_LINES = 5
+NDJSON = {b"content-type": [b"application/x-ndjson"]}
+
+
+def batch(*lines: bytes, end: bytes = b"\n") -> bytes:
+    """An NDJSON body of ``lines``."""
+    return b"\n".join(lines) + end
+
+
+def batch_of(count: int, **fields: Any) -> bytes:
+    """``count`` valid lines, content_id 1 to ``count``."""
+    return batch(*(body(content_id=i, **fields) for i in range(1, count + 1)))
+
+
+class BatchTests(WebCase):
+    """POST /log with Content-Type application/x-ndjson: many messages, all or none."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.serve(
+            make_site(
+                self.registry,
+                Limits(),
+                lambda: NOW_MS,
+                MAX_BODY,
+                batch_max_bytes=BATCH_BYTES,
+                batch_max_lines=BATCH_LINES,
+            )
+        )
+
+    def post(self, data: bytes, content_type: bytes = b"application/x-ndjson") -> Any:
+        """POST a batch; (status, headers, JSON answer)."""
+        return self.request("POST", "/log", data, headers={b"content-type": [content_type]})
+
+    def test_accepted(self) -> None:
+        """Every line is stored, in order; 200 with the count."""
+        status, _, answer = self.post(batch_of(3))
+        self.assertEqual((status, answer), (200, {"ok": True, "accepted": 3}))
+        self.assertEqual(
+            [json.loads(line)["content_id"] for line in self.stored_lines()], [1, 2, 3]
+        )
+
+    def test_content_type_parameters_and_case(self) -> None:
+        """Parameters and case of the Content-Type do not matter; no final newline is fine."""
+        data = batch(body(content_id=1), body(content_id=2), end=b"")
+        for content_type in (b"Application/X-NDJSON; charset=utf-8", b"application/x-ndjson"):
+            status, _, answer = self.post(data, content_type)
+            self.assertEqual((status, answer), (200, {"ok": True, "accepted": 2}), content_type)
+        self.assertEqual(len(self.stored_lines()), 4)
+
+    def test_crlf(self) -> None:
+        """Lines may end in CRLF."""
+        status, _, answer = self.post(batch(body(content_id=1), body(content_id=2), end=b"\r\n"))
+        self.assertEqual((status, answer), (200, {"ok": True, "accepted": 2}))
+
+    def test_one_line(self) -> None:
+        """A batch of one line is a batch: the count in the answer."""
+        status, _, answer = self.post(body())
+        self.assertEqual((status, answer), (200, {"ok": True, "accepted": 1}))
+
+    def test_not_batch_is_one_message(self) -> None:
+        """Two lines without the NDJSON Content-Type are one (invalid) body, as before."""
+        status, _, answer = self.post(batch_of(2), b"application/json")
+        self.assertEqual(status, 400)
+        self.assertNotIn("line", answer)
+        self.assertEqual(self.stored_lines(), [])
+
+    def test_bad_line_rejects_all(self) -> None:
+        """One bad line: 400 naming its line (from 1) and field; nothing is stored."""
+        data = batch(body(content_id=1), body(content_id=2), body(content_id=True))
+        status, _, answer = self.post(data)
+        self.assertEqual(status, 400)
+        self.assertEqual(
+            answer,
+            {"error": "content_id must be an integer", "field": "content_id", "line": 3},
+        )
+        self.assertEqual(self.stored_lines(), [])
+
+    def test_bad_json_line(self) -> None:
+        """A line that is not JSON: the single path's error, with the line."""
+        status, _, answer = self.post(batch(body(), b"{", body()))
+        self.assertEqual(status, 400)
+        self.assertEqual((answer["field"], answer["line"]), (None, 2))
+        self.assertTrue(answer["error"].startswith("body is not valid JSON"), answer)
+        self.assertEqual(self.stored_lines(), [])
+
+    def test_blank_line_in_the_middle(self) -> None:
+        """A blank line other than the final newline is an error with its number."""
+        for data, line in (
+            (batch(body(), b"", body()), 2),
+            (batch(body(), b"  ", body()), 2),
+            (batch(body(), body()) + b"\n", 3),
+            (b"\n" + batch(body()), 1),
+        ):
+            status, _, answer = self.post(data)
+            self.assertEqual(
+                (status, answer),
+                (400, {"error": "line is empty", "field": None, "line": line}),
+                data,
+            )
+        self.assertEqual(self.stored_lines(), [])
+
+    def test_empty(self) -> None:
+        """An empty body (or a lone newline) is 400 'body is empty'."""
+        for data in (b"", b"\n", b" "):
+            status, _, answer = self.post(data)
+            self.assertEqual((status, answer), (400, {"error": "body is empty", "field": None}))
+
+    def test_too_many_lines(self) -> None:
+        """More than BATCH_MAX_LINES lines: 413 naming it; exactly that many is fine."""
+        status, _, answer = self.post(batch_of(BATCH_LINES + 1))
+        self.assertEqual(status, 413)
+        self.assertEqual(
+            answer, {"error": "batch has more than 5 lines (BATCH_MAX_LINES)", "field": None}
+        )
+        self.assertEqual(self.registry.open_keys, [])
+        self.assertEqual(self.post(batch_of(BATCH_LINES))[0], 200)
+        self.assertEqual(len(self.stored_lines()), BATCH_LINES)
+
+    def test_larger_than_max_body(self) -> None:
+        """A batch may be larger than MAX_BODY_BYTES (each line not), up to BATCH_MAX_BYTES."""
+        data = batch_of(5, text="x" * 400)
+        self.assertGreater(len(data), MAX_BODY)
+        self.assertLess(len(data), BATCH_BYTES)
+        self.assertEqual(self.post(data)[0], 200)
+        self.assertEqual(len(self.stored_lines()), 5)
+
+    def test_too_large(self) -> None:
+        """
+        A body over BATCH_MAX_BYTES: 413 naming it, and the body was cut at that
+        limit while being read; a single message keeps MAX_BODY_BYTES.
+        """
+        bodies: list[BoundedBody] = []
+        real = self.site.getContentFile
+
+        def record(length: Optional[int], batch: bool = False) -> BoundedBody:
+            bodies.append(real(length, batch))
+            return bodies[-1]
+
+        self.site.getContentFile = record  # type: ignore[method-assign]
+        status, _, answer = self.post(batch_of(4, text="x" * 1200))
+        self.assertEqual(status, 413)
+        self.assertEqual(
+            answer,
+            {"error": "batch body is larger than 4096 bytes (BATCH_MAX_BYTES)", "field": None},
+        )
+        self.assertEqual((bodies[0].limit, bodies[0].overflowed), (BATCH_BYTES, True))
+        status, _, answer = self.post(body(text="x" * 2000), b"application/json")
+        self.assertEqual(status, 413)
+        self.assertEqual(bodies[1].limit, MAX_BODY)
+        self.assertEqual(self.stored_lines(), [])
+
+    def test_line_over_max_body(self) -> None:
+        """Each line is held to MAX_BODY_BYTES: 413 naming the line; nothing stored."""
+        data = batch(body(content_id=1), body(content_id=2, text="x" * MAX_BODY))
+        status, _, answer = self.post(data)
+        self.assertEqual(status, 413)
+        self.assertEqual(
+            answer,
+            {"error": "line is larger than 1024 bytes (MAX_BODY_BYTES)", "field": None, "line": 2},
+        )
+        self.assertEqual(self.stored_lines(), [])
+
+    def test_many_keys(self) -> None:
+        """Lines for several clients go to their own objects."""
+        data = batch(
+            body(client_id=3, content_id=1),
+            body(client_id=4, content_id=2),
+            body(client_id=3, content_id=3),
+        )
+        self.assertEqual(self.post(data)[0], 200)
+        self.successResultOf(self.registry.close_all())
+        for client_id, content_ids in ((3, [1, 3]), (4, [2])):
+            lines = read_lines(self.mem.body(key_for(NOW_MS, client_id)))
+            self.assertEqual([json.loads(line)["content_id"] for line in lines], content_ids)
+
+    def test_budget_too_small_accepts_nothing(self) -> None:
+        """
+        When the budget left cannot take the whole batch (though it is not spent), 503
+        with Retry-After and nothing of the batch is kept; a single message still is.
+        """
+        budget = self.registry.budget
+        room = 1000
+        budget.change(budget.limit - budget.held - room)
+        status, headers, answer = self.post(batch_of(3))
+        self.assertEqual(status, 503)
+        self.assertEqual(headers.getRawHeaders(b"retry-after"), [b"1"])
+        self.assertEqual(answer["error"], "buffers are too full for this batch")
+        self.assertEqual(self.registry.open_keys, [])
+        self.assertEqual(self.request("POST", "/log", body(content_id=9))[0], 200)
+        budget.change(-(budget.limit - room))
+        self.assertEqual([json.loads(line)["content_id"] for line in self.stored_lines()], [9])
+
+    def test_key_backed_up_accepts_nothing(self) -> None:
+        """A line for a key whose uploads are backed up: 503, the other keys' lines not kept."""
+        self.assertEqual(self.request("POST", "/log", body(client_id=3, content_id=1))[0], 200)
+        self.registry._open[key_for(NOW_MS, 3)].admission.pauseProducing()
+        data = batch(body(client_id=4, content_id=2), body(client_id=3, content_id=3))
+        status, _, answer = self.post(data)
+        self.assertEqual((status, answer["error"]), (503, "uploads for this object are backed up"))
+        self.assertEqual(self.registry.open_keys, [key_for(NOW_MS, 3)])
+
+    def test_stopping(self) -> None:
+        """While stopping, 503 with Retry-After 5."""
+        self.registry.close_all()
+        status, headers, answer = self.post(batch_of(2))
+        self.assertEqual((status, answer["error"]), (503, "server is stopping"))
+        self.assertEqual(headers.getRawHeaders(b"retry-after"), [b"5"])
+
+
+class BatchDurableTests(WebCase):
+    """ACK=durable for a batch: 200 once every stream it touched stored its last line."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.serve(
+            make_site(
+                self.registry,
+                Limits(),
+                lambda: NOW_MS,
+                MAX_BODY,
+                durable_timeout_s=5.0,
+                clock=self.clock,
+            )
+        )
+
+    def post(self) -> Any:
+        """Start a batch POST of three lines, for clients 3 and 4."""
+        data = batch(
+            body(client_id=3, content_id=1),
+            body(client_id=4, content_id=2),
+            body(client_id=3, content_id=3),
+        )
+        return self.client.request("POST", "http://example.test/log", data=data, headers=NDJSON)
+
+    def answer(self, d: Any) -> tuple[int, Any]:
+        response = self.successResultOf(d)
+        return response.code, json.loads(self.successResultOf(self.client.content(response)))
+
+    def test_200_once_every_key_stored(self) -> None:
+        """One checkpoint per key; the answer waits for both."""
+        self.mem.hold("UploadPart")
+        d = self.post()
+        self.client.flush()
+        self.assertEqual([h.operation for h in self.mem.held], ["UploadPart"] * 2)
+        self.mem.release(1)
+        self.client.flush()
+        self.assertNoResult(d)
+        self.mem.release()
+        self.client.flush()
+        self.assertEqual(self.answer(d), (200, {"ok": True, "accepted": 3}))
+
+    def test_202_when_storage_is_slow(self) -> None:
+        """A key not stored within DURABLE_TIMEOUT_S: 202, durable false; stored later."""
+        self.mem.hold("UploadPart")
+        d = self.post()
+        self.client.flush()
+        self.mem.release(1)
+        self.client.flush()
+        self.clock.advance(5.0)
+        self.client.flush()
+        self.assertEqual(self.answer(d), (202, {"ok": True, "durable": False}))
+        self.mem.release()
+        self.successResultOf(self.registry.close_all())
+        self.assertEqual(len(read_lines(self.mem.body(key_for(NOW_MS, 3)))), 2)
+        self.assertEqual(len(read_lines(self.mem.body(key_for(NOW_MS, 4)))), 1)
+
+    def test_500_when_lost(self) -> None:
+        """A batch one of whose streams gave up before storing it is answered 500."""
+        self.mem.hold("UploadPart")
+        self.mem.hold("CreateMultipartUpload")
+        d = self.post()
+        self.client.flush()
+        flushing = self.registry.close_all()
+        with capturedLogs():
+            flushing.cancel()  # the shutdown deadline
+        self.client.flush()
+        self.failureResultOf(flushing)
+        code, answer = self.answer(d)
+        self.assertEqual(code, 500)
+        self.assertEqual(answer["error"], "storage failed; messages of the batch were not stored")
