@@ -11,11 +11,17 @@ Scenarios, each a fresh server process loaded by ``wrk`` (Debian package ``wrk``
 - ``s3``: loghandler against moto's S3 server (started here), short messages.
 - ``s3-large``: the same with 8 KB random-hex texts, so 5 MiB parts are uploaded
   (SHA-256 of each part is computed on a thread, off the reactor).
+- ``batch-100``: ``NO_UPLOAD=1``, batches of 100 messages a request
+  (``Content-Type: application/x-ndjson``, ``bench/post_batch.lua``).
+
+Server CPU per request is the server process's own CPU time (user + system, from
+``/proc/PID/stat``) over the round, divided by its requests; for ``batch-100`` it is
+also given per message.
 
 Usage: ``.venv/bin/python bench/http_throughput.py [--seconds 10] [--connections 32]``.
 Each scenario is measured in three rounds after a warm-up; the median round is
-reported.  Prints one line per scenario: requests/s, the ratio to the baseline,
-p50/p99 latency, the server's peak RSS (VmHWM), non-2xx answers and the seconds from
+reported.  Prints one line per scenario: requests/s, messages/s, the ratio to the
+baseline, server CPU microseconds per request and per message, p50/p99 latency, the server's peak RSS (VmHWM), non-2xx answers and the seconds from
 SIGTERM to exit.
 """
 
@@ -60,18 +66,34 @@ def peak_rss_mib(pid: int) -> float:
     return int(match.group(1)) / 1024 if match else float("nan")
 
 
-def run_wrk(port: int, seconds: int, connections: int, text_bytes: int) -> dict[str, float]:
-    env = {**os.environ, "TEXT_BYTES": str(text_bytes)}
+def cpu_seconds(pid: int) -> float:
+    """The process's own CPU time so far (user + system), seconds."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_wrk(
+    port: int, seconds: int, connections: int, text_bytes: int, pid: int, batch: int = 1
+) -> dict[str, float]:
+    env = {**os.environ, "TEXT_BYTES": str(text_bytes), "BATCH": str(batch)}
+    script = "post.lua" if batch == 1 else "post_batch.lua"
+    cpu_before = cpu_seconds(pid)
     out = subprocess.run(
         [
             "wrk", "-t1", "-c%d" % connections, "-d%ds" % seconds,
-            "-s", os.path.join(HERE, "post.lua"), "http://127.0.0.1:%d/log" % port,
+            "-s", os.path.join(HERE, script), "http://127.0.0.1:%d/log" % port,
         ],
         env=env, capture_output=True, text=True, check=True,
     ).stdout
+    cpu = cpu_seconds(pid) - cpu_before
     result = dict(re.findall(r"(\w+)=(\d+)", out.split("RESULT", 1)[1]))
+    requests = max(1, int(result["requests"]))
     return {
-        "rps": int(result["requests"]) / seconds,
+        "rps": requests / seconds,
+        "messages_per_s": requests * batch / seconds,
+        "cpu_us_per_request": cpu / requests * 1e6,
+        "cpu_us_per_message": cpu / (requests * batch) * 1e6,
         "non2xx": int(result["non2xx"]),
         "p50_ms": int(result["p50_us"]) / 1000,
         "p99_ms": int(result["p99_us"]) / 1000,
@@ -79,7 +101,12 @@ def run_wrk(port: int, seconds: int, connections: int, text_bytes: int) -> dict[
 
 
 def scenario(
-    command: list[str], env: dict[str, str], port: int, args: argparse.Namespace, text_bytes: int
+    command: list[str],
+    env: dict[str, str],
+    port: int,
+    args: argparse.Namespace,
+    text_bytes: int,
+    batch: int = 1,
 ) -> dict[str, float]:
     process = subprocess.Popen(
         command, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -87,8 +114,11 @@ def scenario(
     )
     try:
         wait_port(port, process)
-        run_wrk(port, 2, args.connections, text_bytes)  # warm-up
-        rounds = [run_wrk(port, args.seconds, args.connections, text_bytes) for _ in range(3)]
+        run_wrk(port, 2, args.connections, text_bytes, process.pid, batch)  # warm-up
+        rounds = [
+            run_wrk(port, args.seconds, args.connections, text_bytes, process.pid, batch)
+            for _ in range(3)
+        ]
         result = sorted(rounds, key=lambda r: r["rps"])[1]  # the median round
         result["non2xx"] = sum(r["non2xx"] for r in rounds)
         result["rss_mib"] = peak_rss_mib(process.pid)
@@ -122,6 +152,10 @@ def main() -> None:
     results["no-upload"] = scenario(
         daemon, {"NO_UPLOAD": "1", "ADDR": "127.0.0.1", "PORT": str(port)}, port, args, 0
     )
+    port = free_port()
+    results["batch-100"] = scenario(
+        daemon, {"NO_UPLOAD": "1", "ADDR": "127.0.0.1", "PORT": str(port)}, port, args, 0, 100
+    )
     with MotoServer(bucket="bench") as moto:
         for name, text_bytes in (("s3", 0), ("s3-large", 8000)):
             moto.reset()
@@ -131,12 +165,14 @@ def main() -> None:
             results[name] = scenario(daemon, env, port, args, text_bytes)
 
     base = results["baseline"]["rps"]
-    print("%-10s %10s %8s %8s %8s %9s %7s %7s" % (
-        "scenario", "req/s", "ratio", "p50 ms", "p99 ms", "RSS MiB", "non2xx", "stop s"))
+    print("%-10s %9s %9s %6s %9s %9s %7s %7s %8s %7s %6s" % (
+        "scenario", "req/s", "msg/s", "ratio", "CPU us/r", "CPU us/m", "p50 ms", "p99 ms",
+        "RSS MiB", "non2xx", "stop s"))
     for name, r in results.items():
-        print("%-10s %10.0f %8.2f %8.2f %8.2f %9.1f %7d %7.2f" % (
-            name, r["rps"], r["rps"] / base, r["p50_ms"], r["p99_ms"], r["rss_mib"],
-            r["non2xx"], r["stop_s"]))
+        print("%-10s %9.0f %9.0f %6.2f %9.1f %9.1f %7.2f %7.2f %8.1f %7d %6.2f" % (
+            name, r["rps"], r["messages_per_s"], r["rps"] / base, r["cpu_us_per_request"],
+            r["cpu_us_per_message"], r["p50_ms"], r["p99_ms"], r["rss_mib"], r["non2xx"],
+            r["stop_s"]))
     part = os.urandom(5 * 1024 * 1024)
     ms = min(timeit.repeat(lambda: hashlib.sha256(part).hexdigest(), number=5, repeat=3)) / 5 * 1000
     print("SHA-256 of a 5 MiB part: %.1f ms (on a thread in loghandler)" % ms)
