@@ -179,13 +179,7 @@ class StreamRegistry:
         :raises Busy: the server is stopping, the storage was not reached yet, the
             memory budget is spent, or the key's parts are backed up.
         """
-        if self.stopping:
-            raise Busy("server is stopping", 5)
-        if not self.ready:
-            raise Busy("storage is not reachable yet", 5)
-        if self.budget.exhausted:
-            self._relieve()
-            raise Busy("buffers are full", 1)
+        self._check_admission()
         key = key_for(message.timestamp, message.client_id)
         entry = self._open.get(key)
         if entry is not None and entry.admission.paused:
@@ -204,13 +198,7 @@ class StreamRegistry:
         :raises Busy: as :meth:`accept`, or the batch does not fit in the budget
             left; nothing was accepted.
         """
-        if self.stopping:
-            raise Busy("server is stopping", 5)
-        if not self.ready:
-            raise Busy("storage is not reachable yet", 5)
-        if self.budget.exhausted:
-            self._relieve()
-            raise Busy("buffers are full", 1)
+        self._check_admission()
         lines = [(key_for(m.timestamp, m.client_id), m.to_line()) for m in messages]
         needed = 0
         new_keys: set[str] = set()
@@ -225,6 +213,19 @@ class StreamRegistry:
         if self.budget.held + needed > self.budget.limit:
             raise Busy("buffers are too full for this batch", 1)
         return [self._write(key, line) for key, line in lines]
+
+    def _check_admission(self) -> None:
+        """
+        :raises Busy: the server is stopping, the storage was not reached yet, or
+            the memory budget is spent (then the fullest stream completes early).
+        """
+        if self.stopping:
+            raise Busy("server is stopping", 5)
+        if not self.ready:
+            raise Busy("storage is not reachable yet", 5)
+        if self.budget.exhausted:
+            self._relieve()
+            raise Busy("buffers are full", 1)
 
     def _write(self, key: str, line: bytes) -> Accepted:
         """Write one line to the key's stream, opening it if needed."""
