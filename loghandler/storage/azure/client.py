@@ -59,6 +59,10 @@ class _DaemonThreadPool(ThreadPool):
         return threading.Thread(*args, daemon=True, **kwargs)
 
 
+def _blob_not_found(error: StorageError) -> bool:
+    return error.code == BLOB_NOT_FOUND
+
+
 def without_query(url: str) -> str:
     """``url`` without its query (a SAS token is a secret), for logs."""
     parts = urlsplit(url)
@@ -137,8 +141,15 @@ class AzureBlobClient:
         operation: str,
         call: Callable[..., _T],
         timeout: Optional[float] = None,
+        answers: Optional[tuple[Callable[[StorageError], bool], _T]] = None,
         **kwargs: Any,
     ) -> "Deferred[_T]":
+        """
+        ``call(**kwargs)`` on the pool, with the timeouts; what it raises becomes
+        the store's error (:func:`storage_error`), once.  ``answers``: (a test of
+        that error, the result to give instead), for an error answer that is an
+        answer (a missing blob, a blob that exists).
+        """
         if not self._started:
             self._pool.start()
             self._started = True
@@ -152,6 +163,12 @@ class AzureBlobClient:
                 return call(**kwargs)
             except Exception as e:
                 converted = storage_error(operation, e)
+                if (
+                    answers is not None
+                    and isinstance(converted, StorageError)
+                    and answers[0](converted)
+                ):
+                    return answers[1]
                 if converted is e:
                     raise
                 raise converted from None
@@ -167,27 +184,17 @@ class AzureBlobClient:
         blob = self._container.get_blob_client(CHECK_BLOB)
 
         def call(**kwargs: Any) -> None:
-            try:
-                blob.get_blob_properties(**kwargs)
-            except Exception as e:
-                error = storage_error("GetBlobProperties", e)
-                if isinstance(error, StorageError) and error.code == BLOB_NOT_FOUND:
-                    return
-                raise
+            blob.get_blob_properties(**kwargs)
 
-        return self._run("GetBlobProperties", call, timeout=CHECK_TIMEOUT_S)
+        return self._run(
+            "GetBlobProperties", call, timeout=CHECK_TIMEOUT_S, answers=(_blob_not_found, None)
+        )
 
     def properties(self, name: str) -> "Deferred[Optional[BlobState]]":
         blob = self._container.get_blob_client(name)
 
         def call(**kwargs: Any) -> Optional[BlobState]:
-            try:
-                props = blob.get_blob_properties(**kwargs)
-            except Exception as e:
-                error = storage_error("GetBlobProperties", e)
-                if isinstance(error, StorageError) and error.code == BLOB_NOT_FOUND:
-                    return None
-                raise
+            props = blob.get_blob_properties(**kwargs)
             blob_type = getattr(props.blob_type, "value", str(props.blob_type))
             return BlobState(
                 size=int(props.size),
@@ -195,7 +202,7 @@ class AzureBlobClient:
                 blob_type=str(blob_type),
             )
 
-        return self._run("GetBlobProperties", call)
+        return self._run("GetBlobProperties", call, answers=(_blob_not_found, None))
 
     def create(self, name: str, content_type: str) -> "Deferred[bool]":
         from azure.core import MatchConditions
@@ -204,20 +211,16 @@ class AzureBlobClient:
         blob = self._container.get_blob_client(name)
 
         def call(**kwargs: Any) -> bool:
-            try:
-                blob.create_append_blob(
-                    content_settings=ContentSettings(content_type=content_type),
-                    match_condition=MatchConditions.IfMissing,
-                    **kwargs,
-                )
-            except Exception as e:
-                error = storage_error("CreateAppendBlob", e)
-                if isinstance(error, StorageError) and error.status in (409, 412):
-                    return False  # it exists (If-None-Match: *)
-                raise
+            blob.create_append_blob(
+                content_settings=ContentSettings(content_type=content_type),
+                match_condition=MatchConditions.IfMissing,
+                **kwargs,
+            )
             return True
 
-        return self._run("CreateAppendBlob", call)
+        # 409 or 412: it exists (If-None-Match: *).
+        exists = (lambda error: error.status in (409, 412), False)
+        return self._run("CreateAppendBlob", call, answers=exists)
 
     def append(
         self, name: str, body: bytes, position: int, max_size: int
@@ -243,18 +246,13 @@ class AzureBlobClient:
         blob = self._container.get_blob_client(name)
 
         def call(**kwargs: Any) -> bytes:
-            try:
-                data: bytes = blob.download_blob(
-                    offset=offset, length=length, max_concurrency=1, **kwargs
-                ).readall()
-            except Exception as e:
-                error = storage_error("GetBlob", e)
-                if isinstance(error, StorageError) and error.status == 416:
-                    return b""  # the blob ends before offset
-                raise
+            data: bytes = blob.download_blob(
+                offset=offset, length=length, max_concurrency=1, **kwargs
+            ).readall()
             return data
 
-        return self._run("GetBlob", call)
+        # 416: the blob ends before offset.
+        return self._run("GetBlob", call, answers=(lambda error: error.status == 416, b""))
 
     def close(self) -> "Deferred[None]":
         """
