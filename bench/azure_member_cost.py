@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import time
 
@@ -37,18 +36,13 @@ from twisted.internet.task import Clock  # noqa: E402
 
 from loghandler.budget import MemoryBudget  # noqa: E402
 from loghandler.config import S3_MIN_PART_SIZE  # noqa: E402
-from loghandler.message import Message  # noqa: E402
 from loghandler.registry import StreamRegistry, StreamSettings  # noqa: E402
 from loghandler.retry import RetryLayer  # noqa: E402
 from loghandler.storage.azure.api import MAX_BLOCKS  # noqa: E402
 from loghandler.storage.azure.memory import MemoryAppendBlobs  # noqa: E402
 from loghandler.storage.azure.writer import AzureObjectStore  # noqa: E402
+from checkpoint_cost import feed  # noqa: E402  (bench/, the same load)
 
-WORDS = (
-    "user login logout session error warning info debug request response timeout"
-    " connected disconnected payment order item cart checkout failed succeeded retry"
-    " cache miss hit database query slow fast the a of to in for on with"
-).split()
 DAY_S = 86_400
 
 
@@ -70,23 +64,7 @@ def simulate(
         uniform=lambda a, b: b,
     )
     registry.start_checkpoints()
-    rng = random.Random(7)
-    content_id = 0
-    per_tick = rate / 10.0
-    owed = 0.0
-    raw = 0
-    for _ in range(seconds * 10):
-        owed += per_tick
-        while owed >= 1:
-            owed -= 1
-            content_id += 1
-            words = []
-            while sum(len(w) + 1 for w in words) < text_bytes:
-                words.append(rng.choice(WORDS))
-            message = Message(" ".join(words), content_id, 3, 1_600_000_000_000)
-            registry.accept(message)
-            raw += len(message.to_line())
-        clock.advance(0.1)
+    content_id, raw = feed(registry, clock, rate, seconds, text_bytes)
     registry.close_all()
     clock.advance(60)
     assert list(azure.blobs) == ["chat/2020-09-13/content_logs_2020-09-13_3"], list(azure.blobs)

@@ -51,6 +51,36 @@ WORDS = (
 DAY_S = 86_400
 
 
+def feed(
+    registry: StreamRegistry, clock: Clock, rate: float, seconds: int, text_bytes: int
+) -> tuple[int, int]:
+    """
+    ``rate`` messages/s of one key for ``seconds``, each ``text_bytes`` of words,
+    into ``registry``, time passing on ``clock`` in steps of 0.1 s.
+
+    :returns: the messages and their NDJSON bytes.
+    """
+    rng = random.Random(7)
+    content_id = 0
+    per_tick = rate / 10.0
+    owed = 0.0
+    raw = 0
+    for _ in range(seconds * 10):
+        owed += per_tick
+        while owed >= 1:
+            owed -= 1
+            content_id += 1
+            words = []
+            while sum(len(w) + 1 for w in words) < text_bytes:
+                words.append(rng.choice(WORDS))
+            # One key for the whole day: the timestamp only chooses the key.
+            message = Message(" ".join(words), content_id, 3, 1_600_000_000_000)
+            registry.accept(message)
+            raw += len(message.to_line())
+        clock.advance(0.1)
+    return content_id, raw
+
+
 def simulate(
     rate: float, checkpoint_s: float, seconds: int, text_bytes: int, lifetime_s: float
 ) -> dict[str, float]:
@@ -85,24 +115,7 @@ def simulate(
         uniform=lambda a, b: b,
     )
     registry.start_checkpoints()
-    rng = random.Random(7)
-    content_id = 0
-    per_tick = rate / 10.0
-    owed = 0.0
-    raw = 0
-    for _ in range(seconds * 10):
-        owed += per_tick
-        while owed >= 1:
-            owed -= 1
-            content_id += 1
-            words = []
-            while sum(len(w) + 1 for w in words) < text_bytes:
-                words.append(rng.choice(WORDS))
-            # One key for the whole day: the timestamp only chooses the key.
-            message = Message(" ".join(words), content_id, 3, 1_600_000_000_000)
-            registry.accept(message)
-            raw += len(message.to_line())
-        clock.advance(0.1)
+    content_id, raw = feed(registry, clock, rate, seconds, text_bytes)
     registry.close_all()
     clock.advance(60)
     (key,) = [k for k in s3.objects if k.startswith("chat/")]
