@@ -192,6 +192,16 @@ class AzureHarness:
             thread.start()
         return stop, threads
 
+    @staticmethod
+    def stop_senders(stop: threading.Event, threads: list[threading.Thread]) -> list[str]:
+        """Stop the senders :meth:`send` started and wait for them; the problems."""
+        stop.set()
+        for thread in threads:
+            thread.join(15)
+        if any(t.is_alive() for t in threads):
+            return ["HARNESS: a sender did not stop"]
+        return []
+
     def sigkill(self, daemon: Daemon) -> tuple[float, Optional[int]]:
         """SIGKILL ``daemon``: when (``time.monotonic()``) and its exit status."""
         killed_at = time.monotonic()
@@ -462,11 +472,7 @@ def two_daemons_scenario(
     ledger = Ledger()
     stop, threads = harness.send(daemons, ledger, rate)
     harness.sleep(seconds)
-    stop.set()
-    for thread in threads:
-        thread.join(15)
-    if any(t.is_alive() for t in threads):
-        problems.append("HARNESS: a sender did not stop")
+    problems.extend(harness.stop_senders(stop, threads))
     exits, stop_problems = harness.stop(daemons, 35.0)
     problems.extend(stop_problems)
     figures["sigterm_to_exit_s"] = [round(e, 2) for e in exits]
@@ -518,11 +524,7 @@ def azurite_restart_scenario(
     figures["azurite_start_s"] = round(up_at - up_from, 2)
     figures["outage_s"] = round(up_at - down_at, 2)
     harness.sleep(after_s)
-    stop.set()
-    for thread in threads:
-        thread.join(15)
-    if any(t.is_alive() for t in threads):
-        problems.append("HARNESS: a sender did not stop")
+    problems.extend(harness.stop_senders(stop, threads))
     figures["acknowledged_while_down"] = acked_down - acked_before
     figures["answers_until_back"] = {str(k): v for k, v in sorted(statuses_down.items())}
     exits, stop_problems = harness.stop([daemon], 40.0)
@@ -592,11 +594,7 @@ def fault_proxy_scenario(
     finally:
         proxy.clear_mode()
         proxy.release()
-        stop.set()
-        for thread in threads:
-            thread.join(15)
-    if any(t.is_alive() for t in threads):
-        problems.append("HARNESS: a sender did not stop")
+        problems.extend(harness.stop_senders(stop, threads))
     exits, stop_problems = harness.stop(daemons, 35.0)
     problems.extend(stop_problems)
     stats = proxy.stats()
