@@ -273,8 +273,8 @@ class RoutingTests(WebCase):
         self.assertEqual(headers.getRawHeaders(b"allow"), [b"GET, HEAD"])
 
 
-class DurableAckTests(WebCase):
-    """ACK=durable: 200 only once the message is in storage."""
+class DurableCase(WebCase):
+    """A site with ACK=durable (5 s) on the test's clock."""
 
     def setUp(self) -> None:
         super().setUp()
@@ -288,6 +288,10 @@ class DurableAckTests(WebCase):
                 clock=self.clock,
             )
         )
+
+
+class DurableAckTests(DurableCase):
+    """ACK=durable: 200 only once the message is in storage."""
 
     def post(self) -> Any:
         """Start a POST; its response Deferred (not yet answered, maybe)."""
@@ -574,21 +578,8 @@ class BatchTests(WebCase):
         self.assertEqual(headers.getRawHeaders(b"retry-after"), [b"5"])
 
 
-class BatchDurableTests(WebCase):
+class BatchDurableTests(DurableCase):
     """ACK=durable for a batch: 200 once every stream it touched stored its last line."""
-
-    def setUp(self) -> None:
-        super().setUp()
-        self.serve(
-            make_site(
-                self.registry,
-                Limits(),
-                lambda: NOW_MS,
-                MAX_BODY,
-                durable_timeout_s=5.0,
-                clock=self.clock,
-            )
-        )
 
     def post(self) -> Any:
         """Start a batch POST of three lines, for clients 3 and 4."""
