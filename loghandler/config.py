@@ -84,6 +84,7 @@ class Config:
     azure_blob_endpoint: Optional[str] = None
     azure_connection_string: Optional[str] = None
     azure_max_blocks: int = 50_000
+    workers: int = 1
 
 
 @attrs.frozen
@@ -230,6 +231,25 @@ def _flag(env: str, value: str) -> bool:
     raise ConfigError(f"{env}: must be 0 or 1, got {value!r}")
 
 
+#: The most worker processes ``WORKERS`` may ask for.
+MAX_WORKERS = 64
+
+
+def _workers(env: str, value: str) -> int:
+    """A number of worker processes, or ``auto``: the CPUs this process may use."""
+    if value.strip().lower() == "auto":
+        from loghandler.cpus import usable_cpus
+
+        return min(usable_cpus(), MAX_WORKERS)
+    try:
+        number = int(value.strip())
+    except ValueError:
+        raise ConfigError(f"{env}: must be 'auto' or a number of processes, got {value!r}") from None
+    if not 1 <= number <= MAX_WORKERS:
+        raise ConfigError(f"{env}: must be 'auto' or from 1 to {MAX_WORKERS}, got {number}")
+    return number
+
+
 def _storage(env: str, value: str) -> str:
     text = value.strip().lower()
     if text in ("aws", "azure"):
@@ -373,6 +393,13 @@ SETTINGS: tuple[Setting, ...] = (
         "blocks after which a blob rolls over to {key}.1, .2... (Azure's limit: 50000)",
     ),
     Setting(
+        "WORKERS",
+        "workers",
+        _workers,
+        "worker processes sharing the port, each with its own streams and a share of"
+        " BUFFER_BUDGET_BYTES (auto: the CPUs this process may use)",
+    ),
+    Setting(
         "SHUTDOWN_TIMEOUT_S",
         "shutdown_timeout_s",
         _positive_number,
@@ -510,6 +537,19 @@ def from_environ(
             "PART_SIZE_BYTES: at most %d (96 MiB) with STORAGE=azure (an append block"
             " holds 100 MiB), got %d" % (AZURE_MAX_PART_SIZE, config.part_size)
         )
+    if config.workers > 1:
+        if config.buffer_budget_bytes < 4 * config.part_size * config.workers:
+            raise ConfigError(
+                "BUFFER_BUDGET_BYTES: must be at least WORKERS x 4 x PART_SIZE_BYTES"
+                " (%d with WORKERS=%d), got %d"
+                % (4 * config.part_size * config.workers, config.workers, config.buffer_budget_bytes)
+            )
+        share = config.buffer_budget_bytes // config.workers
+        if config.batch_max_bytes > share // 2:
+            raise ConfigError(
+                "BATCH_MAX_BYTES: must be at most half of BUFFER_BUDGET_BYTES / WORKERS"
+                " (%d with WORKERS=%d), got %d" % (share // 2, config.workers, config.batch_max_bytes)
+            )
     if config.buffer_budget_bytes < 4 * config.part_size:
         raise ConfigError(
             "BUFFER_BUDGET_BYTES: must be at least 4 x PART_SIZE_BYTES (%d), got %d"
@@ -524,6 +564,16 @@ def from_environ(
         missing = "AWS_ACCESS_SECRET" if config.aws_access_secret is None else "AWS_ACCESS_KEY"
         raise ConfigError(f"{missing}: AWS_ACCESS_KEY and AWS_ACCESS_SECRET go together")
     return config
+
+
+def worker_share(config: Config) -> Config:
+    """
+    The configuration one of ``WORKERS`` worker processes runs with: its share of
+    ``BUFFER_BUDGET_BYTES`` (the budget divided by ``WORKERS``).
+    """
+    if config.workers == 1:
+        return config
+    return attrs.evolve(config, buffer_budget_bytes=config.buffer_budget_bytes // config.workers)
 
 
 def _check_azure(config: Config) -> None:

@@ -11,8 +11,9 @@ returns when all are done or ``SHUTDOWN_TIMEOUT_S`` has passed.
 
 from __future__ import annotations
 
+import os
 import time
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
@@ -29,6 +30,9 @@ from loghandler.message import Limits
 from loghandler.registry import StreamRegistry, StreamSettings
 from loghandler.web import make_site
 
+
+#: The name of the :class:`StreamService` in the root service.
+STREAM_SERVICE_NAME = "streams"
 
 #: Seconds between checks of a store that could not be reached at start.
 CHECK_INTERVAL_S = 5.0
@@ -136,6 +140,8 @@ def build_service(
     now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
     budget: Optional[MemoryBudget] = None,
     background: Sequence[IService] = (),
+    adopt: Optional[tuple[int, int]] = None,
+    health: Optional[Callable[[], dict[str, Any]]] = None,
 ) -> MultiService:
     """
     The root service for ``config`` writing to ``store`` (an ``IObjectStore``).
@@ -146,6 +152,9 @@ def build_service(
         a new one of ``BUFFER_BUDGET_BYTES``.
     :param background: services of the store (recovery), started after the stream
         service and stopped before its flush.
+    :param adopt: ``(fd, family)`` of a listening socket inherited from the
+        supervisor (a worker of ``WORKERS``), served in place of ``ADDR``/``PORT``.
+    :param health: what ``/healthz`` answers in place of this process's own state.
     """
     registry = StreamRegistry(
         store,
@@ -174,13 +183,53 @@ def build_service(
         clock=reactor,
         batch_max_bytes=config.batch_max_bytes,
         batch_max_lines=config.batch_max_lines,
+        health=health,
     )
     root = MultiService()
-    StreamService(registry, store, reactor, config.shutdown_timeout_s).setServiceParent(root)
+    streams = StreamService(registry, store, reactor, config.shutdown_timeout_s)
+    streams.setName(STREAM_SERVICE_NAME)
+    streams.setServiceParent(root)
     for service in background:
         service.setServiceParent(root)
-    endpoint = serverFromString(reactor, listen_description(config.addr, config.port))
-    listener = StreamServerEndpointService(endpoint, site)
-    listener._raiseSynchronously = True
+    listener: IService
+    if adopt is None:
+        endpoint = serverFromString(reactor, listen_description(config.addr, config.port))
+        listener = StreamServerEndpointService(endpoint, site)
+        listener._raiseSynchronously = True
+    else:
+        listener = AdoptedPortService(reactor, adopt[0], adopt[1], site)
     listener.setServiceParent(root)
     return root
+
+
+class AdoptedPortService(Service):
+    """
+    Serves ``factory`` on a listening socket opened by another process (the
+    supervisor of ``WORKERS``) and inherited as file descriptor ``fd``
+    (``IReactorSocket.adoptStreamPort``; the reactor takes its own copy, so ``fd``
+    is closed once adopted).
+
+    :param fd: the inherited listening socket.
+    :param family: its address family (``socket.AF_INET`` or ``AF_INET6``).
+    """
+
+    def __init__(self, reactor: Any, fd: int, family: int, factory: Any) -> None:
+        self._reactor = reactor
+        self._fd = fd
+        self._family = family
+        self._factory = factory
+        self._port: Any = None
+
+    def startService(self) -> None:
+        """Start accepting on the inherited socket."""
+        Service.startService(self)
+        self._port = self._reactor.adoptStreamPort(self._fd, self._family, self._factory)
+        os.close(self._fd)
+
+    def stopService(self) -> Optional[Deferred[None]]:
+        """Stop accepting (the socket stays open in the supervisor and other workers)."""
+        Service.stopService(self)
+        if self._port is None:
+            return None
+        port, self._port = self._port, None
+        return port.stopListening()  # type: ignore[no-any-return]

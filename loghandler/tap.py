@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from twisted.application.service import IService
 from twisted.logger import Logger
@@ -182,12 +182,62 @@ def make_azure_store(config: Config, reactor: Any) -> IObjectStore:
 
 
 def makeService(options: Mapping[str, Any], reactor: Optional[Any] = None) -> IService:
-    """Build the root service from ``options`` and ``os.environ``."""
+    """
+    Build the root service from ``options`` and ``os.environ``: the service itself,
+    or with ``WORKERS`` above 1 the supervisor of that many worker processes
+    (:mod:`loghandler.supervisor`), which run :func:`build_root` each.
+    """
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
     config = load_config(options, os.environ)
+    if config.workers > 1:
+        from loghandler.supervisor import WorkerSupervisor
+
+        check_store_settings(config)
+        overrides = options.overrides() if isinstance(options, Options) else {}
+        return WorkerSupervisor(config, reactor, {**os.environ, **overrides})
+    return build_root(config, reactor)
+
+
+def check_store_settings(config: Config) -> None:
+    """
+    Refuse, with one line and exit status 2, the store settings that only the
+    storage client checks (credentials, a connection string): the supervisor of
+    ``WORKERS`` checks them before it starts any worker.
+    """
+    if config.no_upload:
+        return
+    if config.storage == "azure":
+        from loghandler.storage.azure.settings import container_client
+
+        try:
+            container_client(config, 1).close()
+        except ConfigError as e:
+            _exit(str(e))
+        return
+    from loghandler.storage.s3.credentials import aws_credentials
+
+    try:
+        aws_credentials(config.aws_access_key, config.aws_access_secret)
+    except ValueError as e:
+        _exit(str(e))
+
+
+def build_root(
+    config: Config,
+    reactor: Any,
+    adopt: Optional[tuple[int, int]] = None,
+    health: Optional[Callable[[], dict[str, Any]]] = None,
+) -> IService:
+    """
+    The service of one process: its store (and the store's lease and recovery), its
+    streams and its listener, logged in one start line.
+
+    :param adopt: ``(fd, family)`` of an inherited listening socket (a worker).
+    :param health: what ``/healthz`` answers in place of this process's own state.
+    """
     budget = MemoryBudget(config.buffer_budget_bytes)
     store, background = make_store(config, reactor, budget)
     if background:  # S3: leases and recovery
@@ -220,4 +270,6 @@ def makeService(options: Mapping[str, Any], reactor: Optional[Any] = None) -> IS
             "CHECKPOINT_S=0 with ACK=accepted: a crash loses every line since each"
             " object's last rotation (up to QUEUE_TIMEOUT_MIN)"
         )
-    return build_service(config, store, reactor, budget=budget, background=background)
+    return build_service(
+        config, store, reactor, budget=budget, background=background, adopt=adopt, health=health
+    )

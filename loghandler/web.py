@@ -23,6 +23,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web import http
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from loghandler.health import local_health
 from loghandler.message import Limits, Rejection, parse_message, too_large
 from loghandler.registry import Accepted, Busy, StreamRegistry
 from loghandler.stream import ObjectStream
@@ -288,18 +289,19 @@ class LogResource(Resource):
 
 class HealthResource(Resource):
     """
-    ``GET /healthz``: 200 ``{"status": "ok", ...}`` while messages are taken; 503 with
-    status ``"stopping"`` once the server stops, ``"storage not reachable"`` until the
-    bucket was reached, ``"storage failing: ..."`` while storage fails in a way only an
-    operator can fix (access denied, no such bucket), or ``"buffers full"`` while the
-    memory budget is spent (a readiness probe then sends traffic elsewhere).
+    ``GET /healthz``: 200 with ``{"status": "ok", ...}`` while messages are taken, 503
+    with the reason while they are not (:func:`loghandler.health.local_health`; a
+    readiness probe then sends traffic elsewhere).  With ``WORKERS`` above 1 the
+    answer is the whole server's (:func:`loghandler.health.combine_health`).
+
+    :param report: the state to answer with: a ``dict`` with ``"status"``.
     """
 
     isLeaf = True
 
-    def __init__(self, registry: StreamRegistry) -> None:
+    def __init__(self, report: Callable[[], dict[str, Any]]) -> None:
         super().__init__()
-        self._registry = registry
+        self._report = report
 
     def render(self, request: Request) -> bytes:
         """Report the state and the bytes held, as JSON; 405 for other methods."""
@@ -308,27 +310,9 @@ class HealthResource(Resource):
         if request.method not in (b"GET", b"HEAD"):
             request.responseHeaders.setRawHeaders(b"allow", [b"GET, HEAD"])
             return _error(request, 405, "method not allowed; use GET")
-        registry = self._registry
-        if registry.stopping:
-            state = "stopping"
-        elif not registry.ready:
-            state = "storage not reachable"
-        elif registry.storage_problem is not None:
-            state = "storage failing: %s" % registry.storage_problem
-        elif registry.budget.exhausted:
-            state = "buffers full"
-        else:
-            state = "ok"
-        body = json.dumps(
-            {
-                "status": state,
-                "open_objects": len(registry.open_keys),
-                "completing_objects": registry.completing,
-                "buffered_bytes": registry.budget.held,
-                "buffer_budget_bytes": registry.budget.limit,
-            }
-        ).encode()
-        return _respond(request, 200 if state == "ok" else 503, body)
+        report = self._report()
+        body = json.dumps(report).encode()
+        return _respond(request, 200 if report["status"] == "ok" else 503, body)
 
 
 class _NotFound(Resource):
@@ -414,10 +398,12 @@ def make_site(
     clock: Optional[IReactorTime] = None,
     batch_max_bytes: int = 1024 * 1024,
     batch_max_lines: int = 1000,
+    health: Optional[Callable[[], dict[str, Any]]] = None,
 ) -> LogSite:
     """
     The whole HTTP side: root, ``/log``, ``/healthz`` and the site.
-    ``durable_timeout_s`` (with ``clock``) turns on ``ACK=durable``.
+    ``durable_timeout_s`` (with ``clock``) turns on ``ACK=durable``; ``health``
+    replaces this process's own state in ``/healthz`` (a worker of ``WORKERS``).
     """
     root = Root()
     root.putChild(
@@ -433,5 +419,7 @@ def make_site(
             batch_max_lines,
         ),
     )
-    root.putChild(b"healthz", HealthResource(registry))
+    if health is None:
+        health = lambda: local_health(registry)  # noqa: E731
+    root.putChild(b"healthz", HealthResource(health))
     return LogSite(root, max_body_bytes, access_log, batch_max_bytes)

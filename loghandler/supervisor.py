@@ -1,0 +1,371 @@
+"""
+``WORKERS`` above 1: the supervisor process.  ``twistd loghandler`` opens the
+listening socket itself and starts that many worker processes
+(:mod:`loghandler.worker`, each a whole loghandler with its own streams, writer ID and
+share of the budget) that accept on it (``IReactorSocket.adoptStreamPort``); the
+kernel hands each new connection to one of them.  Workers are started fresh
+(``spawnProcess`` of ``python -m loghandler.worker``), never forked from a process
+that already built a reactor.
+
+The supervisor:
+
+- restarts a worker that exits while the server runs, after 1, 2, 4 ... up to
+  :data:`RESTART_CAP_S` seconds (back to 1 s once a worker ran
+  :data:`STABLE_AFTER_S`), and logs why; what the dead worker staged is merged by
+  another worker's recovery once its lease lapses (DESIGN.md section 6);
+- republishes the workers' log events in its own log (``[worker N]``);
+- combines the workers' health reports (:func:`combine_health`) and hands the result
+  to every worker, so that ``/healthz`` on the shared port answers for all;
+- on stop (SIGTERM, SIGINT), sends each worker SIGTERM and returns only once every
+  worker has flushed and exited, or kills the ones still running
+  :data:`KILL_GRACE_S` seconds after ``SHUTDOWN_TIMEOUT_S``.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import time
+from typing import Any, Mapping, Optional
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from twisted.python.failure import Failure
+
+from loghandler.config import Config
+from loghandler.health import combine_health
+from loghandler.worker import FD_LISTEN, FD_REPORTS
+
+#: Seconds before the first restart of a worker that exited; doubled each time it
+#: exits again without having run :data:`STABLE_AFTER_S`.
+RESTART_BASE_S = 1.0
+#: The longest wait before a restart.
+RESTART_CAP_S = 30.0
+#: A worker that ran this long restarts after :data:`RESTART_BASE_S` again.
+STABLE_AFTER_S = 60.0
+#: Seconds after ``SHUTDOWN_TIMEOUT_S`` that a worker still running is killed.
+KILL_GRACE_S = 5.0
+#: The listening socket's backlog.
+LISTEN_BACKLOG = 1024
+#: Exit status of a worker that refused its configuration (as ``twistd loghandler``).
+EXIT_CONFIG = 2
+
+
+def open_listening_socket(addr: str, port: int) -> socket.socket:
+    """
+    A non-blocking TCP socket listening on ``addr`` (IPv4 or IPv6) and ``port`` (0:
+    any free port), with ``SO_REUSEADDR`` as Twisted's own listeners set it.
+
+    :raises OSError: the address cannot be bound (in use, not local, no permission).
+    """
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    listening = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.bind((addr, port))
+        listening.listen(LISTEN_BACKLOG)
+        listening.setblocking(False)
+    except OSError:
+        listening.close()
+        raise
+    return listening
+
+
+class _Lines:
+    """Splits a byte stream into lines; keeps an unfinished line for later."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, data: bytes) -> list[bytes]:
+        lines = (self._pending + data).split(b"\n")
+        self._pending = lines.pop()
+        return [line for line in lines if line]
+
+
+class WorkerProcess(ProcessProtocol):
+    """
+    The supervisor's side of one worker: its log events, its stderr, its health
+    reports, and its end.
+
+    :param supervisor: told of reports and of the worker's end.
+    :param number: the worker's number, 1 to ``WORKERS``.
+    """
+
+    _log = Logger()
+
+    def __init__(self, supervisor: "WorkerSupervisor", number: int) -> None:
+        self.supervisor = supervisor
+        self.number = number
+        self.reported = False
+        self.pid: Optional[int] = None
+        self._streams = {1: _Lines(), 2: _Lines(), FD_REPORTS: _Lines()}
+
+    def connectionMade(self) -> None:
+        """Keep the process ID for the logs (the transport forgets it at the end)."""
+        self.pid = getattr(self.transport, "pid", None)
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        """Log events (1), stderr (2) or health reports (:data:`FD_REPORTS`)."""
+        lines = self._streams.get(childFD)
+        if lines is None:
+            return
+        for line in lines.feed(data):
+            if childFD == 1:
+                self._republish(line)
+            elif childFD == 2:
+                self._log.error(
+                    "worker {number}: {line}",
+                    number=self.number,
+                    line=line.decode("utf-8", "replace"),
+                )
+            else:
+                try:
+                    report = json.loads(line)
+                except ValueError:
+                    continue
+                self.reported = True
+                self.supervisor.reported(self.number, report)
+
+    def _republish(self, line: bytes) -> None:
+        try:
+            event = eventFromJSON(line.decode("utf-8", "replace"))
+        except ValueError:
+            self._log.info("worker {number}: {line}", number=self.number, line=line)
+            return
+        event["log_system"] = "worker %d" % self.number
+        event.setdefault("log_time", time.time())
+        globalLogPublisher(event)
+
+    def send(self, line: bytes) -> None:
+        """Write one line to the worker's stdin."""
+        if self.transport is not None:
+            self.transport.write(line + b"\n")
+
+    def processEnded(self, reason: Failure) -> None:
+        """Tell the supervisor."""
+        self.supervisor.ended(self, reason)
+
+
+def describe_exit(reason: Failure) -> str:
+    """``exit status 1`` or ``killed by signal 9`` from a ``processEnded`` reason."""
+    value = reason.value
+    if isinstance(value, ProcessDone):
+        return "exit status 0"
+    if isinstance(value, ProcessTerminated):
+        if value.signal is not None:
+            return "killed by signal %d" % value.signal
+        return "exit status %s" % value.exitCode
+    return str(value)
+
+
+class WorkerSupervisor(Service):
+    """
+    Starts, restarts and stops ``config.workers`` worker processes on one
+    listening socket.
+
+    :param config: the whole server's configuration (``WORKERS``, ``ADDR``, ``PORT``,
+        ``SHUTDOWN_TIMEOUT_S``).
+    :param reactor: an ``IReactorProcess`` and ``IReactorTime``.
+    :param environ: the workers' environment: the variables, options included.
+    :param executable: the Python interpreter that runs the workers.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        environ: Mapping[str, str],
+        executable: str = sys.executable,
+    ) -> None:
+        self._config = config
+        self._reactor = reactor
+        self._environ = dict(environ)
+        self._executable = executable
+        self._socket: Optional[socket.socket] = None
+        self._workers: dict[int, WorkerProcess] = {}
+        self._started_at: dict[int, float] = {}
+        self._failures: dict[int, int] = {}
+        self._restarts: dict[int, IDelayedCall] = {}
+        self._reports: dict[int, dict[str, Any]] = {}
+        self._stopping = False
+        self._all_ended: Optional[Deferred[None]] = None
+        self._kill: Optional[IDelayedCall] = None
+
+    @property
+    def port(self) -> int:
+        """The port listened on (``PORT``, or the one chosen for ``PORT=0``)."""
+        assert self._socket is not None
+        return int(self._socket.getsockname()[1])
+
+    @property
+    def pids(self) -> dict[int, Optional[int]]:
+        """Each running worker's process ID, by worker number."""
+        return {number: worker.pid for number, worker in self._workers.items()}
+
+    def privilegedStartService(self) -> None:
+        """Open the listening socket (before twistd drops privileges)."""
+        try:
+            self._socket = open_listening_socket(self._config.addr, self._config.port)
+        except OSError as e:
+            sys.stderr.write(
+                "loghandler: ADDR/PORT: cannot listen on %s:%d: %s\n"
+                % (self._config.addr, self._config.port, e.strerror or e)
+            )
+            raise SystemExit(EXIT_CONFIG) from None
+        Service.privilegedStartService(self)
+
+    def startService(self) -> None:
+        """Start every worker."""
+        if self._socket is None:
+            self.privilegedStartService()
+        Service.startService(self)
+        self._log.info(
+            "loghandler supervisor on {addr}:{port}: {workers} workers, each with"
+            " BUFFER_BUDGET_BYTES / {workers} = {share} bytes",
+            addr=self._config.addr,
+            port=self.port,
+            workers=self._config.workers,
+            share=self._config.buffer_budget_bytes // self._config.workers,
+        )
+        for number in range(1, self._config.workers + 1):
+            self._start(number)
+
+    def _start(self, number: int) -> None:
+        self._restarts.pop(number, None)
+        assert self._socket is not None
+        worker = WorkerProcess(self, number)
+        args = [
+            self._executable,
+            "-m",
+            "loghandler.worker",
+            str(number),
+            str(int(self._socket.family)),
+        ]
+        self._reactor.spawnProcess(
+            worker,
+            self._executable,
+            args,
+            env=self._environ,
+            childFDs={0: "w", 1: "r", 2: "r", FD_LISTEN: self._socket.fileno(), FD_REPORTS: "r"},
+        )
+        self._workers[number] = worker
+        self._started_at[number] = self._reactor.seconds()
+        self._log.info("worker {number} started, pid {pid}", number=number, pid=worker.pid)
+
+    def reported(self, number: int, report: dict[str, Any]) -> None:
+        """A worker's health report: combine and hand the result to every worker."""
+        if self._workers.get(number) is None:
+            return
+        self._reports[number] = report
+        self._broadcast()
+
+    def health(self) -> dict[str, Any]:
+        """The whole server's health (:func:`combine_health`)."""
+        return combine_health(self._reports, self._config.workers, self._stopping)
+
+    def _broadcast(self) -> None:
+        line = json.dumps(self.health()).encode()
+        for worker in self._workers.values():
+            worker.send(line)
+
+    def ended(self, worker: WorkerProcess, reason: Failure) -> None:
+        """A worker's process ended: restart it, or count it out when stopping."""
+        number = worker.number
+        if self._workers.get(number) is not worker:
+            return
+        del self._workers[number]
+        self._reports.pop(number, None)
+        ran = self._reactor.seconds() - self._started_at.pop(number)
+        how = describe_exit(reason)
+        if self._stopping:
+            self._log.info(
+                "worker {number} stopped ({how})", number=number, how=how
+            )
+            self._broadcast()
+            self._check_all_ended()
+            return
+        if (
+            isinstance(reason.value, ProcessTerminated)
+            and reason.value.exitCode == EXIT_CONFIG
+            and not worker.reported
+        ):
+            self._log.critical(
+                "worker {number} refused the configuration ({how}; its error is above);"
+                " stopping",
+                number=number,
+                how=how,
+            )
+            self._reactor.stop()
+            return
+        failures = 0 if ran >= STABLE_AFTER_S else self._failures.get(number, 0) + 1
+        self._failures[number] = failures
+        delay = min(RESTART_CAP_S, RESTART_BASE_S * 2 ** max(0, failures - 1))
+        self._log.error(
+            "worker {number} (pid {pid}) ended unexpectedly ({how}) after {ran:.1f} s;"
+            " restarting it in {delay:g} s (what it staged is recovered once its lease"
+            " lapses)",
+            number=number,
+            pid=worker.pid,
+            how=how,
+            ran=ran,
+            delay=delay,
+        )
+        self._broadcast()
+        self._restarts[number] = self._reactor.callLater(delay, self._start, number)
+
+    def stopService(self) -> Deferred[None]:
+        """SIGTERM every worker; fires once all exited (killed past the deadline)."""
+        Service.stopService(self)
+        self._stopping = True
+        for restart in self._restarts.values():
+            restart.cancel()
+        self._restarts.clear()
+        self._broadcast()
+        self._all_ended = Deferred()
+        for number, worker in self._workers.items():
+            self._signal(worker, "TERM")
+        self._kill = self._reactor.callLater(
+            self._config.shutdown_timeout_s + KILL_GRACE_S, self._kill_remaining
+        )
+        ended = self._all_ended
+        self._check_all_ended()
+        return ended
+
+    def _signal(self, worker: WorkerProcess, signal_name: str) -> None:
+        try:
+            if worker.transport is not None:
+                worker.transport.signalProcess(signal_name)
+        except ProcessExitedAlready:
+            pass
+
+    def _kill_remaining(self) -> None:
+        self._kill = None
+        for number, worker in self._workers.items():
+            self._log.error(
+                "worker {number} (pid {pid}) still running {seconds:g} s after SIGTERM;"
+                " killing it (what it staged is recovered once its lease lapses)",
+                number=number,
+                pid=worker.pid,
+                seconds=self._config.shutdown_timeout_s + KILL_GRACE_S,
+            )
+            self._signal(worker, "KILL")
+
+    def _check_all_ended(self) -> None:
+        if self._workers or self._all_ended is None or self._all_ended.called:
+            return
+        if self._kill is not None and self._kill.active():
+            self._kill.cancel()
+        self._kill = None
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+        self._log.info("all workers stopped")
+        self._all_ended.callback(None)

@@ -1,0 +1,181 @@
+"""
+One worker process of ``WORKERS`` (:mod:`loghandler.supervisor` starts them):
+``python -m loghandler.worker NUMBER FAMILY``.
+
+A worker is a whole loghandler (its own streams, writer ID, lease and recovery, and
+its share of ``BUFFER_BUDGET_BYTES``) that accepts connections on the listening
+socket the supervisor opened.  Its file descriptors:
+
+- 0: from the supervisor, the whole server's health (:func:`combine_health`), one
+  JSON object per line; end of file means the supervisor is gone: the worker stops
+  (flushes) as on SIGTERM.
+- 1: its log events, one JSON object per line (``twisted.logger`` JSON), which the
+  supervisor republishes in its own log as ``[worker N]``.
+- 2: anything written to stderr (a crash before logging started).
+- 3: the listening socket (:data:`FD_LISTEN`), of address family ``FAMILY``.
+- 4: to the supervisor, this worker's health (:func:`local_health`) every
+  :data:`REPORT_INTERVAL_S`, one JSON object per line (:data:`FD_REPORTS`).
+
+SIGTERM and SIGINT stop it once (a second signal changes nothing): the flush of
+``SHUTDOWN_TIMEOUT_S``, then exit status 0.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import sys
+from typing import Any, Callable, Optional
+
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.protocols.basic import LineOnlyReceiver
+from twisted.python.failure import Failure
+
+from loghandler.health import local_health
+
+#: The inherited listening socket.
+FD_LISTEN = 3
+#: The pipe this worker's health reports go to.
+FD_REPORTS = 4
+#: Seconds between health reports to the supervisor.
+REPORT_INTERVAL_S = 1.0
+#: A combined health older than this many report intervals is not used.
+STALE_AFTER_INTERVALS = 3
+
+
+class SupervisorChannel(LineOnlyReceiver):
+    """
+    The worker's side of the pipes to the supervisor: reports this worker's health
+    every :data:`REPORT_INTERVAL_S` and keeps the combined health it gets back.
+
+    :param number: this worker's number (1 to ``WORKERS``).
+    :param local: this worker's health (:func:`local_health` of its registry).
+    :param clock: for the reports and the age of the combined health.
+    :param supervisor_gone: called once when the supervisor's pipe closes.
+    """
+
+    delimiter = b"\n"
+    MAX_LENGTH = 1024 * 1024
+    _log = Logger()
+
+    def __init__(
+        self,
+        number: int,
+        local: Callable[[], dict[str, Any]],
+        clock: Any,
+        supervisor_gone: Callable[[], None],
+    ) -> None:
+        self.number = number
+        self._local = local
+        self._clock = clock
+        self._supervisor_gone = supervisor_gone
+        self._combined: Optional[dict[str, Any]] = None
+        self._combined_at = 0.0
+        self._reports = LoopingCall(self.report)
+        self._reports.clock = clock
+
+    def connectionMade(self) -> None:
+        """Start reporting."""
+        self._reports.start(REPORT_INTERVAL_S, now=True)
+
+    def report(self) -> None:
+        """Send this worker's health, with its pid."""
+        report = dict(self._local(), pid=os.getpid())
+        self.sendLine(json.dumps(report).encode())
+
+    def lineReceived(self, line: bytes) -> None:
+        """The supervisor's combined health."""
+        try:
+            combined = json.loads(line)
+        except ValueError:
+            self._log.error("unreadable health from the supervisor: {line!r}", line=line[:200])
+            return
+        self._combined = combined
+        self._combined_at = self._clock.seconds()
+
+    def health(self) -> dict[str, Any]:
+        """
+        What ``/healthz`` answers: the whole server's health while the supervisor's
+        is fresh, with this worker's own reason when it is not ok itself (it is the
+        one answering); this worker's own health otherwise.
+        """
+        local = self._local()
+        fresh = self._clock.seconds() - self._combined_at <= (
+            STALE_AFTER_INTERVALS * REPORT_INTERVAL_S
+        )
+        if self._combined is None or not fresh:
+            return local
+        combined = dict(self._combined)
+        if local["status"] != "ok" and combined.get("status") == "ok":
+            combined["status"] = "worker %d: %s" % (self.number, local["status"])
+        return combined
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        """The supervisor is gone: stop."""
+        if self._reports.running:
+            self._reports.stop()
+        self._supervisor_gone()
+
+
+def run(number: int, family: int) -> int:
+    """
+    Run worker ``number`` until it is stopped; its exit status.  The configuration
+    comes from the environment the supervisor passed on (options included).
+    """
+    from twisted.internet import reactor as global_reactor
+    from twisted.internet import stdio
+    from twisted.logger import globalLogBeginner, jsonFileLogObserver
+
+    from loghandler.config import ConfigError, from_environ, worker_share
+    from loghandler.service import STREAM_SERVICE_NAME
+    from loghandler.tap import build_root
+
+    reactor: Any = global_reactor
+    log_file = io.open(1, "w", encoding="utf-8", closefd=False, errors="replace")
+    globalLogBeginner.beginLoggingTo(
+        [jsonFileLogObserver(log_file, recordSeparator="")], redirectStandardIO=False
+    )
+    try:
+        config = worker_share(from_environ(os.environ))
+    except ConfigError as e:
+        sys.stderr.write("loghandler: %s\n" % e)
+        return 2
+    stopping: list[bool] = []
+
+    def stop() -> None:
+        if not stopping:
+            stopping.append(True)
+            reactor.stop()
+
+    holder: list[SupervisorChannel] = []
+    root = build_root(
+        config, reactor, adopt=(FD_LISTEN, family), health=lambda: holder[0].health()
+    )
+    streams = root.getServiceNamed(STREAM_SERVICE_NAME)  # type: ignore[attr-defined]
+    registry = streams.registry
+    channel = SupervisorChannel(number, lambda: local_health(registry), reactor, stop)
+    holder.append(channel)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: reactor.callFromThread(stop))
+    reactor.addSystemEventTrigger("before", "shutdown", root.stopService)
+
+    def start() -> None:
+        root.privilegedStartService()
+        root.startService()
+        standard_io: Any = stdio.StandardIO
+        standard_io(channel, stdin=0, stdout=FD_REPORTS, reactor=reactor)
+
+    reactor.callWhenRunning(start)
+    reactor.run(installSignalHandlers=False)
+    # Flushed: a late second signal (a process-group kill) must not turn a clean
+    # exit into death by signal.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(int(sys.argv[1]), int(sys.argv[2])))

@@ -1,0 +1,160 @@
+"""
+End to end with ``WORKERS=2``: ``twistd -n loghandler`` as a subprocess against
+moto's S3 server.  The supervisor opens the port and starts two worker processes
+that accept on it; ``/healthz`` answers for both; a worker killed with SIGKILL is
+restarted and what it had staged is merged by recovery; SIGTERM stops the
+supervisor only once both workers flushed; every acknowledged message is stored
+exactly once, in its own client's object.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import time
+from collections import Counter, defaultdict
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.helpers import read_lines
+from tests.integration.moto import shared_moto
+from tests.integration.test_end_to_end import Daemon, canonical, key, message_body, post_all
+
+
+def health(port: int) -> tuple[int, dict[str, Any]]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    connection.request("GET", "/healthz")
+    response = connection.getresponse()
+    body = json.loads(response.read())
+    connection.close()
+    return response.status, body
+
+
+def wait_for(what: str, check: Any, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError("timed out waiting for " + what)
+
+
+class WorkersEndToEndTests(SynchronousTestCase):
+    """Two workers on one port, against moto."""
+
+    def setUp(self) -> None:
+        self.moto = shared_moto()
+        self.moto.reset()
+        self.s3 = self.moto.botocore_client()
+        self.addCleanup(self.s3.close)
+        self.expected: dict[str, Counter[str]] = defaultdict(Counter)
+        self.next_id = 1
+
+    def start(self, **env: str) -> Daemon:
+        daemon = Daemon(
+            {**self.moto.env(), "WORKERS": "2", "SHUTDOWN_TIMEOUT_S": "20", **env},
+            os.path.abspath("."),
+        )
+        self.addCleanup(daemon.kill)
+        wait_for("two workers ready", lambda: health(daemon.port)[1].get("workers_running") == 2)
+        return daemon
+
+    def post(self, daemon: Daemon, count: int) -> None:
+        """POST ``count`` messages over 10 clients; all must be answered 200."""
+        now = int(time.time() * 1000)
+        bodies = []
+        for n in range(count):
+            client = 1 + n % 10
+            body = message_body(self.next_id, client, now)
+            self.next_id += 1
+            bodies.append(body)
+            self.expected[key(now, client)][canonical(body)] += 1
+        statuses = post_all(daemon.port, bodies, threads=8)
+        self.assertEqual(Counter(statuses), Counter({200: count}))
+
+    def check_bucket(self) -> None:
+        """Every object holds its acknowledged lines exactly once; nothing staged is left."""
+        listing = self.s3.list_objects_v2(Bucket=self.moto.bucket)
+        keys = sorted(o["Key"] for o in listing.get("Contents", []))
+        self.assertEqual(keys, sorted(self.expected))
+        self.assertEqual(self.s3.list_multipart_uploads(Bucket=self.moto.bucket).get("Uploads", []), [])
+        for object_key, want in self.expected.items():
+            data = self.s3.get_object(Bucket=self.moto.bucket, Key=object_key)["Body"].read()
+            got = Counter(line.decode("utf-8") for line in read_lines(data))
+            self.assertEqual(got, want, object_key)
+
+    def test_two_workers_flush_on_sigterm(self) -> None:
+        """
+        /healthz lists both workers (their pids, the budget summed); messages land
+        through both; SIGTERM to the supervisor: each worker flushes, then it exits.
+        """
+        daemon = self.start(BUFFER_BUDGET_BYTES=str(64 * 1024 * 1024))
+        status, body = health(daemon.port)
+        self.assertEqual(status, 200)
+        self.assertEqual(body["status"], "ok")
+        self.assertEqual(body["workers_expected"], 2)
+        self.assertEqual(body["buffer_budget_bytes"], 64 * 1024 * 1024)
+        pids = {w["pid"] for w in body["workers"]}
+        self.assertEqual(len(pids), 2)
+        self.assertNotIn(daemon.process.pid, pids)
+        self.post(daemon, 2000)
+        daemon.stop()
+        log = daemon.log()
+        for number in (1, 2):
+            self.assertIn("[worker %d] flush on stop done" % number, log)
+            self.assertIn("worker %d stopped" % number, log)
+        self.assertLess(log.index("worker 1 stopped"), log.index("all workers stopped"))
+        self.assertNotIn("Traceback", log)
+        # Both workers took messages: each completed objects.
+        self.assertRegex(log, r"\[worker 1\] completing \d+ objects")
+        self.assertRegex(log, r"\[worker 2\] completing \d+ objects")
+        self.check_bucket()
+        for pid in pids:
+            with self.assertRaises(ProcessLookupError):
+                os.kill(pid, 0)
+
+    def test_killed_worker_is_restarted_and_its_lines_recovered(self) -> None:
+        """
+        ``ACK=durable``: every 200 is in storage.  SIGKILL one worker: the supervisor
+        logs it and starts a new one (a new pid in /healthz); the other workers'
+        recovery merges what the dead one staged once its lease lapsed; after
+        SIGTERM every acknowledged message is stored exactly once.
+        """
+        daemon = self.start(
+            ACK="durable",
+            CHECKPOINT_S="0.2",
+            LEASE_S="1",
+            RECOVERY_INTERVAL_S="1",
+        )
+        self.post(daemon, 1000)
+        before = {w["worker"]: w["pid"] for w in health(daemon.port)[1]["workers"]}
+        os.kill(before[1], signal.SIGKILL)
+
+        def restarted() -> bool:
+            workers = {w["worker"]: w["pid"] for w in health(daemon.port)[1]["workers"]}
+            return workers.get(1) not in (None, before[1]) and workers.get(2) == before[2]
+
+        wait_for("worker 1 restarted", restarted)
+        self.assertIn("worker 1 (pid %d) ended unexpectedly (killed by signal 9)" % before[1], daemon.log())
+        # The dead worker's staging data (its uploads, then staging objects): merged
+        # by recovery once its lease (3 x LEASE_S) lapsed.
+        dead = re.search(r"\[worker 1\] loghandler on .* writer ([0-9a-f]{32})>", daemon.log())
+        assert dead is not None
+        staging = "_loghandler/staging/%s/" % dead.group(1)
+
+        def merged() -> bool:
+            uploads = self.s3.list_multipart_uploads(Bucket=self.moto.bucket, Prefix=staging)
+            objects = self.s3.list_objects_v2(Bucket=self.moto.bucket, Prefix=staging)
+            return not uploads.get("Uploads") and not objects.get("Contents")
+
+        wait_for("the dead worker's staging merged", merged)
+        self.assertIn("merged " + staging, daemon.log())
+        self.post(daemon, 500)
+        daemon.stop()
+        self.assertIn("all workers stopped", daemon.log())
+        self.check_bucket()

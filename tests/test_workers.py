@@ -1,0 +1,438 @@
+"""
+Tests for ``WORKERS``: the setting (:mod:`loghandler.config`, :mod:`loghandler.cpus`),
+the combined health (:mod:`loghandler.health`), the worker's channel to its supervisor
+(:mod:`loghandler.worker`) and the supervisor's restarts and stop
+(:mod:`loghandler.supervisor`), on a fake process reactor and ``task.Clock``.  The
+real processes are tested end to end in ``tests/integration/test_workers.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+from typing import Any, Optional
+
+from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import (
+    LogLevel,
+
+    eventAsJSON,
+    formatEventAsClassicLogText,
+    globalLogPublisher,
+)
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from loghandler.config import MiB, ConfigError, from_environ, worker_share
+from loghandler.cpus import cgroup_cpu_limit, usable_cpus
+from loghandler.health import combine_health
+from loghandler.supervisor import (
+    KILL_GRACE_S,
+    WorkerProcess,
+    WorkerSupervisor,
+    describe_exit,
+    open_listening_socket,
+)
+from loghandler.worker import FD_LISTEN, FD_REPORTS, REPORT_INTERVAL_S, SupervisorChannel
+
+BASE = {"NO_UPLOAD": "1"}
+
+
+class WorkersSettingTests(SynchronousTestCase):
+    """``WORKERS``: a number from 1 to 64 or ``auto``; each worker's share of the budget."""
+
+    def test_default_is_one(self) -> None:
+        self.assertEqual(from_environ(BASE).workers, 1)
+
+    def test_number(self) -> None:
+        self.assertEqual(from_environ({**BASE, "WORKERS": " 4 "}).workers, 4)
+
+    def test_auto_is_the_usable_cpus(self) -> None:
+        self.assertEqual(from_environ({**BASE, "WORKERS": "AUTO"}).workers, usable_cpus())
+
+    def test_bad_values(self) -> None:
+        for value, message in [
+            ("0", "WORKERS: must be 'auto' or from 1 to 64, got 0"),
+            ("65", "WORKERS: must be 'auto' or from 1 to 64, got 65"),
+            ("two", "WORKERS: must be 'auto' or a number of processes, got 'two'"),
+        ]:
+            with self.assertRaises(ConfigError) as caught:
+                from_environ({**BASE, "WORKERS": value})
+            self.assertEqual(str(caught.exception), message)
+
+    def test_budget_must_hold_four_parts_per_worker(self) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            from_environ({**BASE, "WORKERS": "4", "BUFFER_BUDGET_BYTES": str(64 * MiB)})
+        self.assertEqual(
+            str(caught.exception),
+            "BUFFER_BUDGET_BYTES: must be at least WORKERS x 4 x PART_SIZE_BYTES"
+            " (83886080 with WORKERS=4), got 67108864",
+        )
+
+    def test_batch_must_fit_half_a_share(self) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            from_environ(
+                {
+                    **BASE,
+                    "WORKERS": "2",
+                    "BUFFER_BUDGET_BYTES": str(48 * MiB),
+                    "BATCH_MAX_BYTES": str(16 * MiB),
+                }
+            )
+        self.assertIn("BATCH_MAX_BYTES: must be at most half of BUFFER_BUDGET_BYTES / WORKERS", str(caught.exception))
+
+    def test_worker_share(self) -> None:
+        """Each of N workers holds BUFFER_BUDGET_BYTES / N; one worker holds it all."""
+        config = from_environ({**BASE, "WORKERS": "3", "BUFFER_BUDGET_BYTES": str(300 * MiB)})
+        self.assertEqual(worker_share(config).buffer_budget_bytes, 100 * MiB)
+        one = from_environ(BASE)
+        self.assertIs(worker_share(one), one)
+
+
+class UsableCpusTests(SynchronousTestCase):
+    """``WORKERS=auto`` counts the affinity mask, capped by the cgroup CPU quota."""
+
+    def files(self, **contents: str) -> Any:
+        paths = {
+            "v2": "/sys/fs/cgroup/cpu.max",
+            "quota": "/sys/fs/cgroup/cpu/cpu.cfs_quota_us",
+            "period": "/sys/fs/cgroup/cpu/cpu.cfs_period_us",
+        }
+        table = {paths[name]: text for name, text in contents.items()}
+        return table.get
+
+    def test_cgroup_v2_quota(self) -> None:
+        self.assertEqual(cgroup_cpu_limit(self.files(v2="150000 100000")), 1.5)
+        self.assertEqual(usable_cpus(self.files(v2="150000 100000"), lambda: 8), 2)
+
+    def test_cgroup_v2_no_quota(self) -> None:
+        self.assertIsNone(cgroup_cpu_limit(self.files(v2="max 100000")))
+        self.assertEqual(usable_cpus(self.files(v2="max 100000"), lambda: 8), 8)
+
+    def test_cgroup_v1_quota(self) -> None:
+        read = self.files(quota="50000", period="100000")
+        self.assertEqual(cgroup_cpu_limit(read), 0.5)
+        self.assertEqual(usable_cpus(read, lambda: 4), 1)
+
+    def test_cgroup_v1_unlimited(self) -> None:
+        self.assertIsNone(cgroup_cpu_limit(self.files(quota="-1", period="100000")))
+
+    def test_no_cgroup_and_affinity_wins(self) -> None:
+        self.assertEqual(usable_cpus(self.files(), lambda: 3), 3)
+
+    def test_quota_never_below_one(self) -> None:
+        self.assertEqual(usable_cpus(self.files(v2="10000 100000"), lambda: 4), 1)
+
+    def test_garbage(self) -> None:
+        self.assertIsNone(cgroup_cpu_limit(self.files(v2="lots 100000")))
+
+
+def report(status: str = "ok", pid: int = 100, held: int = 10) -> dict[str, Any]:
+    return {
+        "status": status,
+        "open_objects": 2,
+        "completing_objects": 1,
+        "buffered_bytes": held,
+        "buffer_budget_bytes": 1000,
+        "pid": pid,
+    }
+
+
+class CombineHealthTests(SynchronousTestCase):
+    """The whole server's ``/healthz`` from the workers' reports."""
+
+    def test_all_ok_sums(self) -> None:
+        combined = combine_health({1: report(pid=11, held=5), 2: report(pid=12, held=7)}, 2)
+        self.assertEqual(
+            combined,
+            {
+                "status": "ok",
+                "open_objects": 4,
+                "completing_objects": 2,
+                "buffered_bytes": 12,
+                "buffer_budget_bytes": 2000,
+                "workers_running": 2,
+                "workers_expected": 2,
+                "workers": [
+                    {"worker": 1, "pid": 11, "status": "ok"},
+                    {"worker": 2, "pid": 12, "status": "ok"},
+                ],
+            },
+        )
+
+    def test_one_worker_not_ok(self) -> None:
+        combined = combine_health({1: report(), 2: report("buffers full")}, 2)
+        self.assertEqual(combined["status"], "worker 2: buffers full")
+
+    def test_a_worker_being_restarted_is_still_ok(self) -> None:
+        combined = combine_health({2: report()}, 2)
+        self.assertEqual((combined["status"], combined["workers_running"]), ("ok", 1))
+
+    def test_none_running(self) -> None:
+        self.assertEqual(combine_health({}, 2)["status"], "no worker running")
+
+    def test_stopping(self) -> None:
+        self.assertEqual(combine_health({1: report()}, 2, stopping=True)["status"], "stopping")
+
+
+class SupervisorChannelTests(SynchronousTestCase):
+    """The worker reports its health each second and answers with the combined one."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.local = report(pid=0)
+        self.gone: list[bool] = []
+        self.channel = SupervisorChannel(
+            2, lambda: dict(self.local), self.clock, lambda: self.gone.append(True)
+        )
+        self.transport = StringTransport()
+        self.channel.makeConnection(self.transport)
+
+    def sent(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.transport.value().splitlines()]
+
+    def test_reports_now_and_every_interval(self) -> None:
+        self.assertEqual(len(self.sent()), 1)
+        self.clock.advance(REPORT_INTERVAL_S)
+        self.clock.advance(REPORT_INTERVAL_S)
+        sent = self.sent()
+        self.assertEqual(len(sent), 3)
+        self.assertEqual(sent[-1]["status"], "ok")
+        self.assertIsInstance(sent[-1]["pid"], int)
+        self.assertNotEqual(sent[-1]["pid"], 0)
+
+    def test_local_until_combined_arrives(self) -> None:
+        self.assertEqual(self.channel.health(), self.local)
+
+    def test_combined_while_fresh(self) -> None:
+        combined = combine_health({1: report(pid=1), 2: report(pid=2)}, 2)
+        self.channel.dataReceived(json.dumps(combined).encode() + b"\n")
+        self.assertEqual(self.channel.health(), combined)
+        self.clock.advance(3 * REPORT_INTERVAL_S)
+        self.assertEqual(self.channel.health(), combined)
+        self.clock.advance(0.1)
+        self.assertEqual(self.channel.health(), self.local)
+
+    def test_own_reason_wins_over_stale_ok(self) -> None:
+        """The worker answering is stopping before the supervisor's view says so."""
+        self.channel.dataReceived(json.dumps(combine_health({2: report()}, 2)).encode() + b"\n")
+        self.local["status"] = "stopping"
+        self.assertEqual(self.channel.health()["status"], "worker 2: stopping")
+
+    def test_garbage_is_logged_not_used(self) -> None:
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.channel.dataReceived(b"{not json\n")
+        self.assertEqual(self.channel.health(), self.local)
+        self.assertIn("unreadable health", formatEventAsClassicLogText(events[-1]) or "")
+
+    def test_supervisor_gone_stops(self) -> None:
+        self.channel.connectionLost(Failure(ConnectionError()))
+        self.assertEqual(self.gone, [True])
+        self.clock.advance(10)
+        self.assertEqual(len(self.sent()), 1)
+
+
+class FakeProcess:
+    def __init__(self, pid: int) -> None:
+        self.pid: Optional[int] = pid
+        self.signals: list[str] = []
+        self.written: list[bytes] = []
+
+    def signalProcess(self, name: str) -> None:
+        if self.pid is None:
+            raise ProcessExitedAlready()
+        self.signals.append(name)
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+
+class FakeProcessReactor(Clock):
+    """``spawnProcess`` recording each call, on a ``Clock``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[tuple[WorkerProcess, list[str], dict[int, Any], FakeProcess]] = []
+        self.stopped = 0
+
+    def spawnProcess(
+        self, protocol: WorkerProcess, executable: str, args: list[str], env: Any, childFDs: Any
+    ) -> FakeProcess:
+        process = FakeProcess(1000 + len(self.spawned))
+        protocol.makeConnection(process)  # type: ignore[arg-type]
+        self.spawned.append((protocol, args, childFDs, process))
+        return process
+
+    def stop(self) -> None:
+        self.stopped += 1
+
+
+def exited(code: Optional[int] = None, signum: Optional[int] = None) -> Failure:
+    if code == 0 and signum is None:
+        return Failure(ProcessDone(0))
+    return Failure(ProcessTerminated(exitCode=code, signal=signum))
+
+
+class SupervisorTests(SynchronousTestCase):
+    """Start, health hand-over, restarts with backoff, stop."""
+
+    def setUp(self) -> None:
+        self.reactor = FakeProcessReactor()
+        self.config = from_environ(
+            {**BASE, "WORKERS": "2", "ADDR": "127.0.0.1", "PORT": "0", "SHUTDOWN_TIMEOUT_S": "10"}
+        )
+        self.supervisor = WorkerSupervisor(
+            self.config, self.reactor, {"WORKERS": "2", "X": "y"}, executable="/py"
+        )
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.supervisor.startService()
+        self.addCleanup(self.close)
+
+    def close(self) -> None:
+        socket_ = self.supervisor._socket
+        if socket_ is not None:
+            socket_.close()
+
+    def logged(self) -> str:
+        return "\n".join(formatEventAsClassicLogText(e) or "" for e in self.events)
+
+    def test_starts_each_worker_on_the_socket(self) -> None:
+        """Two ``python -m loghandler.worker N FAMILY`` with the socket as fd 3."""
+        self.assertEqual(len(self.reactor.spawned), 2)
+        for number, (protocol, args, fds, _) in enumerate(self.reactor.spawned, 1):
+            self.assertEqual(args, ["/py", "-m", "loghandler.worker", str(number), str(int(socket.AF_INET))])
+            self.assertEqual(fds[FD_LISTEN], self.supervisor._socket.fileno())  # type: ignore[union-attr]
+            self.assertEqual((fds[0], fds[1], fds[2], fds[FD_REPORTS]), ("w", "r", "r", "r"))
+            self.assertEqual(protocol.number, number)
+        self.assertEqual(self.supervisor.pids, {1: 1000, 2: 1001})
+        listening = socket.create_connection(("127.0.0.1", self.supervisor.port))
+        listening.close()
+
+    def test_reports_are_combined_and_handed_to_every_worker(self) -> None:
+        first, second = self.reactor.spawned[0][0], self.reactor.spawned[1][0]
+        first.childDataReceived(FD_REPORTS, json.dumps(report(pid=1000)).encode())
+        first.childDataReceived(FD_REPORTS, b"\n")
+        second.childDataReceived(FD_REPORTS, json.dumps(report("buffers full", 1001)).encode() + b"\n")
+        for _, _, _, process in self.reactor.spawned:
+            last = json.loads(b"".join(process.written).splitlines()[-1])
+            self.assertEqual(last["status"], "worker 2: buffers full")
+            self.assertEqual(last["workers_running"], 2)
+        self.assertEqual(self.supervisor.health()["buffered_bytes"], 20)
+
+    def test_worker_log_events_are_republished(self) -> None:
+        event = {"log_format": "hello {who}", "who": "there", "log_level": LogLevel.warn, "log_namespace": "x"}
+        line = eventAsJSON(event).encode()
+        self.reactor.spawned[1][0].childDataReceived(1, line[:10])
+        self.reactor.spawned[1][0].childDataReceived(1, line[10:] + b"\n")
+        self.reactor.spawned[1][0].childDataReceived(2, b"Traceback: boom\n")
+        text = self.logged()
+        self.assertIn("[worker 2] hello there", text)
+        self.assertIn("worker 2: Traceback: boom", text)
+
+    def test_restart_with_backoff(self) -> None:
+        """1 s, 2 s, 4 s... while a worker keeps dying young; 1 s again once it ran 60 s."""
+        delays = []
+        for _ in range(4):
+            spawned = len(self.reactor.spawned)
+            self.supervisor._workers[1].processEnded(exited(signum=signal.SIGKILL))
+            waited = 0.0
+            while len(self.reactor.spawned) == spawned:
+                self.reactor.advance(0.5)
+                waited += 0.5
+            delays.append(waited)
+        self.assertEqual(delays, [1.0, 2.0, 4.0, 8.0])
+        self.assertIn("worker 1 (pid 1000) ended unexpectedly (killed by signal 9) after 0.0 s; restarting it in 1 s", self.logged())
+        self.reactor.advance(60)
+        self.supervisor._workers[1].processEnded(exited(code=75))
+        self.reactor.advance(1)
+        self.assertEqual(self.supervisor.pids[1], self.reactor.spawned[-1][3].pid)
+        self.assertIn("(exit status 75) after 60.0 s; restarting it in 1 s", self.logged())
+
+    def test_restart_cap(self) -> None:
+        for _ in range(10):
+            self.supervisor._workers[1].processEnded(exited(code=1))
+            self.reactor.advance(30)
+        self.assertIn("restarting it in 30 s", self.logged())
+        self.assertNotIn("restarting it in 32 s", self.logged())
+
+    def test_configuration_refused_stops(self) -> None:
+        """A worker that exits 2 before any report refused its settings: no restart loop."""
+        self.reactor.spawned[0][0].processEnded(exited(code=2))
+        self.assertEqual(self.reactor.stopped, 1)
+        self.reactor.advance(100)
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.assertIn("worker 1 refused the configuration", self.logged())
+
+    def test_stop_waits_for_every_worker(self) -> None:
+        stopped = self.supervisor.stopService()
+        self.assertEqual([p.signals for _, _, _, p in self.reactor.spawned], [["TERM"], ["TERM"]])
+        last = json.loads(b"".join(self.reactor.spawned[0][3].written).splitlines()[-1])
+        self.assertEqual(last["status"], "stopping")
+        self.reactor.spawned[0][0].processEnded(exited(signum=signal.SIGTERM))
+        self.assertNoResult(stopped)
+        self.reactor.spawned[1][0].processEnded(exited(code=0))
+        self.successResultOf(stopped)
+        self.assertIsNone(self.supervisor._socket)
+        self.reactor.advance(100)
+        self.assertEqual(len(self.reactor.spawned), 2)  # no restart while stopping
+        self.assertIn("worker 2 stopped (exit status 0)", self.logged())
+        self.assertIn("all workers stopped", self.logged())
+
+    def test_stop_cancels_a_pending_restart(self) -> None:
+        self.reactor.spawned[0][0].processEnded(exited(code=1))
+        stopped = self.supervisor.stopService()
+        self.reactor.spawned[1][0].processEnded(exited(code=0))
+        self.successResultOf(stopped)
+        self.reactor.advance(100)
+        self.assertEqual(len(self.reactor.spawned), 2)
+
+    def test_stop_kills_a_worker_past_the_deadline(self) -> None:
+        stopped = self.supervisor.stopService()
+        self.reactor.spawned[0][0].processEnded(exited(code=0))
+        self.reactor.advance(self.config.shutdown_timeout_s + KILL_GRACE_S - 0.1)
+        self.assertEqual(self.reactor.spawned[1][3].signals, ["TERM"])
+        self.reactor.advance(0.1)
+        self.assertEqual(self.reactor.spawned[1][3].signals, ["TERM", "KILL"])
+        self.assertIn("worker 2 (pid 1001) still running 15 s after SIGTERM; killing it", self.logged())
+        self.reactor.spawned[1][0].processEnded(exited(signum=signal.SIGKILL))
+        self.successResultOf(stopped)
+
+
+class ExitDescriptionTests(SynchronousTestCase):
+    def test_descriptions(self) -> None:
+        self.assertEqual(describe_exit(exited(code=0)), "exit status 0")
+        self.assertEqual(describe_exit(exited(code=75)), "exit status 75")
+        self.assertEqual(describe_exit(exited(signum=9)), "killed by signal 9")
+
+
+class ListeningSocketTests(SynchronousTestCase):
+    def test_port_in_use(self) -> None:
+        first = open_listening_socket("127.0.0.1", 0)
+        self.addCleanup(first.close)
+        with self.assertRaises(OSError):
+            open_listening_socket("127.0.0.1", first.getsockname()[1])
+
+    def test_busy_port_is_one_line_and_exit_2(self) -> None:
+        first = open_listening_socket("127.0.0.1", 0)
+        self.addCleanup(first.close)
+        config = from_environ({**BASE, "WORKERS": "2", "ADDR": "127.0.0.1", "PORT": str(first.getsockname()[1])})
+        supervisor = WorkerSupervisor(config, FakeProcessReactor(), {})
+        import io
+        import sys
+
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        with self.assertRaises(SystemExit) as caught:
+            supervisor.privilegedStartService()
+        self.assertEqual(caught.exception.code, 2)
+        self.assertRegex(stderr.getvalue(), r"^loghandler: ADDR/PORT: cannot listen on 127.0.0.1:\d+: Address already in use\n$")
+
+
+
