@@ -6,6 +6,17 @@ member's compressed bytes reach the part size, the member is closed and handed o
 as a whole part, so every part is one or more complete gzip members: any sequence of
 parts, and so any prefix of an object's parts, is a valid gzip file (RFC 1952
 section 2.2: a gzip file is a series of members).  Pure: no I/O.
+
+Memory per encoder is kept small for quiet keys: a zlib compressor holds
+:data:`COMPRESSOR_BYTES` (256 KiB of window and hash tables), so the first
+``stage_bytes`` of each member are held as they came (staged) and compressed in
+one go, by a compressor that lives only for that call, when a checkpoint needs them
+(:meth:`GzipPartEncoder.snapshot`) or the member closes.  Only a member that grows
+past ``stage_bytes`` gets a compressor of its own, and
+:meth:`GzipPartEncoder.release_compressor` (an idle key) closes that member and
+frees it; the next line starts a new member.  Deflate's output does not depend on
+how its input is split into calls, so a busy key's bytes are exactly those of one
+compressor fed line by line.
 """
 
 from __future__ import annotations
@@ -13,8 +24,30 @@ from __future__ import annotations
 import zlib
 from typing import Optional
 
-#: zlib's wbits for a gzip wrapper with a 32 KiB window.
-_GZIP_WBITS = 16 + zlib.MAX_WBITS
+#: zlib's window bits (a 32 KiB window, as ``gzip -6``) and memLevel (its default).
+_WINDOW_BITS = zlib.MAX_WBITS
+_MEM_LEVEL = zlib.DEF_MEM_LEVEL
+#: zlib's wbits for a gzip wrapper with that window.
+_GZIP_WBITS = 16 + _WINDOW_BITS
+
+#: Bytes one live zlib compressor allocates with these settings: its window, hash
+#: chains and pending buffer, ``(1 << (windowBits + 2)) + (1 << (memLevel + 9))``
+#: (zlib's zconf.h), 256 KiB, plus its ``deflate_state`` (about 6 KB; 268,314 bytes in
+#: all as tracemalloc counts zlib 1.2.13's allocations from CPython 3.11).  CPython's
+#: ``flush(Z_FINISH)`` frees them (``deflateEnd``).
+COMPRESSOR_BYTES = (1 << (_WINDOW_BITS + 2)) + (1 << (_MEM_LEVEL + 9)) + 6_200
+
+#: Uncompressed bytes a member holds staged before it gets a compressor of its own.
+#: A quiet key's members are at least this large when they close early (idle), and
+#: gzip members of 32 KiB of NDJSON store about 1.13x ``gzip -6`` of the same lines
+#: (64 KiB: 1.07x; one 130-byte line per member: 6x).
+STAGE_BYTES = 32 * 1024
+
+
+def _compress(data: bytes, level: int) -> bytes:
+    """``data`` as one whole gzip member, as a compressor with our settings writes it."""
+    compressor = zlib.compressobj(level, zlib.DEFLATED, _GZIP_WBITS, _MEM_LEVEL)
+    return compressor.compress(data) + compressor.flush(zlib.Z_FINISH)
 
 
 class GzipPartEncoder:
@@ -25,12 +58,18 @@ class GzipPartEncoder:
         handed out as a part (S3's minimum part is 5 MiB; the part handed out is at
         least this large).
     :param level: zlib compression level, 1 (fast) to 9 (small).
+    :param stage_bytes: uncompressed bytes of a member held as they came before a
+        compressor is started for it (0: at once).
     """
 
-    def __init__(self, part_size: int, level: int = 6) -> None:
+    def __init__(self, part_size: int, level: int = 6, stage_bytes: int = STAGE_BYTES) -> None:
         self._part_size = part_size
         self._level = level
-        self._compressor = zlib.compressobj(level, zlib.DEFLATED, _GZIP_WBITS)
+        self._stage_limit = stage_bytes
+        self._compressor: Optional["zlib._Compress"] = None
+        self._staged = bytearray()
+        # Compressed bytes of the part being filled: closed members, then the live
+        # member's output so far.
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._pending = 0
@@ -39,6 +78,25 @@ class GzipPartEncoder:
     def buffered_bytes(self) -> int:
         """Compressed bytes held for the part being filled."""
         return self._buffered
+
+    @property
+    def staged_bytes(self) -> int:
+        """Uncompressed bytes held for the member being filled, not compressed yet."""
+        return len(self._staged)
+
+    @property
+    def holds_compressor(self) -> bool:
+        """Whether a live compressor (:data:`COMPRESSOR_BYTES` of memory) is held."""
+        return self._compressor is not None
+
+    @property
+    def memory_bytes(self) -> int:
+        """
+        Bytes this encoder holds: compressed bytes, staged bytes and, while it holds
+        one, the compressor's :data:`COMPRESSOR_BYTES`.
+        """
+        held = self._buffered + len(self._staged)
+        return held + COMPRESSOR_BYTES if self._compressor is not None else held
 
     @property
     def pending(self) -> bool:
@@ -55,7 +113,18 @@ class GzipPartEncoder:
         if not data:
             return None
         self._pending += len(data)
-        out = self._compressor.compress(data)
+        compressor = self._compressor
+        if compressor is None:
+            staged = self._staged
+            staged += data
+            if len(staged) < self._stage_limit:
+                return None
+            compressor = self._compressor = zlib.compressobj(
+                self._level, zlib.DEFLATED, _GZIP_WBITS, _MEM_LEVEL
+            )
+            data = bytes(staged)
+            self._staged = bytearray()
+        out = compressor.compress(data)
         if out:
             self._chunks.append(out)
             self._buffered += len(out)
@@ -72,17 +141,44 @@ class GzipPartEncoder:
         """
         The part being filled as it stands, as whole gzip members: the compressed
         bytes so far plus the trailer of a *copy* of the compressor, finished
-        (``compressobj.copy()``, then ``flush(Z_FINISH)``).  The live member is not
-        cut: later writes, parts and :meth:`finish` are byte for byte what they
-        would be without snapshots (DESIGN.md section 6, checkpoints).  Empty when
-        nothing was written since the last part.
+        (``compressobj.copy()``, then ``flush(Z_FINISH)``), or the staged bytes
+        compressed as one member.  The live member is not cut: later writes, parts
+        and :meth:`finish` are byte for byte what they would be without snapshots
+        (DESIGN.md section 6, checkpoints).  Empty when nothing was written since
+        the last part.
         """
         if not self._pending:
             return b""
-        trailer = self._compressor.copy().flush(zlib.Z_FINISH)
+        if self._compressor is not None:
+            trailer = self._compressor.copy().flush(zlib.Z_FINISH)
+        elif self._staged:
+            trailer = _compress(bytes(self._staged), self._level)
+        else:
+            trailer = b""
         if len(self._chunks) > 1:
             self._chunks = [b"".join(self._chunks)]
         return (self._chunks[0] if self._chunks else b"") + trailer
+
+    def release_compressor(self) -> None:
+        """
+        Close the live member, if a compressor holds one, and free the compressor
+        (a key gone quiet): its bytes stay in the part being filled as a whole
+        member, and the next write starts a new member.  Staged bytes stay staged.
+        """
+        if self._compressor is not None:
+            self._close_member()
+
+    def _close_member(self) -> None:
+        if self._compressor is not None:
+            tail = self._compressor.flush(zlib.Z_FINISH)
+            self._compressor = None
+        elif self._staged:
+            tail = _compress(bytes(self._staged), self._level)
+            self._staged = bytearray()
+        else:
+            return
+        self._chunks.append(tail)
+        self._buffered += len(tail)
 
     def finish(self) -> bytes:
         """
@@ -92,12 +188,11 @@ class GzipPartEncoder:
         """
         if not self._pending:
             return b""
-        self._chunks.append(self._compressor.flush(zlib.Z_FINISH))
+        self._close_member()
         body = b"".join(self._chunks)
         self._chunks = []
         self._buffered = 0
         self._pending = 0
-        self._compressor = zlib.compressobj(self._level, zlib.DEFLATED, _GZIP_WBITS)
         return body
 
 

@@ -1,8 +1,8 @@
 """
 Object key -> open :class:`~loghandler.stream.ObjectStream`: admission (the memory
-budget, per-key backpressure, stopping), rotation after ``QUEUE_TIMEOUT_MIN`` on a
-reactor timer, and :meth:`StreamRegistry.close_all` for the flush on stop
-(DESIGN.md section 4).
+budget, each client's share of it, per-key backpressure, stopping), rotation after
+``QUEUE_TIMEOUT_MIN`` on a reactor timer, freeing the compressors of idle streams,
+and :meth:`StreamRegistry.close_all` for the flush on stop (DESIGN.md section 4).
 """
 
 from __future__ import annotations
@@ -17,16 +17,23 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from loghandler.budget import MemoryBudget
+from loghandler.budget import MemoryBudget, Share
 from loghandler.interfaces import IObjectStore
 from loghandler.keys import key_for
 from loghandler.message import Message
+from loghandler.gzipframe import COMPRESSOR_BYTES, STAGE_BYTES
 from loghandler.stream import ObjectStream
 
 
-#: Memory a stream holds besides its buffers: zlib's deflate state at the default
-#: settings is (1 << (15 + 2)) + (1 << (8 + 9)) bytes, 256 KiB (zlib's zconf.h).
-STREAM_OVERHEAD_BYTES = 256 * 1024
+#: Memory an open stream holds besides what its encoder and parts hold (those are
+#: counted as they change, the compressor's state included): the stream, its writer,
+#: its timer and their Python objects, about 4 KiB as tracemalloc counts them with the
+#: S3 writer (bench/many_keys.py --overhead); counted from open to completion.
+STREAM_OVERHEAD_BYTES = 6 * 1024
+
+#: Seconds without a line after which a stream's member is closed and its compressor
+#: freed (a sweep every that many seconds: freed 5 to 10 s after the last line).
+IDLE_S = 5.0
 
 
 class Busy(Exception):
@@ -58,6 +65,12 @@ class StreamSettings:
         lines (``CHECKPOINT_S``); 0 for none but those :meth:`Accepted.durable` asks.
     :ivar checkpoints_at_once: checkpoints one round starts at once (each holds a
         copy of its stream's part being filled, counted in the budget).
+    :ivar client_budget_bytes: bytes one client's streams may hold before that
+        client's messages get 503 (``CLIENT_BUDGET_BYTES``); None: no share.
+    :ivar idle_s: seconds without a line after which a stream frees its compressor
+        (0: never).
+    :ivar stage_bytes: uncompressed bytes of a member held before it gets a
+        compressor.
     """
 
     part_size: int
@@ -66,6 +79,9 @@ class StreamSettings:
     budget_bytes: int = 256 * 1024 * 1024
     checkpoint_s: float = 0.0
     checkpoints_at_once: int = 4
+    client_budget_bytes: Optional[int] = None
+    idle_s: float = IDLE_S
+    stage_bytes: int = STAGE_BYTES
 
 
 @attrs.frozen
@@ -117,6 +133,7 @@ class _Open:
     stream: ObjectStream
     admission: _KeyAdmission
     timer: IDelayedCall
+    share: MemoryBudget
 
 
 class StreamRegistry:
@@ -147,12 +164,16 @@ class StreamRegistry:
         self._uniform = uniform
         self.budget = budget if budget is not None else MemoryBudget(settings.budget_bytes)
         self._open: dict[str, _Open] = {}
-        self._closing: set[ObjectStream] = set()
+        self._closing: dict[ObjectStream, MemoryBudget] = {}
+        #: client_id -> its share of the budget, while it has streams.
+        self.shares: dict[int, Share] = {}
         self.stopping = False
         #: False until the store was found reachable (set by the stream service).
         self.ready = True
         self._checkpoints = LoopingCall(self.checkpoint_all)
         self._checkpoints.clock = clock
+        self._idle_sweep = LoopingCall(self.release_idle)
+        self._idle_sweep.clock = clock
 
     @property
     def open_keys(self) -> list[str]:
@@ -180,18 +201,24 @@ class StreamRegistry:
             memory budget is spent, or the key's parts are backed up.
         """
         self._check_admission()
-        key = key_for(message.timestamp, message.client_id)
+        client_id = message.client_id
+        share = self.shares.get(client_id)
+        if share is not None and share.held >= share.limit:
+            self._relieve(share)
+            raise Busy("this client's buffers are full", 1)
+        key = key_for(message.timestamp, client_id)
         entry = self._open.get(key)
         if entry is not None and entry.admission.paused:
             raise Busy("uploads for this object are backed up", 1)
-        return self._write(key, message.to_line())
+        return self._write(key, message.to_line(), client_id)
 
     def accept_batch(self, messages: list[Message]) -> list[Accepted]:
         """
         Add validated messages, all or none: every check :meth:`accept` makes is made
         for the whole batch first, then all are written.  The budget must have room
-        for the lines uncompressed (more than they will hold once compressed) and for
-        each stream the batch opens.
+        for the lines uncompressed (more than they will hold once compressed), for
+        each stream the batch opens and each compressor it starts, in the global
+        budget and in each client's share.
 
         :returns: where each message went, in order.
 
@@ -199,20 +226,37 @@ class StreamRegistry:
             left; nothing was accepted.
         """
         self._check_admission()
-        lines = [(key_for(m.timestamp, m.client_id), m.to_line()) for m in messages]
+        lines = [(key_for(m.timestamp, m.client_id), m.to_line(), m.client_id) for m in messages]
+        per_key: dict[str, tuple[int, int]] = {}  # key -> (bytes, client_id)
+        for key, line, client_id in lines:
+            size, _ = per_key.get(key, (0, client_id))
+            per_key[key] = (size + len(line), client_id)
         needed = 0
-        new_keys: set[str] = set()
-        for key, line in lines:
-            needed += len(line)
+        per_client: dict[int, int] = {}
+        for key, (size, client_id) in per_key.items():
             entry = self._open.get(key)
             if entry is None:
-                new_keys.add(key)
+                size += STREAM_OVERHEAD_BYTES
+                if size >= self._settings.stage_bytes:
+                    size += COMPRESSOR_BYTES
             elif entry.admission.paused:
                 raise Busy("uploads for this object are backed up", 1)
-        needed += len(new_keys) * STREAM_OVERHEAD_BYTES
+            elif (
+                not entry.stream.holds_compressor
+                and entry.stream.staged_bytes + size >= self._settings.stage_bytes
+            ):
+                size += COMPRESSOR_BYTES
+            needed += size
+            per_client[client_id] = per_client.get(client_id, 0) + size
         if self.budget.held + needed > self.budget.limit:
             raise Busy("buffers are too full for this batch", 1)
-        return [self._write(key, line) for key, line in lines]
+        limit = self._settings.client_budget_bytes
+        if limit is not None:
+            for client_id, size in per_client.items():
+                share = self.shares.get(client_id)
+                if (share.held if share is not None else 0) + size > limit:
+                    raise Busy("this client's buffers are too full for this batch", 1)
+        return [self._write(key, line, client_id) for key, line, client_id in lines]
 
     def _check_admission(self) -> None:
         """
@@ -224,14 +268,14 @@ class StreamRegistry:
         if not self.ready:
             raise Busy("storage is not reachable yet", 5)
         if self.budget.exhausted:
-            self._relieve()
+            self._relieve(None)
             raise Busy("buffers are full", 1)
 
-    def _write(self, key: str, line: bytes) -> Accepted:
+    def _write(self, key: str, line: bytes, client_id: int) -> Accepted:
         """Write one line to the key's stream, opening it if needed."""
         entry = self._open.get(key)
         if entry is None:
-            entry = self._open[key] = self._start(key)
+            entry = self._open[key] = self._start(key, client_id)
         stream = entry.stream
         try:
             stream.write(line)
@@ -246,9 +290,30 @@ class StreamRegistry:
         return accepted
 
     def start_checkpoints(self) -> None:
-        """Checkpoint every stream every ``checkpoint_s`` (when it is not 0) until stop."""
+        """
+        Checkpoint every stream every ``checkpoint_s`` (when it is not 0), and free
+        the compressors of streams idle for ``idle_s`` (when it is not 0) every
+        ``idle_s``, until stop.
+        """
         if self._settings.checkpoint_s > 0 and not self._checkpoints.running:
             self._checkpoints.start(self._settings.checkpoint_s, now=False)
+        if self._settings.idle_s > 0 and not self._idle_sweep.running:
+            self._idle_sweep.start(self._settings.idle_s, now=False)
+
+    def release_idle(self) -> int:
+        """
+        Close the member and free the compressor of each open stream that received
+        no line for ``idle_s`` seconds (its part buffer stays; its next line starts a
+        new member).
+
+        :returns: how many compressors were freed.
+        """
+        cutoff = self._clock.seconds() - self._settings.idle_s
+        freed = 0
+        for entry in self._open.values():
+            if entry.stream.release_idle(cutoff):
+                freed += 1
+        return freed
 
     def checkpoint_all(self) -> "Deferred[None]":
         """
@@ -284,39 +349,59 @@ class StreamRegistry:
         start_more()
         return round_done
 
-    def _relieve(self) -> None:
+    def _relieve(self, share: Optional[MemoryBudget]) -> None:
         """
-        With the budget spent and no completing object still holding unstored data in
-        memory, complete the open object that buffers the most: many objects each
-        holding part of a part would otherwise refuse every message until they rotate.
-        A completion that is merging (its data already stored) does not block this.
+        With the budget (or a client's ``share`` of it) spent and no completing
+        object (of that client) still holding unstored data in memory, complete the
+        open object (of that client) that holds the most: many objects each holding
+        part of a part would otherwise refuse every message until they rotate.  A
+        completion that is merging (its data already stored) does not block this.
         """
-        if not self._open or any(stream.unstaged_bytes for stream in self._closing):
+        if any(
+            stream.unstaged_bytes
+            for stream, owner in self._closing.items()
+            if share is None or owner is share
+        ):
             return
-        key = max(self._open, key=lambda k: self._open[k].stream.buffered_bytes)
+        keys = [k for k, e in self._open.items() if share is None or e.share is share]
+        if not keys:
+            return
+        key = max(keys, key=lambda k: self._open[k].stream.filling_bytes)
+        budget = self.budget if share is None else share
         self._log.warn(
-            "buffers are full ({held} of {limit} bytes); completing {key} early",
-            held=self.budget.held,
-            limit=self.budget.limit,
+            "{whose} are full ({held} of {limit} bytes); completing {key} early",
+            whose="buffers" if share is None else "this client's buffers",
+            held=budget.held,
+            limit=budget.limit,
             key=key,
         )
         self._complete(key)
 
-    def _start(self, key: str) -> _Open:
+    def _start(self, key: str, client_id: int) -> _Open:
         settings = self._settings
+        share: MemoryBudget = self.budget
+        if settings.client_budget_bytes is not None:
+            client = self.shares.get(client_id)
+            if client is None:
+                client = self.shares[client_id] = Share(
+                    settings.client_budget_bytes, self.budget, client_id
+                )
+            client.streams += 1
+            share = client
         stream = ObjectStream(
             self._store.open(key),
             self._clock,
             settings.part_size,
             settings.parts_in_flight,
-            self.budget,
+            share,
+            settings.stage_bytes,
         )
         admission = _KeyAdmission()
         stream.registerProducer(admission, True)
-        self.budget.change(STREAM_OVERHEAD_BYTES)
+        share.change(STREAM_OVERHEAD_BYTES)
         lifetime = settings.lifetime_s * self._uniform(0.9, 1.0)
         timer = self._clock.callLater(lifetime, self._complete, key)
-        return _Open(stream, admission, timer)
+        return _Open(stream, admission, timer, share)
 
     def _complete(self, key: str) -> Optional[Deferred[None]]:
         """Take the key's stream out of service and complete its object."""
@@ -326,14 +411,18 @@ class StreamRegistry:
         if entry.timer.active():
             entry.timer.cancel()
         stream = entry.stream
-        self._closing.add(stream)
+        self._closing[stream] = entry.share
         done = stream.close()
         done.addCallback(self._closed, stream)
         return done
 
     def _closed(self, result: None, stream: ObjectStream) -> None:
-        self._closing.discard(stream)
-        self.budget.change(-STREAM_OVERHEAD_BYTES)
+        share = self._closing.pop(stream)
+        share.change(-STREAM_OVERHEAD_BYTES)
+        if isinstance(share, Share):
+            share.streams -= 1
+            if not share.streams:
+                del self.shares[share.client_id]
 
     def close_all(self) -> Deferred[object]:
         """
@@ -346,6 +435,8 @@ class StreamRegistry:
         self.stopping = True
         if self._checkpoints.running:
             self._checkpoints.stop()
+        if self._idle_sweep.running:
+            self._idle_sweep.stop()
         self._log.info("completing {count} objects", count=len(self._open) + len(self._closing))
         for key in list(self._open):
             self._complete(key)

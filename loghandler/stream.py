@@ -18,6 +18,12 @@ lines of landed parts and checkpoints) and :meth:`wait_durable` tells a caller w
 its line is (group commit: a waiting caller starts the next checkpoint as soon as
 the one in flight ends).
 
+Memory: a stream's encoder stages a quiet member's lines uncompressed and holds a
+zlib compressor only for a member past its staging size;
+:meth:`ObjectStream.release_idle` closes the member of a stream idle since a
+cutoff, freeing that compressor (its part buffer stays).  Every byte the encoder
+holds, the compressor's state included, is counted in the budget.
+
 The stream knows no part numbers, conditions or retries: the writer stores every part
 (retrying every failure) or is abandoned at the shutdown deadline, and the stream
 counts what was stored and logs what was not.
@@ -35,7 +41,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from loghandler.budget import MemoryBudget
-from loghandler.gzipframe import GzipPartEncoder
+from loghandler.gzipframe import STAGE_BYTES, GzipPartEncoder
 from loghandler.interfaces import Abandoned, Finished, IObjectWriter
 
 
@@ -53,6 +59,8 @@ class ObjectStream:
     :param part_size: compressed bytes per part.
     :param parts_in_flight: parts handed to the writer at once.
     :param budget: counts the bytes this stream holds.
+    :param stage_bytes: uncompressed bytes of a member held before it gets a
+        compressor (:data:`~loghandler.gzipframe.STAGE_BYTES`).
     """
 
     _log = Logger()
@@ -64,11 +72,12 @@ class ObjectStream:
         part_size: int,
         parts_in_flight: int,
         budget: MemoryBudget,
+        stage_bytes: int = STAGE_BYTES,
     ) -> None:
         self.key: str = writer.key
         self._writer = writer
         self._clock = clock
-        self._encoder = GzipPartEncoder(part_size)
+        self._encoder = GzipPartEncoder(part_size, stage_bytes=stage_bytes)
         self._parts_in_flight = parts_in_flight
         self._budget = budget
         # (body, lines in it) of the parts waiting to be handed to the writer.
@@ -93,6 +102,8 @@ class ObjectStream:
         self.raw_bytes = 0
         self.stored_bytes = 0
         self.started = clock.seconds()
+        #: When the last line was written (the clock's seconds).
+        self.last_write = self.started
         #: Lines (the first ones, in order) known to be in storage.
         self.durable_lines = 0
         self._durable_waiters: collections.deque[tuple[int, Deferred[bool]]] = (
@@ -115,12 +126,33 @@ class ObjectStream:
         return self._encoder.buffered_bytes
 
     @property
+    def filling_bytes(self) -> int:
+        """
+        Bytes held for the part being filled: compressed, staged, and the
+        compressor while one is held (what completing the stream now frees once
+        its tail is stored).
+        """
+        return self._encoder.memory_bytes
+
+    @property
+    def staged_bytes(self) -> int:
+        """Uncompressed bytes of the member being filled not compressed yet."""
+        return self._encoder.staged_bytes
+
+    @property
+    def holds_compressor(self) -> bool:
+        """Whether the stream holds a live zlib compressor (its member is open)."""
+        return self._encoder.holds_compressor
+
+    @property
     def unstaged_bytes(self) -> int:
         """
-        Compressed bytes held in memory that the writer has not stored yet (the
-        copy a checkpoint in flight holds included).
+        Bytes held in memory for lines the writer has not stored yet: compressed
+        bytes, lines staged uncompressed, the compressor while one is held, and the
+        copy a checkpoint in flight holds.  This is what the stream counts in its
+        budget.
         """
-        return self._unstored_bytes + self._encoder.buffered_bytes + self._checkpoint_bytes
+        return self._unstored_bytes + self._encoder.memory_bytes + self._checkpoint_bytes
 
     @property
     def must_finish(self) -> bool:
@@ -147,18 +179,41 @@ class ObjectStream:
         """
         if self._finishing is not None:
             raise StreamClosed(self.key)
-        before = self._encoder.buffered_bytes
-        part = self._encoder.write(data)
+        encoder = self._encoder
+        before = encoder.memory_bytes
+        part = encoder.write(data)
         self.lines += 1
         self.raw_bytes += len(data)
+        self.last_write = self._clock.seconds()
         if part is None:
-            self._budget.change(self._encoder.buffered_bytes - before)
+            self._budget.change(encoder.memory_bytes - before)
         else:
-            self._budget.change(len(part) - before)
+            self._budget.change(len(part) + encoder.memory_bytes - before)
             self._queue.append((part, self.lines - self._lines_cut))
             self._lines_cut = self.lines
             self._unstored_bytes += len(part)
             self._pump()
+
+    def release_idle(self, cutoff: float) -> bool:
+        """
+        If no line came since ``cutoff`` (the clock's seconds) and the stream holds
+        a compressor, close its member and free the compressor; its compressed
+        bytes stay in the part being filled (whole members, DESIGN.md section 3),
+        and the next line starts a new member.
+
+        :returns: whether a compressor was freed.
+        """
+        encoder = self._encoder
+        if (
+            not encoder.holds_compressor
+            or self.last_write > cutoff
+            or self._finishing is not None
+        ):
+            return False
+        before = encoder.memory_bytes
+        encoder.release_compressor()
+        self._budget.change(encoder.memory_bytes - before)
+        return True
 
     # uploads
 
@@ -251,7 +306,7 @@ class ObjectStream:
         lines are in storage once that part is, and the next part starts a new
         member (the writer keeps every byte, so a snapshot would store them twice).
         """
-        held = self._encoder.buffered_bytes
+        held = self._encoder.memory_bytes
         body = self._encoder.finish()
         self._budget.change(len(body) - held)
         lines = self.lines - self._lines_cut
@@ -362,7 +417,7 @@ class ObjectStream:
             for recovery, or given up (logged with what was lost).  It never errbacks.
         """
         if self._finishing is None:
-            held = self._encoder.buffered_bytes
+            held = self._encoder.memory_bytes
             tail = self._encoder.finish()
             self._budget.change(len(tail) - held)
             self._unstored_bytes += len(tail)

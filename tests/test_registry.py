@@ -21,12 +21,13 @@ from loghandler.budget import MemoryBudget
 from loghandler.interfaces import StorageError
 from loghandler.keys import key_for
 from loghandler.message import Message
+from loghandler.gzipframe import COMPRESSOR_BYTES
 from loghandler.registry import STREAM_OVERHEAD_BYTES, Busy, StreamRegistry, StreamSettings
 from loghandler.retry import RetryLayer
 from loghandler.storage.memory import MemoryStore
 from loghandler.storage.s3.merge import ROLLOVER_BYTES
 from loghandler.storage.s3.writer import STAGING_PREFIX, S3ObjectStore
-from tests.helpers import DAY_START_MS, MS_PER_DAY, message, read_lines
+from tests.helpers import DAY_START_MS, MS_PER_DAY, members, message, read_lines
 
 LIFETIME = 60.0
 PART = 16 * 1024
@@ -78,6 +79,9 @@ class RegistryCase(SynchronousTestCase):
         uniform: Callable[[float, float], float] = lambda a, b: b,
         parts_in_flight: int = 2,
         checkpoint_s: float = 0.0,
+        client_budget: Optional[int] = None,
+        idle_s: float = 5.0,
+        stage_bytes: int = 32 * 1024,
     ) -> StreamRegistry:
         """A new registry (and store) sharing one budget of ``budget`` bytes."""
         shared = MemoryBudget(budget)
@@ -96,6 +100,9 @@ class RegistryCase(SynchronousTestCase):
                 parts_in_flight=parts_in_flight,
                 budget_bytes=budget,
                 checkpoint_s=checkpoint_s,
+                client_budget_bytes=client_budget,
+                idle_s=idle_s,
+                stage_bytes=stage_bytes,
             ),
             shared,
             uniform=uniform,
@@ -238,7 +245,8 @@ class AdmissionTests(RegistryCase):
         the held parts land, every accepted line is in the object, the budget is back
         to 0 and messages are taken again.
         """
-        registry = self.make(budget=STREAM_OVERHEAD_BYTES + 40 * 1024)
+        # The stream's compressor (it starts past the first 32 KiB) and 40 KiB.
+        registry = self.make(budget=STREAM_OVERHEAD_BYTES + COMPRESSOR_BYTES + 40 * 1024)
         self.mem.hold("UploadPart")
         accepted = []
         with self.assertRaises(Busy) as caught:
@@ -248,8 +256,6 @@ class AdmissionTests(RegistryCase):
                 accepted.append(m.to_line())
         self.assertEqual(caught.exception.reason, "buffers are full")
         self.assertGreater(len(accepted), 20)
-        self.assertTrue(registry.budget.exhausted)
-        self.assertRaises(Busy, registry.accept, message(10**6, client_id=4))
         self.mem.release()
         self.clock.advance(LIFETIME)
         self.assertEqual(registry.budget.held, 0)
@@ -795,3 +801,168 @@ class CheckpointRoundTests(RegistryCase):
         self.assertNoResult(d)
         self.mem.release()
         self.successResultOf(d)
+
+
+class IdleTests(RegistryCase):
+    """
+    A stream that received no line for ``idle_s`` closes its member and frees its
+    compressor (counted in the budget while held); its part buffer stays, and its
+    later lines start a new member of the same object.
+    """
+
+    def test_idle_key_frees_compressor_and_later_lines_land(self) -> None:
+        """
+        A busy key holds a compressor (COMPRESSOR_BYTES in the budget); idle for
+        5 s, it is freed and the budget drops by it; later lines are staged, the
+        next checkpoint uploads the part as two whole members holding every line,
+        and the object lands with every line, valid gzip.
+        """
+        registry = self.make(budget=1 << 30, part_size=1 << 20, checkpoint_s=10.0)
+        registry.start_checkpoints()
+        first = [noisy(n) for n in range(1, 80)]  # about 80 KB: past the staging size
+        for m in first:
+            registry.accept(m)
+        (entry,) = registry._open.values()
+        stream = entry.stream
+        self.assertTrue(stream.holds_compressor)
+        self.assertBudgetIsOverhead(registry)
+        held = registry.budget.held
+        self.assertGreater(held, STREAM_OVERHEAD_BYTES + COMPRESSOR_BYTES)
+        self.clock.advance(4.9)
+        self.assertEqual(registry.release_idle(), 0)  # 4.9 s: not idle yet
+        self.assertTrue(stream.holds_compressor)
+        self.clock.advance(0.1)  # the sweep at 5 s
+        self.assertFalse(stream.holds_compressor)
+        self.assertBudgetIsOverhead(registry)
+        # Freed: the compressor, less the member's last block and trailer.
+        self.assertLess(held - COMPRESSOR_BYTES, registry.budget.held)
+        self.assertLess(registry.budget.held, held - COMPRESSOR_BYTES // 2)
+        later = [message(n) for n in range(1000, 1003)]
+        for m in later:
+            registry.accept(m)
+        self.assertFalse(stream.holds_compressor)
+        self.assertBudgetIsOverhead(registry)
+        self.clock.advance(5.0)  # the checkpoint at 10 s
+        (upload,) = self.mem.uploads.values()
+        (body, _), = upload.parts.values()
+        expected = [m.to_line() for m in first + later]
+        self.assertEqual(
+            [len(member.splitlines()) for member in members(body)], [len(first), len(later)]
+        )
+        self.assertEqual(read_lines(body), expected)
+        self.clock.advance(LIFETIME)
+        self.assertLanded({KEY: expected})
+        self.assertEqual(registry.budget.held, 0)
+        self.successResultOf(registry.close_all())
+
+    def test_quiet_keys_hold_no_compressor(self) -> None:
+        """
+        Many keys with one short line each hold no compressor: the budget holds
+        their overhead and their lines, not 256 KiB each.
+        """
+        registry = self.make(budget=1 << 30)
+        for client in range(1, 201):
+            registry.accept(message(client, client_id=client))
+        self.assertEqual(len(registry.open_keys), 200)
+        self.assertFalse(any(e.stream.holds_compressor for e in registry._open.values()))
+        self.assertBudgetIsOverhead(registry)
+        self.assertLess(registry.budget.held, 200 * (STREAM_OVERHEAD_BYTES + 1024))
+        self.successResultOf(registry.close_all())
+        self.assertEqual(registry.budget.held, 0)
+
+    def test_off(self) -> None:
+        """idle_s=0: no sweep; a busy key keeps its compressor until its part is cut."""
+        registry = self.make(budget=1 << 30, part_size=1 << 20, idle_s=0)
+        registry.start_checkpoints()
+        for n in range(1, 80):
+            registry.accept(noisy(n))
+        self.clock.advance(LIFETIME / 2)
+        (entry,) = registry._open.values()
+        self.assertTrue(entry.stream.holds_compressor)
+
+
+class ClientShareTests(RegistryCase):
+    """
+    ``client_budget_bytes``: each client's streams count in a share of their own,
+    so a busy client is refused at its share while other clients are taken.
+    """
+
+    def test_busy_client_refused_at_its_share_others_taken(self) -> None:
+        """
+        Client 3, with its parts held by storage, is refused with "this client's
+        buffers are full" once it holds its share (its object is completed early
+        once; its next one, opened meanwhile, cannot be while the first holds
+        unstored parts); client 4 is still taken, the global budget is not spent;
+        once storage answers every line lands and the shares are gone.
+        """
+        share = STREAM_OVERHEAD_BYTES + COMPRESSOR_BYTES + 40 * 1024
+        registry = self.make(budget=1 << 30, client_budget=share, stage_bytes=0)
+        self.mem.hold("UploadPart")
+        busy: list[bytes] = []
+        refused = []
+        for n in range(1, 1000):
+            m = noisy(n, 3)
+            try:
+                registry.accept(m)
+            except Busy as e:
+                refused.append((n, e.reason))
+                if len(refused) == 3:
+                    break
+            else:
+                busy.append(m.to_line())
+        self.assertEqual({reason for _, reason in refused}, {"this client's buffers are full"})
+        self.assertEqual(refused[-1][0] - refused[0][0], 3, "at most one taken in between")
+        self.assertGreaterEqual(registry.shares[3].held, share)
+        self.assertFalse(registry.budget.exhausted)
+        quiet = [message(n, client_id=4) for n in range(1, 20)]
+        for m in quiet:
+            registry.accept(m)
+        self.assertRaises(Busy, registry.accept, noisy(10**6, 3))
+        self.assertEqual(
+            registry.budget.held, registry.shares[3].held + registry.shares[4].held
+        )
+        self.mem.release()
+        self.clock.advance(LIFETIME)
+        self.assertLanded(
+            {KEY: busy, key_for(DAY_START_MS, 4): [m.to_line() for m in quiet]}
+        )
+        self.assertEqual((registry.budget.held, registry.shares), (0, {}))
+
+    def test_batch_over_its_share_refused_whole(self) -> None:
+        """
+        A batch that does not fit in its client's share left is refused whole
+        (nothing written), though the global budget has room; another client's
+        batch is taken.
+        """
+        registry = self.make(budget=1 << 30, client_budget=STREAM_OVERHEAD_BYTES + 8 * 1024)
+        batch = [message(n, client_id=3) for n in range(1, 300)]  # about 20 KB
+        with self.assertRaises(Busy) as caught:
+            registry.accept_batch(batch)
+        self.assertEqual(
+            caught.exception.reason, "this client's buffers are too full for this batch"
+        )
+        self.assertEqual((registry.open_keys, registry.budget.held), ([], 0))
+        registry.accept_batch([message(n, client_id=4) for n in range(1, 30)])
+        self.assertEqual(registry.open_keys, [key_for(DAY_START_MS, 4)])
+
+    def test_relief_completes_the_clients_fullest_object(self) -> None:
+        """
+        A client whose share is spent by objects each holding part of a part (two
+        dates, nothing in flight) gets its fullest object completed early, not
+        another client's.
+        """
+        registry = self.make(
+            budget=1 << 30,
+            part_size=1 << 20,
+            client_budget=2 * STREAM_OVERHEAD_BYTES + 24 * 1024,
+        )
+        registry.accept(noisy(1, 4))
+        with capturedLogs() as events:
+            with self.assertRaises(Busy):
+                for n in range(1, 1000):
+                    day = DAY_START_MS + (n % 2) * MS_PER_DAY
+                    registry.accept(Message(os.urandom(500).hex(), n, 3, day))
+        early = [e["key"] for e in events if "completing {key} early" in (e.get("log_format") or "")]
+        self.assertEqual(len(early), 1)
+        self.assertTrue(early[0].endswith("_3"), early)
+        self.assertIn(key_for(DAY_START_MS, 4), registry.open_keys)

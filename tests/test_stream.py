@@ -17,6 +17,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from loghandler.budget import MemoryBudget
+from loghandler.gzipframe import COMPRESSOR_BYTES
 from loghandler.interfaces import Abandoned, Finished, IObjectWriter, StorageError
 from loghandler.stream import ObjectStream, StreamClosed
 from tests.helpers import members, message, noise_line, read_lines
@@ -567,3 +568,41 @@ class LostPartTests(StreamCase):
         self.successResultOf(done)
         self.assertFalse(self.successResultOf(waiter))
         self.assertEqual(stream.durable_lines, 0)
+
+
+class IdleTests(StreamCase):
+    """release_idle: a quiet stream closes its member and frees its compressor."""
+
+    def test_release_idle_frees_compressor_and_later_lines_land(self) -> None:
+        """
+        A stream holding a compressor counts it in the budget; release_idle with a
+        cutoff before its last line keeps it, with a cutoff at or after frees it
+        (the budget drops by it, less the member's trailer); later lines land after
+        it: the tail is two whole members holding every line, and the budget ends
+        at 0.
+        """
+        stream = ObjectStream(self.writer, self.clock, PART, 2, self.budget, stage_bytes=1024)
+        first = [noise_line(n, size=100) for n in range(10)]
+        for line in first:
+            stream.write(line)
+        self.assertTrue(stream.holds_compressor)
+        self.assertEqual(self.budget.held, stream.unstaged_bytes)
+        self.assertGreater(self.budget.held, COMPRESSOR_BYTES)
+        self.clock.advance(5)
+        self.assertFalse(stream.release_idle(self.clock.seconds() - 6))
+        self.assertTrue(stream.holds_compressor)
+        self.assertTrue(stream.release_idle(self.clock.seconds() - 5))
+        self.assertFalse(stream.holds_compressor)
+        self.assertFalse(stream.release_idle(self.clock.seconds()))  # nothing left to free
+        self.assertEqual(self.budget.held, stream.unstaged_bytes)
+        self.assertLess(self.budget.held, 4096)
+        later = [message(n).to_line() for n in range(3)]
+        for line in later:
+            stream.write(line)
+        self.assertFalse(stream.holds_compressor)  # staged: under 1 KiB
+        done = stream.close()
+        self.writer.answer()
+        self.successResultOf(done)
+        (tail,) = self.writer.stored
+        self.assertEqual(members(tail), [b"".join(first), b"".join(later)])
+        self.assertEqual(self.budget.held, 0)
