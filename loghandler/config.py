@@ -70,6 +70,8 @@ class Config:
     timestamp_max_age_s: float = 7 * 24 * 3600.0
     timestamp_max_ahead_s: float = 3600.0
     buffer_budget_bytes: int = 256 * MiB
+    #: Unset, :func:`from_environ` derives it (:func:`default_client_budget`).
+    client_budget_bytes: int = 64 * MiB
     parts_in_flight: int = 2
     completions_in_flight: int = 4
     access_log: bool = False
@@ -449,6 +451,13 @@ SETTINGS: tuple[Setting, ...] = (
         "bytes held in memory for all objects before 503",
     ),
     Setting(
+        "CLIENT_BUDGET_BYTES",
+        "client_budget_bytes",
+        _integer(MiB, 1024 * GiB),
+        "bytes held in memory for one client's objects before its messages get 503"
+        " (default: a quarter of BUFFER_BUDGET_BYTES, at least 2 x PART_SIZE_BYTES)",
+    ),
+    Setting(
         "PARTS_IN_FLIGHT",
         "parts_in_flight",
         _integer(1, 64),
@@ -560,6 +569,10 @@ def from_environ(
             "BATCH_MAX_BYTES: must be at most half of BUFFER_BUDGET_BYTES (%d), got %d"
             % (config.buffer_budget_bytes // 2, config.batch_max_bytes)
         )
+    if "client_budget_bytes" in values:
+        _check_client_budget(config, config.client_budget_bytes)
+    else:
+        config = attrs.evolve(config, client_budget_bytes=default_client_budget(config))
     if (config.aws_access_key is None) != (config.aws_access_secret is None):
         missing = "AWS_ACCESS_SECRET" if config.aws_access_secret is None else "AWS_ACCESS_KEY"
         raise ConfigError(f"{missing}: AWS_ACCESS_KEY and AWS_ACCESS_SECRET go together")
@@ -569,11 +582,56 @@ def from_environ(
 def worker_share(config: Config) -> Config:
     """
     The configuration one of ``WORKERS`` worker processes runs with: its share of
-    ``BUFFER_BUDGET_BYTES`` (the budget divided by ``WORKERS``).
+    ``BUFFER_BUDGET_BYTES`` and of ``CLIENT_BUDGET_BYTES`` (each divided by
+    ``WORKERS``).
     """
     if config.workers == 1:
         return config
-    return attrs.evolve(config, buffer_budget_bytes=config.buffer_budget_bytes // config.workers)
+    return attrs.evolve(
+        config,
+        buffer_budget_bytes=config.buffer_budget_bytes // config.workers,
+        client_budget_bytes=config.client_budget_bytes // config.workers,
+    )
+
+
+def default_client_budget(config: Config) -> int:
+    """
+    ``CLIENT_BUDGET_BYTES`` when unset: a quarter of ``BUFFER_BUDGET_BYTES`` (64 MiB
+    of the default 256 MiB: four busy clients at their shares fill the budget), but
+    at least 2 x ``PART_SIZE_BYTES`` (a part being filled and one uploading) and
+    ``BATCH_MAX_BYTES`` for each of ``WORKERS``, and at most the whole budget.
+    """
+    share = max(
+        config.buffer_budget_bytes // 4,
+        config.workers * 2 * config.part_size,
+        config.workers * config.batch_max_bytes,
+    )
+    return min(share, config.buffer_budget_bytes)
+
+
+def _check_client_budget(config: Config, share: int) -> None:
+    """
+    :raises ConfigError: ``share`` is larger than the buffer budget, or smaller
+        than 2 x the part size or the largest batch for each of ``WORKERS`` (each
+        worker takes ``share / WORKERS``).
+    """
+    workers = config.workers
+    per = " for each of WORKERS=%d" % workers if workers > 1 else ""
+    if share > config.buffer_budget_bytes:
+        raise ConfigError(
+            "CLIENT_BUDGET_BYTES: must be at most BUFFER_BUDGET_BYTES (%d), got %d"
+            % (config.buffer_budget_bytes, share)
+        )
+    if share < workers * 2 * config.part_size:
+        raise ConfigError(
+            "CLIENT_BUDGET_BYTES: must be at least 2 x PART_SIZE_BYTES%s (%d), got %d"
+            % (per, workers * 2 * config.part_size, share)
+        )
+    if share < workers * config.batch_max_bytes:
+        raise ConfigError(
+            "CLIENT_BUDGET_BYTES: must be at least BATCH_MAX_BYTES%s (%d), got %d"
+            % (per, workers * config.batch_max_bytes, share)
+        )
 
 
 def _check_azure(config: Config) -> None:

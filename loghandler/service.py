@@ -165,6 +165,7 @@ def build_service(
             parts_in_flight=config.parts_in_flight,
             budget_bytes=config.buffer_budget_bytes,
             checkpoint_s=config.checkpoint_s,
+            client_budget_bytes=config.client_budget_bytes,
         ),
         budget,
     )

@@ -54,6 +54,7 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(config.timestamp_max_age_s, 7 * 24 * 3600.0)
         self.assertEqual(config.timestamp_max_ahead_s, 3600.0)
         self.assertEqual(config.buffer_budget_bytes, 256 * MiB)
+        self.assertEqual(config.client_budget_bytes, 64 * MiB)
         self.assertEqual(config.parts_in_flight, 2)
         self.assertEqual(config.completions_in_flight, 4)
         self.assertIs(config.access_log, False)
@@ -133,6 +134,7 @@ class ValueTests(SynchronousTestCase):
                 timestamp_max_age_s=60.0,
                 timestamp_max_ahead_s=30.0,
                 buffer_budget_bytes=64 * MiB,
+                client_budget_bytes=16 * MiB,  # a quarter of the budget, when unset
                 parts_in_flight=4,
                 completions_in_flight=16,
                 access_log=True,
@@ -351,6 +353,7 @@ class ErrorTests(SynchronousTestCase):
             "TIMESTAMP_MAX_AGE_S": "a\x85b",
             "TIMESTAMP_MAX_AHEAD_S": "-1",
             "BUFFER_BUDGET_BYTES": "1",
+            "CLIENT_BUDGET_BYTES": "1\n2",
             "PARTS_IN_FLIGHT": "65",
             "COMPLETIONS_IN_FLIGHT": "1\n2",
             "ACCESS_LOG": "2\n",
@@ -1092,3 +1095,93 @@ class MakeAzureStoreTests(SynchronousTestCase):
         (line,) = stderr.getvalue().splitlines()
         self.assertTrue(line.startswith("loghandler: AZURE_CONNECTION_STRING: "), line)
         self.assertNotIn("a2V5", line)
+
+
+class ClientBudgetTests(SynchronousTestCase):
+    """
+    CLIENT_BUDGET_BYTES (issue 8, item 6): each client's share of the buffer budget;
+    unset, a quarter of the budget (at least two parts and the largest batch, at
+    most the budget); a bad value refused in one line naming the variable.
+    """
+
+    assertConfigError = ErrorTests.assertConfigError
+
+    def test_default_a_quarter_of_the_budget(self) -> None:
+        """Unset: 64 MiB of the default 256 MiB; it follows BUFFER_BUDGET_BYTES."""
+        self.assertEqual(from_environ(BASE).client_budget_bytes, 64 * MiB)
+        self.assertEqual(
+            from_environ(dict(BASE, BUFFER_BUDGET_BYTES=str(1024 * MiB))).client_budget_bytes,
+            256 * MiB,
+        )
+        self.assertEqual(
+            from_environ(dict(BASE, CLIENT_BUDGET_BYTES=" ")).client_budget_bytes, 64 * MiB
+        )
+
+    def test_default_at_least_two_parts_and_a_batch(self) -> None:
+        """A small budget: the default share is two parts, or the largest batch."""
+        environ = dict(BASE, BUFFER_BUDGET_BYTES=str(20 * MiB))
+        self.assertEqual(from_environ(environ).client_budget_bytes, 10 * MiB)
+        environ = dict(BASE, BUFFER_BUDGET_BYTES=str(40 * MiB), BATCH_MAX_BYTES=str(20 * MiB))
+        self.assertEqual(from_environ(environ).client_budget_bytes, 20 * MiB)
+
+    def test_value_parsed(self) -> None:
+        """A value between its bounds is taken as it is."""
+        config = from_environ(dict(BASE, CLIENT_BUDGET_BYTES=str(16 * MiB)))
+        self.assertEqual(config.client_budget_bytes, 16 * MiB)
+        config = from_environ(dict(BASE, CLIENT_BUDGET_BYTES=str(256 * MiB)))
+        self.assertEqual(config.client_budget_bytes, 256 * MiB)
+
+    def test_larger_than_the_budget(self) -> None:
+        """Over BUFFER_BUDGET_BYTES is refused, naming both."""
+        self.assertEqual(
+            self.assertConfigError(
+                dict(BASE, CLIENT_BUDGET_BYTES=str(256 * MiB + 1)), "CLIENT_BUDGET_BYTES"
+            ),
+            "CLIENT_BUDGET_BYTES: must be at most BUFFER_BUDGET_BYTES (%d), got %d"
+            % (256 * MiB, 256 * MiB + 1),
+        )
+
+    def test_smaller_than_two_parts_or_a_batch(self) -> None:
+        """Under 2 x PART_SIZE_BYTES or under BATCH_MAX_BYTES is refused."""
+        self.assertConfigError(
+            dict(BASE, CLIENT_BUDGET_BYTES=str(10 * MiB - 1)),
+            "CLIENT_BUDGET_BYTES",
+            "at least 2 x PART_SIZE_BYTES (%d)" % (10 * MiB),
+        )
+        self.assertConfigError(
+            dict(BASE, CLIENT_BUDGET_BYTES=str(12 * MiB), BATCH_MAX_BYTES=str(13 * MiB)),
+            "CLIENT_BUDGET_BYTES",
+            "at least BATCH_MAX_BYTES",
+        )
+
+    def test_malformed(self) -> None:
+        """Not an integer, or out of range, is refused in one line."""
+        for text in ("64MiB", "-1", "1.5", "1\n2", "0"):
+            self.assertConfigError(dict(BASE, CLIENT_BUDGET_BYTES=text), "CLIENT_BUDGET_BYTES")
+
+    def test_option(self) -> None:
+        """--client-budget-bytes gives the variable; --help shows the default."""
+        from loghandler.config import SETTINGS
+
+        options = _tap().Options()
+        options.parseOptions(["--client-budget-bytes", "4096"])
+        self.assertEqual(options.overrides(), {"CLIENT_BUDGET_BYTES": "4096"})
+        shown = {s.env: s.default_text for s in SETTINGS}
+        self.assertEqual(shown["CLIENT_BUDGET_BYTES"], "67108864")
+
+    def test_workers(self) -> None:
+        """
+        With WORKERS=N each worker takes CLIENT_BUDGET_BYTES / N; the default and
+        the lower bounds hold two parts and a batch for each worker.
+        """
+        from loghandler.config import worker_share
+
+        config = from_environ(dict(BASE, WORKERS="4", CLIENT_BUDGET_BYTES=str(80 * MiB)))
+        self.assertEqual(worker_share(config).client_budget_bytes, 20 * MiB)
+        environ = dict(BASE, WORKERS="4", BUFFER_BUDGET_BYTES=str(80 * MiB))
+        self.assertEqual(from_environ(environ).client_budget_bytes, 40 * MiB)
+        self.assertConfigError(
+            dict(environ, CLIENT_BUDGET_BYTES=str(40 * MiB - 1)),
+            "CLIENT_BUDGET_BYTES",
+            "at least 2 x PART_SIZE_BYTES for each of WORKERS=4 (%d)" % (40 * MiB),
+        )
