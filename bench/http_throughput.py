@@ -36,8 +36,9 @@ Each system gets a warm-up per load (``--warmup`` seconds, not reported), then
 - p50/p99 latency from wrk's ``done`` hook;
 - peak RSS: the largest sum of ``VmRSS`` over the process tree, sampled every 0.2 s;
 - wrk's own CPU (``getrusage`` of the wrk child), in cores;
-- steal (``/proc/stat``, in cores) and foreign load (the machine's busy CPU minus that
-  of the servers, moto, wrk and this script, in cores).  A window with more than
+- steal (``/proc/stat``, in cores) and foreign load (the machine's user, system and
+  irq CPU minus that of the servers, moto, wrk and this script, in cores; softirq
+  time, where loopback TCP is handled, is recorded apart).  A window with more than
   ``--max-steal`` or ``--max-foreign`` cores is run again, up to ``--retries`` times;
   the least disturbed attempt is kept, and marked ``*`` if it is still disturbed.
 
@@ -200,12 +201,16 @@ def hwm_bytes(pids: list[int]) -> int:
 
 
 def machine_cpu() -> tuple[float, float, float]:
-    """(busy, steal, total) CPU seconds of the whole machine since boot."""
+    """
+    (busy, steal, softirq) CPU seconds of the whole machine since boot.  busy is user,
+    nice, system and irq time; softirq (where much of loopback TCP is handled, for
+    whichever process) is apart.
+    """
     with open("/proc/stat") as f:
         values = [int(x) for x in f.readline().split()[1:]]
     user, nice, system, idle, iowait, irq, softirq, steal = values[:8]
-    busy = user + nice + system + irq + softirq
-    return busy / HZ, steal / HZ, sum(values[:8]) / HZ
+    busy = user + nice + system + irq
+    return busy / HZ, steal / HZ, softirq / HZ
 
 
 class RssSampler(threading.Thread):
@@ -333,7 +338,7 @@ class Run:
         table = process_table()
         pids = tree(system.process.pid, table)
         sampler = RssSampler(pids)
-        busy0, steal0, _ = machine_cpu()
+        busy0, steal0, softirq0 = machine_cpu()
         server0 = tree_cpu(system.process.pid, table)
         own0 = self.own_cpu(table)
         moto0 = self.moto_cpu(table)
@@ -346,7 +351,7 @@ class Run:
         rss = sampler.stop()
         rusage1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         table = process_table()
-        busy1, steal1, _ = machine_cpu()
+        busy1, steal1, softirq1 = machine_cpu()
         server = tree_cpu(system.process.pid, table) - server0
         own = self.own_cpu(table) - own0
         moto = self.moto_cpu(table) - moto0
@@ -384,17 +389,18 @@ class Run:
             "moto_cores": round(moto / elapsed, 3),
             "steal_cores": round((steal1 - steal0) / elapsed, 3),
             "foreign_cores": round(foreign / elapsed, 3),
+            "softirq_cores": round((softirq1 - softirq0) / elapsed, 3),
         }
 
     def window(self, system: System, load: Load, repetition: int) -> dict[str, Any]:
         """A measured window, run again while disturbed (at most --retries times)."""
         attempts = []
-        for _ in range(1 + self.args.retries):
+        for attempt in range(1 + self.args.retries):
             waited = self.wait_quiet()
             figures = self.wrk(system, load, self.args.seconds)
             figures["quiet_wait_s"] = waited
             attempts.append(figures)
-            if not disturbed(figures, self.args):
+            if not disturbed(figures, self.args) or attempt == self.args.retries:
                 break
             print("  %s %s: disturbed (steal %.2f, foreign %.2f cores), again" % (
                 system.label, load.name, figures["steal_cores"], figures["foreign_cores"]),
