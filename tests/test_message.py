@@ -238,9 +238,16 @@ class BadBodyTests(SynchronousTestCase):
             result = parse_message(raw, NOW, LIMITS)
         except Rejection as e:
             if expected[1].startswith(_json_error("")[1]) and e.error != expected[1]:
-                # JSON syntax errors end with the position json reports.
+                # JSON syntax errors end with the position json reports; PyPy's json
+                # also names the character ("Invalid control character '\\n' at",
+                # "Invalid \\escape: 'x'").
+                text = expected[1]
+                if text.endswith(" at"):
+                    pattern = re.escape(text[:-3]) + r"(?: '[^']+')? at"
+                else:
+                    pattern = re.escape(text) + r"(?:: '[^']+')?"
                 self.assertRegex(
-                    e.error, "^" + re.escape(expected[1]) + r": line \d+ column \d+ \(char \d+\)$"
+                    e.error, "^" + pattern + r": line \d+ column \d+ \(char \d+\)$"
                 )
                 self.assertEqual((e.status, e.field), (expected[0], expected[2]))
             else:

@@ -1,8 +1,8 @@
 """
 moto's S3 server as a child process, for tests and scripts.
 
-``moto_server`` (the console script installed next to ``sys.executable``) is started
-on ``127.0.0.1`` and a free port, polled until it answers (at most ``timeout``
+``moto_server`` (the console script installed next to ``sys.executable``, or the one
+the environment variable ``MOTO_SERVER`` names) is started on ``127.0.0.1`` and a free port, polled until it answers (at most ``timeout``
 seconds, 20 by default), and given a bucket.  All calls here are synchronous (plain
 ``urllib``), so they work from a script, from trial's ``setUp`` and from a module
 level; they take a few milliseconds once the server runs.
@@ -85,10 +85,19 @@ class EmulatorMissing(AssertionError):
 
 def moto_server_path() -> str:
     """
-    Where ``moto_server`` should be: next to the running interpreter
+    Where ``moto_server`` should be: the path in the environment variable
+    ``MOTO_SERVER`` when it is set (non-empty), else next to the running interpreter
     (``os.path.join(os.path.dirname(sys.executable), "moto_server")``).
+
+    ``MOTO_SERVER`` lets a run on another interpreter use the same emulator as
+    CPython's: ``PYTHON=pypy3 scripts/run-tests`` points it at CPython's
+    ``.venv/bin/moto_server``: the last moto for Python 3.9 (5.1.22) answers 403
+    SignatureDoesNotMatch to a signed PutObject that 5.2 accepts
+    (``S3ClientSigningTests.test_right_secret``).
     """
-    return os.path.join(os.path.dirname(sys.executable), "moto_server")
+    return os.environ.get("MOTO_SERVER") or os.path.join(
+        os.path.dirname(sys.executable), "moto_server"
+    )
 
 
 def require_moto_server() -> str:
