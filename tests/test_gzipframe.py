@@ -393,7 +393,7 @@ class PropertyTests(_MemberAssertions):
             st.one_of(
                 st.binary(min_size=1, max_size=3000),
                 st.binary(min_size=1, max_size=30).map(lambda b: b * 50),
-                st.sampled_from(["release", "snapshot"]),
+                st.sampled_from(["release", "snapshot", "compact"]),
             ),
             max_size=80,
         ),
@@ -404,8 +404,8 @@ class PropertyTests(_MemberAssertions):
         self, steps: list[object], part_size: int, stage_bytes: int
     ) -> None:
         """
-        For any lines, part size, staging size and releases of the compressor in
-        between: every part, snapshot and tail is whole members; the parts and tail
+        For any lines, part size, staging size and releases of the compressor
+        and compactions in between: every part, snapshot and tail is whole members; the parts and tail
         decompress to the lines; a snapshot holds every line since the last part;
         memory_bytes is the compressed bytes, the staged bytes and the compressor.
         """
@@ -417,6 +417,9 @@ class PropertyTests(_MemberAssertions):
             if step == "release":
                 encoder.release_compressor()
                 self.assertFalse(encoder.holds_compressor)
+            elif step == "compact":
+                encoder.compact()
+                self.assertEqual((encoder.holds_compressor, encoder.staged_bytes), (False, 0))
             elif step == "snapshot":
                 self.assertEqual(self.members(encoder.snapshot())[0], b"".join(since_part))
             else:

@@ -870,6 +870,38 @@ class IdleTests(RegistryCase):
         self.successResultOf(registry.close_all())
         self.assertEqual(registry.budget.held, 0)
 
+    def test_compacts_staged_lines_when_memory_runs_short(self) -> None:
+        """
+        With more than half the budget held, the idle sweep also compresses idle
+        streams' staged lines (of at least 8 KiB) into closed members: the budget
+        drops, and the lines still land, whole gzip; under half, staged lines stay
+        staged.
+        """
+        budget = 45 * (STREAM_OVERHEAD_BYTES + 9400)  # a 9.3 KB line a stream
+        registry = self.make(budget=budget)
+        registry.start_checkpoints()
+        sent = {client: [noisy(client, client, 4600)] for client in range(1, 21)}
+        for messages in sent.values():
+            registry.accept(messages[0])
+        self.clock.advance(5.0)
+        staged = registry.budget.held
+        self.assertLess(staged, budget / 2)
+        self.assertTrue(all(e.stream.staged_bytes for e in registry._open.values()))
+        for client in range(21, 31):  # past half the budget
+            m = noisy(client, client, 4600)
+            sent[client] = [m]
+            registry.accept(m)
+        self.assertGreater(registry.budget.held, budget / 2)
+        before = registry.budget.held
+        self.clock.advance(5.0)  # the sweep: clients 1-20 idle for 10 s, 21-30 for 5 s
+        self.assertEqual(sum(1 for e in registry._open.values() if e.stream.staged_bytes), 0)
+        self.assertLess(registry.budget.held, before)
+        self.assertBudgetIsOverhead(registry)
+        self.successResultOf(registry.close_all())
+        self.assertLanded(
+            {key_for(DAY_START_MS, c): [m.to_line() for m in ms] for c, ms in sent.items()}
+        )
+
     def test_off(self) -> None:
         """idle_s=0: no sweep; a busy key keeps its compressor until its part is cut."""
         registry = self.make(budget=1 << 30, part_size=1 << 20, idle_s=0)
