@@ -35,7 +35,13 @@ def object_key(date: str, client_id: int) -> str:
 
 def key_for(timestamp_ms: int, client_id: int) -> str:
     """The object key of a message with this timestamp (ms) and client_id."""
-    return object_key(utc_date(timestamp_ms), client_id)
+    return _key_of_day(timestamp_ms // _MS_PER_DAY, client_id)
+
+
+@lru_cache(maxsize=16384)
+def _key_of_day(day: int, client_id: int) -> str:
+    """The key of a day (since the epoch) and client: formatted once, not per message."""
+    return object_key(_day_to_date(day), client_id)
 
 
 def rollover_key(key: str, generation: int) -> str:

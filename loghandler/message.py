@@ -12,14 +12,16 @@ exactly the fields ``text`` (non-empty string), ``content_id`` (integer 1 to
 from __future__ import annotations
 
 import json
-from typing import Any, NoReturn, Optional
+from typing import Any, Callable, NamedTuple, NoReturn, Optional
 
 import attrs
 
 MAX_CONTENT_ID = 1_000_000_000
 FIELDS = ("text", "content_id", "client_id", "timestamp")
 _FIELD_SET = frozenset(FIELDS)
-_encode_string = json.JSONEncoder(ensure_ascii=False).encode
+#: A str as a JSON string, non-ASCII kept (what ``JSONEncoder(ensure_ascii=False)``
+#: calls for a str, without its Python-level dispatch).
+_encode_string: Callable[[str], str] = json.encoder.encode_basestring
 
 
 @attrs.frozen
@@ -37,10 +39,10 @@ class Limits:
     max_ahead_ms: int = 3600 * 1000
 
 
-@attrs.frozen
-class Message:
+class Message(NamedTuple):
     """
-    One accepted log message.
+    One accepted log message (a named tuple: made for every request, it costs a
+    third of a frozen attrs class to build).
 
     :ivar text: the message text, a non-empty ``str`` without lone surrogates.
     :ivar content_id: 1 to 1,000,000,000.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from typing import Any, Callable, Optional, Union
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError
@@ -176,7 +177,9 @@ class LogResource(Resource):
             body = content.getvalue()
         else:
             body = content.read() if content is not None else b""
-        if is_batch(request):
+        if getattr(request, "batch", False) or (
+            not isinstance(request, LogRequest) and is_batch(request)
+        ):
             return self._render_batch(request, body, getattr(content, "overflowed", False))
         if getattr(content, "overflowed", False) or len(body) > self._max_body_bytes:
             return _refuse(request, too_large(self._max_body_bytes))
@@ -336,18 +339,70 @@ class Root(Resource):
 
 class LogRequest(Request):
     """
-    A request whose body is kept by :meth:`LogSite.getContentFile` with the limit of
-    its kind: a batch (``application/x-ndjson``) or a single message.  The headers are
-    in when twisted.web calls :meth:`gotLength`.
+    A request of the :class:`LogSite`: its body is kept by
+    :meth:`LogSite.getContentFile` with the limit of its kind (a batch,
+    ``application/x-ndjson``, or a single message), and the site's own paths
+    (``/log``, ``/healthz``) are served without twisted.web's resource traversal.
+    The headers are in when twisted.web calls :meth:`gotLength`.
+
+    :ivar batch: whether the Content-Type is ``application/x-ndjson``.
     """
+
+    batch = False
 
     def gotLength(self, length: Optional[int]) -> None:
         """Called by twisted.web once the headers are in."""
         site = getattr(self.channel, "site", None)
         if isinstance(site, LogSite):
-            self.content = site.getContentFile(length, is_batch(self))
+            self.batch = is_batch(self)
+            self.content = site.getContentFile(length, self.batch)
         else:
             super().gotLength(length)
+
+    def process(self) -> None:
+        """
+        Serve an exact path of the site's routes directly (a cached ``Date``
+        header, no ``Server`` header); anything else as twisted.web would.
+        """
+        site = getattr(self.channel, "site", None)
+        if not isinstance(site, LogSite):
+            super().process()
+            return
+        route = site.routes.get(self.path)
+        if route is None:
+            super().process()
+            return
+        self.site = site
+        self.responseHeaders.setRawHeaders(b"date", [site.date_header()])
+        self.prepath = [self.path[1:]]
+        self.postpath = []
+        try:
+            self.render(route)
+        except BaseException:
+            self.processingFailed(Failure())
+
+
+class LogChannel(http.HTTPChannel):
+    """
+    HTTP/1.1 for the :class:`LogSite`: the connection's own and peer addresses are
+    read once per connection, not once per request (twisted.web asks the socket
+    for each request).
+    """
+
+    _host: Any = None
+    _peer: Any = None
+
+    def getHost(self) -> Any:
+        """The local address, read once."""
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
+
+    def getPeer(self) -> Any:
+        """The peer's address, read once."""
+        if self._peer is None:
+            self._peer = super().getPeer()
+        return self._peer
 
 
 class LogSite(Site):
@@ -364,6 +419,7 @@ class LogSite(Site):
     """
 
     requestFactory = LogRequest
+    protocol = LogChannel  # type: ignore[assignment]
 
     def __init__(
         self,
@@ -374,9 +430,26 @@ class LogSite(Site):
         **kwargs: Any,
     ) -> None:
         super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
+        #: Exact request paths served without resource traversal.
+        self.routes: dict[bytes, IResource] = {}
+        self._date = b""
+        self._date_second = -1
         self._max_body_bytes = max_body_bytes
         self._batch_max_bytes = batch_max_bytes
         self._access_log = access_log
+
+    def route(self, path: bytes, resource: IResource) -> None:
+        """Serve ``resource`` at exactly ``path`` (``b"/log"``) without traversal."""
+        self.routes[path] = resource
+
+    def date_header(self) -> bytes:
+        """The ``Date`` header's value (RFC 9110), formatted once a second."""
+        now = time.time()
+        second = int(now)
+        if second != self._date_second:
+            self._date = http.datetimeToString(now)
+            self._date_second = second
+        return self._date
 
     def getContentFile(self, length: Optional[int], batch: bool = False) -> BoundedBody:
         """Called (by :class:`LogRequest`) for each request body."""
@@ -406,20 +479,22 @@ def make_site(
     replaces this process's own state in ``/healthz`` (a worker of ``WORKERS``).
     """
     root = Root()
-    root.putChild(
-        b"log",
-        LogResource(
-            registry,
-            limits,
-            now_ms,
-            max_body_bytes,
-            durable_timeout_s,
-            clock,
-            batch_max_bytes,
-            batch_max_lines,
-        ),
+    log = LogResource(
+        registry,
+        limits,
+        now_ms,
+        max_body_bytes,
+        durable_timeout_s,
+        clock,
+        batch_max_bytes,
+        batch_max_lines,
     )
+    root.putChild(b"log", log)
     if health is None:
         health = lambda: local_health(registry)  # noqa: E731
-    root.putChild(b"healthz", HealthResource(health))
-    return LogSite(root, max_body_bytes, access_log, batch_max_bytes)
+    healthz = HealthResource(health)
+    root.putChild(b"healthz", healthz)
+    site = LogSite(root, max_body_bytes, access_log, batch_max_bytes)
+    site.route(b"/log", log)
+    site.route(b"/healthz", healthz)
+    return site
