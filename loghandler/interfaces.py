@@ -63,10 +63,13 @@ class Finished:
 
     :ivar outcome: ``"merged"`` (the data are part of ``key``), ``"staged"`` (the data
         are stored in the daemon's working area, ``staged_key``, and recovery merges
-        them), or ``"empty"`` (nothing was written).
+        them), ``"queued"`` (S3: stored in ``staged_key`` and left to the key's
+        merger, another writer, which merges them soon;
+        :mod:`loghandler.storage.s3.keymerge`), or ``"empty"`` (nothing was written).
     :ivar key: the object key merged into (the stream's key or a rollover
         ``{key}.N``), or None.
-    :ivar staged_key: where the data wait when ``outcome`` is ``"staged"``, else None.
+    :ivar staged_key: where the data wait when ``outcome`` is ``"staged"`` or
+        ``"queued"``, else None.
     """
 
     outcome: str

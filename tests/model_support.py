@@ -119,12 +119,16 @@ class ProcessClient:
     One process's calls to the shared store (see the module docstring).
 
     :ivar cut: whether the process is dead.
+    :ivar latency: seconds (on ``clock``) between a call's landing and its answer
+        reaching the process; 0: at once.
     """
 
-    def __init__(self, s3: MemoryStore) -> None:
+    def __init__(self, s3: MemoryStore, clock: Optional[Clock] = None) -> None:
         self._s3 = s3
         self.name = s3.name
         self.cut = False
+        self.clock = clock
+        self.latency = 0.0
         #: While set, calls fail at once without landing (a network partition).
         self.partitioned = False
         #: While set, answers wait in :attr:`_queued` (the process is paused).
@@ -168,7 +172,13 @@ class ProcessClient:
             else:
                 self._deliver(answer, result)
 
-        sent.addBoth(arrived)
+        def landed(result: Any) -> None:
+            if self.latency > 0 and self.clock is not None:
+                self.clock.callLater(self.latency, arrived, result)
+            else:
+                arrived(result)
+
+        sent.addBoth(landed)
         return answer
 
     def head(self, *args: Any, **kwargs: Any) -> "Deferred[Any]":
@@ -254,11 +264,13 @@ class Process:
         now: float,
         rng: random.Random,
         on_taken_over: Callable[["Process"], None],
+        latency: float = 0.0,
     ) -> None:
         self.name = name
         self.clock = ProcessClock()
         self.clock.rightNow = now
-        self.client = ProcessClient(s3)
+        self.client = ProcessClient(s3, self.clock)
+        self.client.latency = latency
         self.budget = MemoryBudget(1 << 30)
         self.retry = RetryLayer(
             self.clock,
@@ -455,6 +467,8 @@ class World:
     """
 
     def __init__(self, min_part_size: int = PART) -> None:
+        #: The latency of the processes started from now on (ProcessClient.latency).
+        self.latency = 0.0
         self.now = 0.0
         self.s3 = MemoryStore(min_part_size=min_part_size, now=lambda: self.now)
         self.processes: list[Process] = []
@@ -471,7 +485,7 @@ class World:
         on_taken_over: Callable[[Process], None],
     ) -> Process:
         """Start a process now."""
-        process = Process(name, self.s3, self.now, rng, on_taken_over)
+        process = Process(name, self.s3, self.now, rng, on_taken_over, self.latency)
         self.processes.append(process)
         return process
 

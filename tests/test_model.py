@@ -217,6 +217,16 @@ class WritePathMachine(RuleBasedStateMachine):
         else:
             self.s3.fail(operation, Unexpected(operation), times, after)
 
+    @rule(seconds=st.sampled_from([0.0, 0.1, 0.3]))
+    def slow_network(self, seconds: float) -> None:
+        """
+        From now on answers reach the processes ``seconds`` after their call landed
+        (so that merges of one key by several processes overlap).
+        """
+        self.world.latency = seconds
+        for process in self.world.live:
+            process.client.latency = seconds
+
     @rule()
     def release(self) -> None:
         """Stalled calls land (their callers may have given up, or died, long ago)."""
@@ -288,6 +298,24 @@ class WritePathMachine(RuleBasedStateMachine):
         process = self.live(writer)
         assert process is not None
         self.kill(process)
+
+    def mergers(self) -> list[Process]:
+        """The live processes holding a key's merge lock (merging its queue)."""
+        return [
+            p
+            for p in self.world.live
+            if p.store.key_merges.holding or p.recoverer.key_merges.holding
+        ]
+
+    @precondition(lambda self: bool(self.mergers()))
+    @rule(merger=st.integers(0, MAX_PROCESSES - 1))
+    def crash_merger(self, merger: int) -> None:
+        """
+        A process is killed while it holds a key's merge lock: its lock stays, and
+        what other writers queued for it waits for recovery.
+        """
+        mergers = self.mergers()
+        self.kill(mergers[merger % len(mergers)])
 
     @precondition(lambda self: bool(self.world.live))
     @rule(

@@ -28,6 +28,7 @@ from loghandler.storage import memory
 from loghandler.storage.memory import MemoryStore
 from loghandler.storage.s3 import merge
 from loghandler.storage.s3.merge import single_member
+from loghandler.storage.s3.layout import merge_lock_key, queue_prefix
 from loghandler.storage.s3.writer import STAGING_PREFIX, S3ObjectStore, S3ObjectWriter
 from tests.helpers import members, message, noise, read_lines
 
@@ -102,16 +103,30 @@ class StagingTests(WriterCase):
 
     def test_small_stream_new_key(self) -> None:
         """
-        A stream that is one small tail: PutObject of the staging object, HEAD, GET,
-        PutObject If-None-Match of the key, delete the staging object: 5 requests.
+        A stream that is one small tail: PutObject of the staging object; the key's
+        merge lock taken (PutObject If-None-Match), its queue listed (empty); HEAD,
+        GET, PutObject If-None-Match of the key, delete the staging object; the
+        lock released and the queue listed again: 9 requests.
         """
         lines = [message(n).to_line() for n in range(1, 50)]
         finished = self.run_until(self.write(lines))
         self.assertEqual(finished, Finished("merged", key=KEY))
         self.assertEqual(self.stored(), lines)
+        staging = self.s3.calls[0][1]
+        lock, queue = merge_lock_key(KEY), queue_prefix(KEY)
         self.assertEqual(
-            [op for op, _ in self.s3.calls],
-            ["PutObject", "HeadObject", "GetObject", "PutObject", "DeleteObject"],
+            self.s3.calls,
+            [
+                ("PutObject", staging),
+                ("PutObject", lock),
+                ("ListObjectsV2", queue),
+                ("HeadObject", KEY),
+                ("GetObject", staging),
+                ("PutObject", KEY),
+                ("DeleteObject", staging),
+                ("DeleteObject", lock),
+                ("ListObjectsV2", queue),
+            ],
         )
         self.assertEqual(self.leftovers(), ([], []))
         self.assertEqual(len(self.s3.objects[KEY].writes), 1)
@@ -352,6 +367,30 @@ class ReplacedUploadTests(WriterCase):
         self.assertEqual(self.stored(), first + rest + [message(1).to_line()])
 
 
+class CheckAfterCloseTests(WriterCase):
+    """The bucket check's answer after the store closed."""
+
+    def test_no_lease_after_close(self) -> None:
+        """
+        A store stopped before its HeadBucket answered (a slow store at start, then
+        SIGTERM): when the answer comes, the lease, released by the close, is not
+        started again (it raised "started twice", logged, and would have written
+        a lease nobody renews).  (Found by the model with slow answers.)
+        """
+        from loghandler.storage.s3.lease import Lease
+
+        retry = RetryLayer(self.clock, attempt_timeout=10.0, backoff=Backoff(1.0, 8.0))
+        lease = Lease(self.s3, retry, self.clock, "w1", 10.0, lambda: None)
+        store = self.make_store(writer_id="w1", retry=retry, lease=lease)
+        self.s3.hold("HeadBucket")
+        checked = store.check()
+        self.successResultOf(store.close())
+        self.s3.release()
+        self.successResultOf(checked)
+        self.assertNotIn("_loghandler/writers/w1", self.s3.objects)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+
 class TakenOverTests(WriterCase):
     """A writer whose staging upload vanished because recovery took it over."""
 
@@ -492,9 +531,9 @@ class DefectCompletionMemoryTests(WriterCase):
         """While a merge waits on its PutObject, the budget counts what it holds."""
         base = [message(1).to_line()]
         self.s3.store(KEY, gzip_of(base))
-        self.s3.hold("PutObject")
+        # The merge's PutObject (after its GETs) is held.
+        self.s3.before("GetObject", lambda: self.s3.hold("PutObject"))
         d = self.write([message(2).to_line()])
-        self.s3.release(1)  # the staging put lands; the merge's PutObject is held
         self.assertEqual([h.key for h in self.s3.held], [KEY])
         held = self.store.merger.holding
         self.assertGreater(held, 0)

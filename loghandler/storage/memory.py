@@ -31,13 +31,13 @@ from zope.interface import implementer
 from loghandler.config import S3_MAX_PART_SIZE, S3_MIN_PART_SIZE
 from loghandler.interfaces import PreconditionFailed, StorageError
 from loghandler.storage.s3.api import (
-    MAX_WRITES,
     CompletedPart,
     IS3Client,
     ListedObject,
     ObjectInfo,
     PendingUpload,
     StoredPart,
+    newest_writes,
 )
 from loghandler.storage.scripted import LOST, STALL, Held, ScriptedCalls, lost_answer
 
@@ -212,7 +212,7 @@ class MemoryStore(ScriptedCalls):
 
         def run() -> str:
             self._check("PutObject", key, if_match, if_none_match)
-            return self.store(key, body, writes[-MAX_WRITES:])
+            return self.store(key, body, newest_writes(writes))
 
         return self._call("PutObject", key, run)
 
@@ -221,7 +221,7 @@ class MemoryStore(ScriptedCalls):
 
         def run() -> str:
             upload_id = "upload-%d" % next(self._ids)
-            self.uploads[upload_id] = _Upload(key, self._now(), tuple(writes[-MAX_WRITES:]))
+            self.uploads[upload_id] = _Upload(key, self._now(), tuple(newest_writes(writes)))
             return upload_id
 
         return self._call("CreateMultipartUpload", key, run)

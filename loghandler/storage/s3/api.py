@@ -12,7 +12,8 @@ quotes, as ``If-Match`` wants them).
 
 Write IDs: every object the daemon writes carries, in the user metadata
 ``x-amz-meta-loghandler-writes``, the comma-separated write IDs (random hex strings,
-newest last, at most :data:`MAX_WRITES`) of the merges that went into it.  S3 sets an
+newest last, at most :data:`MAX_WRITES` and :data:`MAX_WRITES_BYTES`, see
+:func:`newest_writes`) of the staging objects merged into it.  S3 sets an
 object's metadata when it is created (PutObject) or when its multipart upload is
 created (CreateMultipartUpload), so a merge upload is created after the HEAD that
 shows the key's list.  When the answer to a write is lost, HEAD tells whether it
@@ -37,9 +38,31 @@ from zope.interface import Attribute, Interface
 #: The user metadata entry (``x-amz-meta-`` + this) that lists an object's write IDs.
 WRITES_METADATA = "loghandler-writes"
 
-#: Write IDs kept in an object's metadata: 16 of 32 hex digits and commas, about
-#: 530 bytes, well under S3's 2 KB user-metadata limit.
-MAX_WRITES = 16
+#: Write IDs kept in an object's metadata at most.  A merge takes at most half as
+#: many staging objects (:data:`~loghandler.storage.s3.merge.MAX_BATCH`), so that
+#: the IDs of one merge are still listed after the next one.
+MAX_WRITES = 96
+
+#: Bytes of the comma-joined write IDs kept at most: S3 allows 2 KB of user
+#: metadata (names and values); 96 IDs of 16 hex digits take 1,631 bytes, and the
+#: 32-digit IDs of earlier versions (at most 16 in a list they wrote) fit beside
+#: 80 of them.
+MAX_WRITES_BYTES = 1900
+
+
+def newest_writes(writes: Sequence[str]) -> tuple[str, ...]:
+    """
+    The newest of ``writes`` (oldest first) that fit in :data:`MAX_WRITES` entries
+    and :data:`MAX_WRITES_BYTES` bytes when comma-joined, oldest first.
+    """
+    kept: list[str] = []
+    size = -1
+    for write in reversed(writes):
+        if len(kept) == MAX_WRITES or size + 1 + len(write) > MAX_WRITES_BYTES:
+            break
+        kept.append(write)
+        size += 1 + len(write)
+    return tuple(reversed(kept))
 
 
 @attrs.frozen

@@ -8,6 +8,11 @@ Keys under ``_loghandler/`` (readers use ``chat/``):
 - ``_loghandler/staging/{writer_id}/{key}/{sequence}``: one stream's staging upload,
   then staging object;
 - ``_loghandler/writers/{writer_id}``: a writer's lease;
+- ``_loghandler/queue/{key}/{writer_id}/{sequence}``: an empty marker saying that
+  the staging object ``_loghandler/staging/{writer_id}/{key}/{sequence}`` waits for
+  the key's merger (listed by key, which the staging keys cannot be);
+- ``_loghandler/merging/{key}``: the key's merge lock, held by the one writer that
+  merges the key's queue (:mod:`~loghandler.storage.s3.keymerge`);
 - ``_loghandler/probe/{writer_id}``: the start-up probe of the bucket.
 
 Part numbers of a staging upload.  A stream's data are a sequence of *segments*: each
@@ -42,6 +47,12 @@ WRITERS_PREFIX = WORK_PREFIX + "writers/"
 
 #: Start-up probes: ``{PROBE_PREFIX}{writer_id}``.
 PROBE_PREFIX = WORK_PREFIX + "probe/"
+
+#: Queue markers: ``{QUEUE_PREFIX}{key}/{writer_id}/{sequence}``.
+QUEUE_PREFIX = WORK_PREFIX + "queue/"
+
+#: Merge locks: ``{MERGING_PREFIX}{key}``.
+MERGING_PREFIX = WORK_PREFIX + "merging/"
 
 #: S3's largest part number (https://docs.aws.amazon.com/AmazonS3/latest/userguide/qfacts.html).
 MAX_PART_NUMBER = 10_000
@@ -90,6 +101,46 @@ def parse_staging_key(staging: str) -> Optional[StagingKey]:
     if number < 1 or sequence != str(number):
         return None
     return StagingKey(writer_id, key, number)
+
+
+def queue_prefix(key: str) -> str:
+    """``_loghandler/queue/{key}/``: where the queue markers of ``key`` are."""
+    return f"{QUEUE_PREFIX}{key}/"
+
+
+def queue_key(staging: StagingKey) -> str:
+    """``_loghandler/queue/{key}/{writer_id}/{sequence}``: the marker of ``staging``."""
+    return f"{queue_prefix(staging.key)}{staging.writer_id}/{staging.sequence}"
+
+
+def parse_queue_key(marker: str) -> Optional[StagingKey]:
+    """
+    The staging key a queue marker stands for, or None for any other key (not under
+    :data:`QUEUE_PREFIX`, or without a key, writer ID and positive sequence).
+    """
+    if not marker.startswith(QUEUE_PREFIX):
+        return None
+    parts = marker[len(QUEUE_PREFIX) :].rsplit("/", 2)
+    if len(parts) != 3:
+        return None
+    key, writer_id, sequence = parts
+    if not (key and writer_id and sequence.isdigit()) or sequence != str(int(sequence)):
+        return None
+    if int(sequence) < 1:
+        return None
+    return StagingKey(writer_id, key, int(sequence))
+
+
+def merge_lock_key(key: str) -> str:
+    """``_loghandler/merging/{key}``: the merge lock of ``key``."""
+    return MERGING_PREFIX + key
+
+
+def merge_lock_of(lock: str) -> Optional[str]:
+    """The object key a merge lock is for, or None for any other key."""
+    if not lock.startswith(MERGING_PREFIX) or lock == MERGING_PREFIX:
+        return None
+    return lock[len(MERGING_PREFIX) :]
 
 
 def lease_key(writer_id: str) -> str:

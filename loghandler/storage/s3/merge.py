@@ -1,8 +1,11 @@
 """
-Merge a staging object into its key (DESIGN.md section 5, step 3): the key's bytes,
-then the staging object's, written as one new version of the key under a condition
+Merge staging objects into their key (DESIGN.md section 5, step 3): the key's bytes,
+then each staging object's, written as one new version of the key under a condition
 on the version it replaces, so that nothing another writer merged meanwhile is
-overwritten and nothing is merged twice.
+overwritten and nothing is merged twice.  :meth:`Merger.merge` takes one staging
+object; :meth:`Merger.merge_batch` several (up to :data:`MAX_BATCH` in one merge, so
+that the key is copied once for all of them: the key's merger,
+:mod:`~loghandler.storage.s3.keymerge`).  Below, S stands for all of them.
 
 1. HEAD the key K (and its rollovers ``{K}.1``, ``{K}.2``..., while one is over
    :data:`ROLLOVER_BYTES`).  When one lists the staging object's write ID, the merge
@@ -43,12 +46,23 @@ from loghandler.budget import MemoryBudget
 from loghandler.config import GiB, S3_MAX_PART_SIZE
 from loghandler.keys import rollover_key
 from loghandler.retry import Fault, RetryLayer, StorageFault
-from loghandler.storage.s3.api import MAX_WRITES, CompletedPart, IS3Client, ObjectInfo
+from loghandler.storage.s3.api import (
+    MAX_WRITES,
+    CompletedPart,
+    IS3Client,
+    ObjectInfo,
+    newest_writes,
+)
 from loghandler.threads import DeferToThread
 
 #: A key over this many bytes takes no more merges: they go to ``{key}.1``, ... (a
 #: copied part holds at most 5 GiB; the margin covers other writers' merges).
 ROLLOVER_BYTES = 4 * GiB
+
+#: Staging objects one merge takes at most: a third of the write IDs a key lists,
+#: so that those of the merge before are still listed after it (a merger that
+#: died before deleting them leaves them to the next, who must see them listed).
+MAX_BATCH = MAX_WRITES // 3
 
 #: Waits before a merge is redone after a conflict, in seconds.
 CONFLICT_BACKOFF = Backoff(base=0.05, cap=5.0)
@@ -105,6 +119,22 @@ def single_member(bodies: Sequence[bytes]) -> bytes:
 
 
 @attrs.define
+class Merged:
+    """
+    What :meth:`Merger.merge_batch` did.
+
+    :ivar target: the key merged into last (the key or a rollover).
+    :ivar merged: the staging objects that are in the key (or a rollover) now, and
+        deleted.
+    :ivar vanished: those that were gone, and not listed: someone deleted them.
+    """
+
+    target: str
+    merged: list[Staged] = attrs.field(factory=list)
+    vanished: list[Staged] = attrs.field(factory=list)
+
+
+@attrs.define
 class Merger:
     """
     Merges staging objects into keys.
@@ -142,43 +172,91 @@ class Merger:
         :raises StorageFault: INVALID (a request S3 refuses as malformed).
         :raises Abandoned: the deadline passed; ``staged`` stays for recovery.
         """
+        result = await self.merge_batch([staged], key, cancelled)
+        if result.vanished:
+            raise StagedDataGone(staged.key)
+        return result.target
+
+    async def merge_batch(
+        self,
+        batch: Sequence[Staged],
+        key: str,
+        cancelled: Callable[[], bool] = lambda: False,
+    ) -> "Merged":
+        """
+        Merge the staging objects ``batch`` (of one key, in this order) into ``key``
+        (or its rollover), :data:`MAX_BATCH` at a time, each taking one HEAD, one
+        merge of the key's bytes and theirs, and a DeleteObject of each; then the
+        next ones.  Those the key (or a rollover) lists already are deleted first,
+        before any merge could push their write IDs out of the key's list.
+
+        :returns: what became of them.
+        :raises StorageFault: INVALID (a request S3 refuses as malformed).
+        :raises Abandoned: the deadline passed; what is not merged stays staged.
+        """
+        pending = list(batch)
+        result = Merged(key)
         conflicts = 0
-        while True:
-            target, info = await self._target(key, staged.write_id, cancelled)
-            if info is not None and staged.write_id in info.writes:
+        while pending:
+            target, info, listed = await self._target(key, cancelled)
+            result.target = target
+            landed = [s for s in pending if s.write_id in listed]
+            for s in landed:
                 _log.info(
-                    "{key}: the merge of {staged} had landed already",
-                    key=target,
-                    staged=staged.key,
+                    "{key}: the merge of {staged} had landed already", key=target, staged=s.key
                 )
+                await self._delete(s, result, cancelled)
+            pending = [s for s in pending if s.write_id not in listed]
+            if not pending:
                 break
+            chunk = pending[:MAX_BATCH]
             try:
-                await self._merge_once(staged, target, info, cancelled)
-                break
+                await self._merge_once(chunk, target, info, cancelled)
             except StorageFault as e:
                 if e.fault is Fault.INVALID:
                     raise
                 if e.fault is Fault.GONE and e.operation in ("GetObject", "UploadPartCopy"):
-                    await self._check_staged(staged, target, cancelled)
+                    for s in await self._vanished(chunk, target, cancelled):
+                        pending.remove(s)
+                        result.vanished.append(s)
                 _log.info(
                     "{key}: merging {staged} again: {operation} answered {fault}",
                     key=target,
-                    staged=staged.key,
+                    staged=", ".join(s.key for s in chunk),
                     operation=e.operation,
                     fault=e.fault.value,
                 )
                 await self.retry.wait(self.conflict_backoff.delay(conflicts))
                 conflicts += 1
-        await self._call("DeleteObject", staged.key, lambda: self.client.delete(staged.key), cancelled)
-        return target
+                continue
+            for s in chunk:
+                await self._delete(s, result, cancelled)
+            pending = pending[len(chunk) :]
+        return result
 
-    async def _check_staged(self, staged: Staged, target: str, cancelled: Callable[[], bool]) -> None:
-        """After a NoSuchKey: is the staging object itself gone (not just K changed)?"""
-        info = await self._call("HeadObject", staged.key, lambda: self.client.head(staged.key), cancelled)
-        if info is None:
-            latest = await self._call("HeadObject", target, lambda: self.client.head(target), cancelled)
-            if latest is None or staged.write_id not in latest.writes:
-                raise StagedDataGone(staged.key)
+    async def _delete(self, staged: Staged, result: "Merged", cancelled: Callable[[], bool]) -> None:
+        """Delete a staging object the key lists; count it merged."""
+        await self._call(
+            "DeleteObject", staged.key, lambda: self.client.delete(staged.key), cancelled
+        )
+        result.merged.append(staged)
+
+    async def _vanished(
+        self, batch: Sequence[Staged], target: str, cancelled: Callable[[], bool]
+    ) -> list[Staged]:
+        """
+        After a NoSuchKey: the staging objects of ``batch`` that are gone (not just
+        K changed) and that ``target`` does not list: someone deleted them.
+        """
+        missing = []
+        for s in batch:
+            info = await self._call("HeadObject", s.key, lambda: self.client.head(s.key), cancelled)
+            if info is None:
+                missing.append(s)
+        if not missing:
+            return []
+        latest = await self._call("HeadObject", target, lambda: self.client.head(target), cancelled)
+        return [s for s in missing if latest is None or s.write_id not in latest.writes]
 
     async def _call(
         self, operation: str, key: str, call: Callable[[], "Deferred[Any]"], cancelled: Callable[[], bool]
@@ -186,35 +264,39 @@ class Merger:
         return await self.retry.call(operation, key, call, cancelled=cancelled)
 
     async def _target(
-        self, key: str, write_id: str, cancelled: Callable[[], bool]
-    ) -> tuple[str, Optional[ObjectInfo]]:
+        self, key: str, cancelled: Callable[[], bool]
+    ) -> tuple[str, Optional[ObjectInfo], frozenset[str]]:
         """
         The key that takes the merge: ``key`` or the first rollover not over
-        :data:`ROLLOVER_BYTES` (or missing), and its HEAD; or, when one of them lists
-        ``write_id``, that one.
+        :data:`ROLLOVER_BYTES` (or missing), its HEAD, and the write IDs listed by
+        it and the full generations before it.
         """
         generation = 0
+        listed: set[str] = set()
         while True:
             target = rollover_key(key, generation)
             info = await self._call("HeadObject", target, lambda: self.client.head(target), cancelled)
-            if info is None or write_id in info.writes or info.size <= ROLLOVER_BYTES:
-                return target, info
+            if info is not None:
+                listed.update(info.writes)
+            if info is None or info.size <= ROLLOVER_BYTES:
+                return target, info, frozenset(listed)
             generation += 1
 
     async def _merge_once(
         self,
-        staged: Staged,
+        batch: Sequence[Staged],
         target: str,
         info: Optional[ObjectInfo],
         cancelled: Callable[[], bool],
     ) -> None:
         """One attempt of steps 2-3; a StorageFault means: start again at the HEAD."""
-        writes = ((info.writes if info else ()) + (staged.write_id,))[-MAX_WRITES:]
+        writes = newest_writes((info.writes if info else ()) + tuple(s.write_id for s in batch))
         condition: dict[str, Any] = (
             {"if_none_match": True} if info is None else {"if_match": info.etag}
         )
-        if staged.size < self.part_size and (info is None or info.size < self.part_size):
-            await self._merge_small(staged, target, info, writes, condition, cancelled)
+        staged_bytes = sum(s.size for s in batch)
+        if staged_bytes < self.part_size and (info is None or info.size < self.part_size):
+            await self._merge_small(batch, target, info, writes, condition, cancelled)
             return
         attempts = 0
 
@@ -226,8 +308,12 @@ class Merger:
         upload_id = await self._call("CreateMultipartUpload", target, create, cancelled)
         if attempts > 1:
             await self._abort_others(target, upload_id, cancelled)
+        sources: list[tuple[str, str, int]] = []
+        if info is not None and info.size:
+            sources.append((target, info.etag, info.size))
+        sources.extend((s.key, s.etag, s.size) for s in batch)
         try:
-            parts = await self._upload_pieces(staged, target, info, upload_id, cancelled)
+            parts = await self._upload_pieces(sources, target, upload_id, cancelled)
             await self._call(
                 "CompleteMultipartUpload",
                 target,
@@ -240,8 +326,8 @@ class Merger:
         _log.info(
             "{key}: merged {staged} ({size} bytes) by multipart upload",
             key=target,
-            staged=staged.key,
-            size=staged.size,
+            staged=", ".join(s.key for s in batch),
+            size=staged_bytes,
         )
 
     async def _abort_others(
@@ -289,14 +375,14 @@ class Merger:
 
     async def _merge_small(
         self,
-        staged: Staged,
+        batch: Sequence[Staged],
         target: str,
         info: Optional[ObjectInfo],
         writes: tuple[str, ...],
         condition: dict[str, Any],
         cancelled: Callable[[], bool],
     ) -> None:
-        held = staged.size + (info.size if info else 0)
+        held = sum(s.size for s in batch) + (info.size if info else 0)
         self._hold(held)
         try:
             bodies = []
@@ -307,14 +393,12 @@ class Merger:
                         "GetObject", target, lambda: self.client.get(target, etag), cancelled
                     )
                 )
-            bodies.append(
-                await self._call(
-                    "GetObject",
-                    staged.key,
-                    lambda: self.client.get(staged.key, staged.etag),
-                    cancelled,
+            for s in batch:
+                bodies.append(
+                    await self._call(
+                        "GetObject", s.key, lambda: self.client.get(s.key, s.etag), cancelled
+                    )
                 )
-            )
             body = await self.defer_to_thread(single_member, bodies)
             del bodies
             await self._call(
@@ -328,26 +412,22 @@ class Merger:
         _log.info(
             "{key}: merged {staged} ({size} bytes) by PutObject",
             key=target,
-            staged=staged.key,
-            size=staged.size,
+            staged=", ".join(s.key for s in batch),
+            size=held - (info.size if info else 0),
         )
 
     async def _upload_pieces(
         self,
-        staged: Staged,
+        sources: Sequence[tuple[str, str, int]],
         target: str,
-        info: Optional[ObjectInfo],
         upload_id: str,
         cancelled: Callable[[], bool],
     ) -> list[CompletedPart]:
         """
-        Upload K's bytes then S's as parts of the merge upload; every part but the
-        last at least ``part_size``.
+        Upload the bytes of ``sources`` (key, ETag, size: K's, then each staging
+        object's) as parts of the merge upload; every part but the last at least
+        ``part_size``.
         """
-        sources: list[tuple[str, str, int]] = []
-        if info is not None and info.size:
-            sources.append((target, info.etag, info.size))
-        sources.append((staged.key, staged.etag, staged.size))
         parts: list[CompletedPart] = []
         pending: list[tuple[str, str, int, int]] = []  # (key, etag, start, end) to GET
         pending_bytes = 0

@@ -23,7 +23,12 @@ A pass (:meth:`Recoverer.recover_once`):
    the newest part of each segment, :func:`~loghandler.storage.s3.layout.newest_per_segment`)
    and merge the object it made before the next upload of the key (a second
    Complete would replace it).
-4. Sweeps: merge uploads under ``chat/`` initiated more than ``stale_merge_upload_s``
+4. Queues (:mod:`~loghandler.storage.s3.keymerge`): the merge locks of gone
+   writers are deleted, and the keys whose queue markers are older than
+   3 x ``lease_s`` and that no lock holds are drained (the lock taken, the queued
+   staging objects merged in one batch): staging objects a live writer left to a
+   merger that died, or that released the lock before seeing them.
+5. Sweeps: merge uploads under ``chat/`` initiated more than ``stale_merge_upload_s``
    before S3's now are aborted (a live merge so aborted gets NoSuchUpload and is
    redone); the probes (``_loghandler/probe/``) of gone writers, older than
    3 x ``lease_s``, and the leases of gone writers without staged data are deleted.
@@ -60,15 +65,21 @@ from loghandler.storage.s3.api import (
     PendingUpload,
     StoredPart,
 )
+from loghandler.storage.s3.keymerge import KeyMerges
 from loghandler.storage.s3.layout import (
+    MERGING_PREFIX,
     PROBE_PREFIX,
+    QUEUE_PREFIX,
     STAGING_PREFIX,
     WRITERS_PREFIX,
     StagingKey,
     lease_key,
     lease_writer,
+    merge_lock_of,
     newest_per_segment,
+    parse_queue_key,
     parse_staging_key,
+    queue_key,
 )
 from loghandler.storage.s3.lease import Lease
 from loghandler.storage.s3.merge import Merger, Staged, StagedDataGone
@@ -155,6 +166,8 @@ class Recoverer:
         (``COMPLETIONS_IN_FLIGHT``).
     :param stale_merge_upload_s: a merge upload initiated longer ago than this, by
         S3's clock, is aborted by the sweep.
+    :param key_merges: the keys' queues and merge locks (one on ``client``,
+        ``retry`` and ``merger`` by default).
     """
 
     _log = Logger()
@@ -169,7 +182,10 @@ class Recoverer:
         lease_s: float,
         merge_slots: DeferredSemaphore,
         stale_merge_upload_s: float = 900.0,
+        key_merges: Optional[KeyMerges] = None,
     ) -> None:
+        #: The keys' queues and merge locks this recoverer drains.
+        self.key_merges = key_merges or KeyMerges(client, retry, merger, writer_id)
         self._client = client
         self._retry = retry
         self._merger = merger
@@ -262,6 +278,7 @@ class Recoverer:
                 # All it staged is merged: its claim (tombstone) goes too.
                 await self._delete(lease_key(writer), cancelled)
         if report.skipped is None:
+            await self._drain_queues(report, cancelled)
             await self._sweep(set(staged), report, cancelled)
         if report.did_something:
             self._log.info(
@@ -464,6 +481,9 @@ class Recoverer:
         finally:
             self._merge_slots.release()
         report.objects_merged += 1
+        # Its marker, if it was queued for the key's merger (who would find it gone).
+        marker = queue_key(item.parsed)
+        await self._call("DeleteObject", marker, lambda: self._client.delete(marker), cancelled)
 
     async def _complete(
         self,
@@ -530,6 +550,75 @@ class Recoverer:
             return _Outcome.NOTHING
         report.uploads_completed += 1
         return _Outcome.MERGE
+
+    # -- queues of keys whose merger is gone ------------------------------------------
+
+    async def _drain_queues(self, report: RecoveryReport, cancelled: Callable[[], bool]) -> None:
+        """
+        The merge locks of gone writers are deleted; then each key with a queue
+        marker older than 3 x ``lease_s`` (by S3's clock; younger ones may have a
+        merger about to take the lock) and no lock is drained
+        (:meth:`KeyMerges.drain`), holding a merge slot.  Lists the leases anew,
+        after the markers and locks, so that a lock is never judged a gone
+        writer's on an older listing than the lock's.
+        """
+        markers: list[ListedObject] = await self._call(
+            "ListObjectsV2", QUEUE_PREFIX, lambda: self._client.list_objects(QUEUE_PREFIX), cancelled
+        )
+        locks: list[ListedObject] = await self._call(
+            "ListObjectsV2",
+            MERGING_PREFIX,
+            lambda: self._client.list_objects(MERGING_PREFIX),
+            cancelled,
+        )
+        if not markers and not locks:
+            return
+        now, leases = await self._list_leases(cancelled)
+        if now is None:
+            return
+        busy: set[str] = set()
+        for listed in locks:
+            key = merge_lock_of(listed.key)
+            if key is None:
+                continue
+            holder = await self.key_merges.holder(listed.key, cancelled)
+            if holder is None:
+                continue  # released meanwhile
+            if holder == self.writer_id or not self._gone(holder, now, leases):
+                busy.add(key)
+                continue
+            self._log.info(
+                "recovery: {lock} was held by writer {writer}, gone; deleted",
+                lock=listed.key,
+                writer=holder or "-",
+            )
+            await self._delete(listed.key, cancelled)
+            report.garbage_deleted += 1
+        oldest: dict[str, float] = {}
+        for listed in markers:
+            parsed = parse_queue_key(listed.key)
+            if parsed is not None:
+                oldest[parsed.key] = min(oldest.get(parsed.key, listed.last_modified), listed.last_modified)
+        for key, since in sorted(oldest.items()):
+            if key in busy or now - since <= 3 * self.lease_s:
+                continue
+            if cancelled():
+                raise Abandoned("recovery stopped")
+            await self._merge_slots.acquire()
+            try:
+                merged = await self.key_merges.drain(key, cancelled)
+            except StorageFault as e:
+                report.problems += 1
+                self._log.error(
+                    "recovery: the queue of {key} left for the next pass: {error}",
+                    key=key,
+                    error=str(e),
+                )
+                continue
+            finally:
+                self._merge_slots.release()
+            if merged is not None:
+                report.objects_merged += len(merged.merged)
 
     # -- sweeps ----------------------------------------------------------------------
 

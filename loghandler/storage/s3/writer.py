@@ -12,8 +12,10 @@ opens an :class:`S3ObjectWriter` per stream, which
    or checkpoint; every staging call waits until the process holds its lease;
 2. completes the staging upload at finish (or, when the whole stream is one small
    tail, PutObjects it), giving the staging object S;
-3. merges S into the key (:mod:`loghandler.storage.s3.merge`), at most
-   ``completions_in_flight`` merges at once, and deletes S.
+3. hands S to the key's merger (:mod:`loghandler.storage.s3.keymerge`): queues it,
+   and merges the key's whole queue (:mod:`loghandler.storage.s3.merge`) when it
+   takes the key's merge lock, else leaves it to the lock's holder; at most
+   ``completions_in_flight`` hand-offs at once.
 
 Every call goes through the one retry layer (:mod:`loghandler.retry`); no failure of
 any kind skips a part.  A staging upload aborted from outside (NoSuchUpload on a
@@ -60,6 +62,7 @@ from loghandler.interfaces import (
 from loghandler.retry import Fault, RetryLayer, StorageFault
 from loghandler.storage.s3.api import CompletedPart, IS3Client
 from loghandler.storage.s3.bucket_checks import check_bucket
+from loghandler.storage.s3.keymerge import KeyMerges
 from loghandler.storage.s3.lease import Lease
 from loghandler.storage.s3.layout import (
     MAX_PART_NUMBER,
@@ -119,6 +122,7 @@ class S3ObjectStore:
         self.client = client
         self.lease = lease
         self._lease_started = False
+        self._closed = False
         self.lease_held: Callable[[], "Deferred[None]"] = (
             lease.held if lease is not None else _always_held
         )
@@ -131,6 +135,7 @@ class S3ObjectStore:
         self.merger = Merger(
             client, self.retry, part_size, budget or MemoryBudget(2**62), defer_to_thread
         )
+        self.key_merges = KeyMerges(client, self.retry, self.merger, self.writer_id)
         self._sequence: dict[str, int] = {}
         self.name = client.name
 
@@ -160,7 +165,9 @@ class S3ObjectStore:
         """
 
         def checked(result: None) -> None:
-            if self.lease is not None and not self._lease_started:
+            # Not after close: the answer may come after a stop (the lease was
+            # released; starting it again would write a lease nobody renews).
+            if self.lease is not None and not self._lease_started and not self._closed:
                 self._lease_started = True
                 self.lease.start()
             ensureDeferred(check_bucket(self.client, self.writer_id))
@@ -176,6 +183,7 @@ class S3ObjectStore:
         Release the lease (so that others merge at once what stayed staged), then
         close the client's connections.
         """
+        self._closed = True
         if self.lease is None:
             return self.client.close()
         return self.lease.release().addBoth(lambda _: self.client.close())
@@ -527,10 +535,9 @@ class S3ObjectWriter:
             on_staged()
         await self._store.merge_slots.acquire()
         try:
-            target = await self._store.merger.merge(staged, self.key, self._cancelled)
+            return await self._store.key_merges.hand_off(staged, self.key, self._cancelled)
         finally:
             self._store.merge_slots.release()
-        return Finished("merged", key=target)
 
     async def _complete_staging(self) -> None:
         while True:
