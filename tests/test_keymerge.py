@@ -324,3 +324,20 @@ class RecoveredQueueTests(KeyMergeCase):
             self.leftovers(), ["_loghandler/writers/b", "_loghandler/writers/r"]
         )
         self.assertEqual(json.loads(self.s3.body("_loghandler/writers/r"))["writer_id"], "r")
+
+
+class WriteIdTests(SynchronousTestCase):
+    """Write IDs are short enough for a key to list three batches of them."""
+
+    def test_three_batches_fit(self) -> None:
+        """
+        3 x MAX_BATCH new write IDs (16 hex digits) are all kept by newest_writes,
+        also after the 16 longer IDs an earlier version may have left in a key.
+        """
+        from loghandler.storage.s3.writer import new_write_id
+
+        ids = tuple(new_write_id() for _ in range(3 * MAX_BATCH))
+        self.assertEqual({len(i) for i in ids}, {16})
+        self.assertEqual(newest_writes(ids), ids)
+        old = tuple("%032x" % n for n in range(16))
+        self.assertEqual(newest_writes(old + ids)[-len(ids) :], ids)

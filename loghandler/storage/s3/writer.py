@@ -77,6 +77,15 @@ from loghandler.threads import DeferToThread, synchronously
 __all__ = ["MAX_PART_NUMBER", "STAGING_PREFIX", "S3ObjectStore", "S3ObjectWriter"]
 
 
+def new_write_id() -> str:
+    """
+    A staging object's write ID: 16 random hex digits (64 bits), so that a key's
+    metadata holds :data:`~loghandler.storage.s3.api.MAX_WRITES` of them (three
+    merges of :data:`~loghandler.storage.s3.merge.MAX_BATCH`) within S3's 2 KB.
+    """
+    return uuid.uuid4().hex[:16]
+
+
 def _always_held() -> "Deferred[None]":
     return succeed(None)
 
@@ -209,7 +218,7 @@ class S3ObjectWriter:
         self._retry = store.retry
         self.key = key
         self.staging_key = staging_key
-        self.write_id = uuid.uuid4().hex
+        self.write_id = new_write_id()
         self._upload_id: Optional[str] = None
         self._creating: Optional[list[Deferred[str]]] = None
         # Uploads go one at a time, in the order they were handed over, so that the
@@ -415,7 +424,7 @@ class S3ObjectWriter:
         lost = sum(size for _, _, size in self._parts.values())
         old_key = self.staging_key
         self.staging_key = self._store.next_staging_key(self.key)
-        self.write_id = uuid.uuid4().hex
+        self.write_id = new_write_id()
         self._log.error(
             "{key}: staging upload {upload_id} of {old_key} was aborted by someone else:"
             " {parts} parts ({lost} gzip bytes) in it are lost; going on in a new upload"
