@@ -53,11 +53,12 @@ if ! command -v "$python" >/dev/null 2>&1; then
   exit 2
 fi
 if [ "$("$python" -c 'import sys; print(sys.implementation.name)' 2>/dev/null)" != cpython ] \
-  && [ -z "${MOTO_SERVER:-}" ]; then
-  # Another interpreter's tests use CPython's moto_server (tests/integration/moto.py
-  # says why), so CPython's virtualenv is made too.
+  && [ -z "${EMULATOR_PYTHON:-}" ]; then
+  # Another interpreter's tests run the storage emulators (moto_server, the fault
+  # proxy) on CPython, as CPython's tests do (tests/integration/moto.py says why), so
+  # CPython's virtualenv is made too.
   ensure_venv python3
-  export MOTO_SERVER="$venv/bin/moto_server"
+  export EMULATOR_PYTHON="$venv/bin/python"
 fi
 ensure_venv "$python"
 # Azurite, pinned in tests/integration/azurite/package-lock.json, for the Azure

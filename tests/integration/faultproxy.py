@@ -141,6 +141,8 @@ from typing import IO, Any, Optional, Sequence, Union
 import attrs
 from twisted.logger import Logger
 
+from tests.integration.moto import emulator_python
+
 __all__ = [
     "CONTROL_PREFIX",
     "FAULTS",
@@ -1738,7 +1740,8 @@ def _rule_json(rule: Union[FaultRule, dict[str, Any]]) -> dict[str, Any]:
 
 class FaultProxyProcess:
     """
-    ``python -m tests.integration.faultproxy`` as a child process, which also exits
+    ``python -m tests.integration.faultproxy`` as a child process (on
+    :func:`tests.integration.moto.emulator_python`), which also exits
     when this process dies (its stdin, a pipe from here, closes).
 
     :ivar port: its port once started (0 before).
@@ -1778,7 +1781,7 @@ class FaultProxyProcess:
         """
         self._stderr = tempfile.TemporaryFile()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.integration.faultproxy",
+            [emulator_python(), "-m", "tests.integration.faultproxy",
              "--upstream", self.upstream, "--port", "0", "--exit-on-stdin-eof",
              *self.extra_args],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,

@@ -1,9 +1,9 @@
 """
 moto's S3 server as a child process, for tests and scripts.
 
-``moto_server`` (the console script installed next to ``sys.executable``, or the one
-the environment variable ``MOTO_SERVER`` names) is started on ``127.0.0.1`` and a free port, polled until it answers (at most ``timeout``
-seconds, 20 by default), and given a bucket.  All calls here are synchronous (plain
+``moto_server`` (the console script installed next to the emulators' interpreter,
+:func:`emulator_python`) is started on ``127.0.0.1`` and a free port, polled until it
+answers (at most ``timeout`` seconds, 20 by default), and given a bucket.  All calls here are synchronous (plain
 ``urllib``), so they work from a script, from trial's ``setUp`` and from a module
 level; they take a few milliseconds once the server runs.
 
@@ -69,6 +69,7 @@ from unittest import SkipTest
 __all__ = [
     "EmulatorMissing",
     "MotoServer",
+    "emulator_python",
     "free_port",
     "moto_server_path",
     "require_moto_server",
@@ -83,21 +84,28 @@ class EmulatorMissing(AssertionError):
     """
 
 
+def emulator_python() -> str:
+    """
+    The interpreter whose virtualenv runs the storage emulators (``moto_server``,
+    and :mod:`tests.integration.faultproxy` in front of it): the environment variable
+    ``EMULATOR_PYTHON`` when it is set (non-empty), else ``sys.executable``.
+
+    ``PYTHON=pypy3 scripts/run-tests`` sets it to CPython's ``.venv/bin/python``, so
+    that loghandler and the tests run on PyPy against the same emulated storage as
+    on CPython: the last moto for Python 3.9 (5.1.22) answers 403
+    SignatureDoesNotMatch to a signed PutObject that 5.2 accepts
+    (``S3ClientSigningTests.test_right_secret``), and the fault proxy, a threaded
+    ``http.server``, forwards several times slower on PyPy, enough to push two
+    daemons' flush on stop past its deadline in ``test_faults``.
+    """
+    return os.environ.get("EMULATOR_PYTHON") or sys.executable
+
+
 def moto_server_path() -> str:
     """
-    Where ``moto_server`` should be: the path in the environment variable
-    ``MOTO_SERVER`` when it is set (non-empty), else next to the running interpreter
-    (``os.path.join(os.path.dirname(sys.executable), "moto_server")``).
-
-    ``MOTO_SERVER`` lets a run on another interpreter use the same emulator as
-    CPython's: ``PYTHON=pypy3 scripts/run-tests`` points it at CPython's
-    ``.venv/bin/moto_server``: the last moto for Python 3.9 (5.1.22) answers 403
-    SignatureDoesNotMatch to a signed PutObject that 5.2 accepts
-    (``S3ClientSigningTests.test_right_secret``).
+    Where ``moto_server`` should be: next to :func:`emulator_python`.
     """
-    return os.environ.get("MOTO_SERVER") or os.path.join(
-        os.path.dirname(sys.executable), "moto_server"
-    )
+    return os.path.join(os.path.dirname(emulator_python()), "moto_server")
 
 
 def require_moto_server() -> str:
