@@ -635,6 +635,8 @@ def main() -> None:
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed: apt-get install wrk")
 
+    # SIGTERM stops the servers and moto too (the finally below), like Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit("stopped by SIGTERM"))
     logdir = args.logs or tempfile.mkdtemp(prefix="bench-http-")
     os.makedirs(logdir, exist_ok=True)
     systems = build_systems(args, storages)
