@@ -105,6 +105,9 @@ RECOVERY_MARGIN_S = 5.0
 SMALL_CLIENTS = tuple(range(1, 11))
 BIG_CLIENT = 11
 
+#: Seconds between two looks at ``_loghandler/staging/`` while waiting for recovery.
+UNSTAGED_POLL_S = 0.25
+
 #: Where the daemon keeps its own data (DESIGN.md sections 5 and 6); written out here
 #: rather than imported, so that the tests hold the implementation to the contract.
 WORK_PREFIX = "_loghandler/"
@@ -480,9 +483,10 @@ class CrashHarness:
         What is under ``_loghandler/staging/``: its objects (key, size), its uploads
         (key, and with ``with_parts`` the part numbers and sizes), the writer IDs.
         """
+        listed_uploads = self.uploads(STAGING_PREFIX)  # first: see unstaged()
         objects = [(o["Key"], o["Size"]) for o in self.objects(STAGING_PREFIX)]
         uploads = []
-        for key, upload_id in self.uploads(STAGING_PREFIX):
+        for key, upload_id in listed_uploads:
             entry: dict[str, Any] = {"key": key}
             if with_parts:
                 try:
@@ -499,25 +503,59 @@ class CrashHarness:
         )
         return {"objects": objects, "uploads": uploads, "writers": writers}
 
-    def wait_unstaged(self, since: float, timeout: float) -> Optional[float]:
+    def unstaged(self) -> bool:
         """
-        Poll every 0.25 s until nothing is under ``_loghandler/staging/`` (no object,
-        no multipart upload); the seconds from ``since`` to then, or None after
-        ``timeout`` seconds from ``since``.
+        Whether nothing is under ``_loghandler/staging/``: no multipart upload, then
+        no object, listed in that order.
+
+        The order matters.  Staged data only move forward: from a staging upload
+        (which recovery completes) to a staging object (which it merges into its
+        key, then deletes) to nothing.  Listing the uploads first, an upload
+        completed between the two listings is seen as its object by the second
+        one.  Listed the other way round, it is seen by neither (the objects were
+        listed before it made its object, the uploads after it ended), and the key
+        was read before its merge landed: recovery merges a writer's keys one
+        after the other, so the last one (``..._9``) lost all its lines whenever its
+        completion fell between the two requests.  The recoverer lists in this
+        order too (``Recoverer._list_staged``).
         """
+        return not self.uploads(STAGING_PREFIX) and not self.objects(STAGING_PREFIX)
+
+    def wait_unstaged(
+        self, since: float, timeout: float, poll_s: float = UNSTAGED_POLL_S
+    ) -> Optional[float]:
+        """
+        Poll every ``poll_s`` seconds until :meth:`unstaged` holds at two polls in a
+        row; the seconds from ``since`` to the first of them, or None when it did
+        not hold by ``timeout`` seconds from ``since``.
+
+        The second poll is for moto, whose CompleteMultipartUpload is not atomic:
+        it removes the upload, then stores the object, so one pair of listings can
+        fall between the two and see neither.  By the next poll the object is
+        listed, or it was merged and deleted, which happens only once its key's
+        write landed.
+        """
+        first: Optional[float] = None
         while True:
             self.check_open()
-            if not self.objects(STAGING_PREFIX) and not self.uploads(STAGING_PREFIX):
-                return time.monotonic() - since
-            if time.monotonic() - since > timeout:
+            clean = self.unstaged()
+            now = time.monotonic()
+            if not clean:
+                first = None
+            elif first is None:
+                first = now
+            else:
+                return first - since
+            if first is None and now - since > timeout:
                 return None
-            self.sleep(0.25)
+            self.sleep(poll_s)
 
     def leftovers(self, dead: set[str]) -> dict[str, Any]:
         """
         What should not be there: objects under ``_loghandler/`` that are not leases,
         the leases of the ``dead`` writer IDs, the live leases, every multipart upload.
         """
+        uploads = self.uploads("")  # first: see unstaged()
         objects = self.objects(WORK_PREFIX)
         leases = {
             o["Key"][len(WRITERS_PREFIX) :]
@@ -532,7 +570,7 @@ class CrashHarness:
             ],
             "dead_leases": sorted(leases & dead),
             "live_leases": sorted(leases - dead),
-            "uploads": [f"{k} {u}" for k, u in self.uploads("")],
+            "uploads": [f"{k} {u}" for k, u in uploads],
         }
 
     def read_chat(self) -> tuple[dict[str, list[bytes]], dict[str, str], int]:
