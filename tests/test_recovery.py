@@ -708,6 +708,30 @@ class ServiceTests(RecoveryCase):
             [c for c in self.s3.calls[calls:] if c[0] != "PutObject"], []
         )
 
+    def test_early_pass_and_timer_never_overlap(self) -> None:
+        """
+        The early pass (run as soon as our own lease is healthy) is still in flight
+        when the timer's next tick comes: the tick waits for it, and no second pass
+        runs alongside (under load, a new instance's early pass outlasted
+        ``RECOVERY_INTERVAL_S`` and a second pass merged the same staging objects
+        at the same time, answered conflict and found them merged).
+        """
+        _, lines = self.stage_dead()
+        recoverer, lease = self.make_recoverer("new")
+        interval = 3 * LEASE_S / 2.5  # ticks at 0, 12, 24 (skipped), 36
+        service = RecoveryService(recoverer, interval, self.clock)
+        service.startService()
+        self.addCleanup(lambda: service.running and service.stopService())
+        self.advance(2 * interval + 0.5)  # the tick at 24 s plans the early pass at 30 s
+        self.s3.hold("ListParts")
+        self.advance(3 * interval)  # the early pass at 30 s stalls; ticks at 36, 48, 60
+        self.assertEqual(self.passes(), 1)
+        self.s3.release()
+        self.advance(2 * interval)
+        self.assertEqual(self.stored(), lines)
+        self.assertEqual(service.last_report and service.last_report.writers, [])
+        self.assertGreaterEqual(self.passes(), 2)  # the timer goes on after it
+
     def test_pass_as_soon_as_own_lease_is_healthy(self) -> None:
         """
         A new instance's first pass is skipped (its lease is not held for 3 x

@@ -705,7 +705,8 @@ class RecoveryService(TimerService):
     seconds (``RECOVERY_INTERVAL_S``), never two passes at once (the timer waits for
     the pass).  A pass skipped because our own lease was not held long enough yet is
     run again as soon as it will have been (a new instance recovers a dead one about
-    3 x ``lease_s`` after it starts, not one interval later).  A failed pass is
+    3 x ``lease_s`` after it starts, not one interval later); a tick of the timer
+    that comes while that early pass runs waits for it and runs none.  A failed pass is
     logged and the next one runs as planned.  Stopping cancels the pass in flight;
     :meth:`stopService` fires once it ended.
 
@@ -726,6 +727,7 @@ class RecoveryService(TimerService):
         self._pass: Optional[Deferred[RecoveryReport]] = None
         self._clock = clock
         self._early: Optional[IDelayedCall] = None
+        self._waiters: list[Deferred[None]] = []  # ticks that came during the early pass
         self.last_report: Optional[RecoveryReport] = None
 
     def startService(self) -> None:
@@ -744,6 +746,12 @@ class RecoveryService(TimerService):
         return d
 
     def _run_pass(self) -> "Deferred[None]":
+        if self._pass is not None:
+            # The early pass is still in flight (it outlasted the interval): the
+            # timer's tick waits for it rather than running a second pass beside it.
+            waiter: Deferred[None] = Deferred()
+            self._waiters.append(waiter)
+            return waiter
         d = ensureDeferred(self._recoverer.recover_once(lambda: self._stopping))
         self._pass = d
         return d.addCallbacks(self._passed, self._failed).addBoth(self._ended)
@@ -772,3 +780,6 @@ class RecoveryService(TimerService):
 
     def _ended(self, result: None) -> None:
         self._pass = None
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
