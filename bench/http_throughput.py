@@ -6,7 +6,7 @@ beside them when its binary is given.
 The command (``wrk`` is the Debian package; moto comes with ``.[test]``)::
 
     .venv/bin/python bench/http_throughput.py --workers 1,2 --repeat 2 \\
-        --go-binary /tmp/bench-go/helloworld-data-handler --json bench/http_throughput.json
+        --go-binary /tmp/bench-go/helloworld-data-handler
 
 Systems, all started at once and loaded one at a time, interleaved (the order
 rotates each repetition) so that a noisy minute hits all of them:
@@ -51,9 +51,9 @@ At the end every server gets SIGTERM (the seconds to exit are reported) and, for
 moto systems, every object in its bucket is read back, decompressed, and its
 content_ids counted: ``stored`` unique ids must be at least the messages answered 200
 (``acked``; wrk does not count answers that arrive after its window, so ``stored`` may
-exceed it by up to the connection count per window) and at most those sent, with no
+exceed it by up to the messages in flight when each window ends) and at most those sent, with no
 duplicate and no id that was not sent.  Everything (each attempt of each window, the
-check, the machine) goes to ``--json``.
+check, the machine) goes to ``--json`` (default ``bench/http_throughput.json``).
 """
 
 from __future__ import annotations
@@ -618,7 +618,8 @@ def main() -> None:
     parser.add_argument("--retries", type=int, default=2, help="reruns of a disturbed window (default 2)")
     parser.add_argument("--quiet-wait", type=float, default=20,
                         help="seconds to wait for a quiet machine before a window (default 20)")
-    parser.add_argument("--json", default="http-throughput.json", help="results file")
+    parser.add_argument("--json", default=os.path.join(HERE, "http_throughput.json"),
+                        help="results file (default bench/http_throughput.json, git-ignored)")
     parser.add_argument("--logs", help="directory for the servers' logs (default: a temporary one)")
     args = parser.parse_args()
     args.python = [os.path.abspath(p) if os.sep in p else shutil.which(p) or p
