@@ -485,6 +485,15 @@ class ObjectStream:
             if not self._abandoned:
                 self._log.failure("{key}: completion failed", key=self.key)
             durable = max(self.durable_lines, self._lines_stored)
+            if self.lines == durable:
+                self._log.warn(
+                    "{key}: not completed{reason}; nothing lost: its {lines} lines are"
+                    " staged, for recovery",
+                    key=self.key,
+                    reason=" by the shutdown deadline" if self._abandoned else "",
+                    lines=self.lines,
+                )
+                return
             self._log.error(
                 "{key}: not stored{reason}: {lost_lines} lines ({lost_bytes} gzip bytes)"
                 "{checkpointed}",

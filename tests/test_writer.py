@@ -737,3 +737,45 @@ class MemoryModelTests(SynchronousTestCase):
         self.failureResultOf(s3.put("k", b"x"), ResponseNeverReceived)
         self.assertEqual(s3.body("k"), b"x")
         self.assertIs(memory.LOST, memory.LOST)
+
+
+class FinishConcurrencyTests(WriterCase):
+    """At stop every stream finishes at once: the store gets a bounded number of calls."""
+
+    def test_tails_at_most_finish_calls_at_once(self) -> None:
+        """
+        150 streams of one small tail each finish together (as at SIGTERM): at most
+        FINISH_CALLS_AT_ONCE staging PutObjects are in flight at any moment (3,000
+        at once overwhelmed moto: answers never came and tails missed the
+        deadline); every stream's line is stored once.
+        """
+        from loghandler.storage.s3.writer import FINISH_CALLS_AT_ONCE
+
+        held: list[tuple[Deferred[Any], Any, tuple[Any, ...], dict[str, Any]]] = []
+        most = [0]
+        real_put = self.s3.put
+
+        def slow_put(*args: Any, **kwargs: Any) -> Deferred[Any]:
+            if not str(args[0]).startswith(STAGING_PREFIX):
+                return real_put(*args, **kwargs)
+            d: Deferred[Any] = Deferred()
+            held.append((d, real_put, args, kwargs))
+            most[0] = max(most[0], len(held))
+            return d
+
+        self.patch(self.s3, "put", slow_put)
+        finishing = []
+        for n in range(150):
+            writer = self.store.open("chat/2020-03-30/content_logs_2020-03-30_%d" % (n + 1))
+            finishing.append(writer.finish(gzip_of([message(n).to_line()])))
+        while held:
+            self.assertLessEqual(len(held), FINISH_CALLS_AT_ONCE)
+            d, put, args, kwargs = held.pop(0)
+            put(*args, **kwargs).chainDeferred(d)
+            self.clock.advance(0)
+        self.assertEqual(most[0], FINISH_CALLS_AT_ONCE)
+        for d in finishing:
+            self.assertEqual(self.run_until(d).outcome, "merged")
+        for n in range(150):
+            key = "chat/2020-03-30/content_logs_2020-03-30_%d" % (n + 1)
+            self.assertEqual(self.stored(key), [message(n).to_line()])
