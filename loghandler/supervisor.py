@@ -24,6 +24,7 @@ The supervisor:
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import sys
 import time
@@ -227,6 +228,7 @@ class WorkerSupervisor(Service):
         if self._socket is None:
             self.privilegedStartService()
         Service.startService(self)
+        self._reactor.callWhenRunning(self._stop_once_on_signals)
         self._log.info(
             "loghandler supervisor on {addr}:{port}: {workers} workers, each with"
             " BUFFER_BUDGET_BYTES / {workers} = {share} bytes",
@@ -237,6 +239,25 @@ class WorkerSupervisor(Service):
         )
         for number in range(1, self._config.workers + 1):
             self._start(number)
+
+    def _stop_once_on_signals(self) -> None:
+        """
+        SIGTERM and SIGINT stop the server once; a second signal (systemd and a
+        shell both signalling, Ctrl-C twice) changes nothing, where twistd's own
+        handlers would log ReactorNotRunning.  SIGHUP (a closed terminal) is
+        ignored, by the workers too.
+        """
+        stopping: list[bool] = []
+
+        def stop_once() -> None:
+            if not stopping:
+                stopping.append(True)
+                self._log.info("stop signal received; stopping the workers")
+                self._reactor.stop()
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: self._reactor.callFromThread(stop_once))
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     def _start(self, number: int) -> None:
         self._restarts.pop(number, None)
@@ -286,9 +307,17 @@ class WorkerSupervisor(Service):
         ran = self._reactor.seconds() - self._started_at.pop(number)
         how = describe_exit(reason)
         if self._stopping:
-            self._log.info(
-                "worker {number} stopped ({how})", number=number, how=how
-            )
+            if isinstance(reason.value, ProcessDone):
+                self._log.info("worker {number} stopped ({how})", number=number, how=how)
+            else:
+                self._log.error(
+                    "worker {number} (pid {pid}) ended during the stop ({how}) before"
+                    " its flush was done: what it had not staged is lost, what it"
+                    " staged is recovered once its lease lapses",
+                    number=number,
+                    pid=worker.pid,
+                    how=how,
+                )
             self._broadcast()
             self._check_all_ended()
             return

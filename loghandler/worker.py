@@ -27,12 +27,13 @@ import json
 import os
 import signal
 import sys
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger, formatEvent
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
+from zope.interface import provider
 
 from loghandler.health import local_health
 
@@ -120,6 +121,23 @@ class SupervisorChannel(LineOnlyReceiver):
         self._supervisor_gone()
 
 
+def preformatted(observer: ILogObserver) -> ILogObserver:
+    """
+    ``observer`` given each event with its text already formatted
+    (``formatEvent``): twisted.logger's JSON keeps the fields but not their format
+    specs (``{seconds:.3f}``), so the supervisor would print raw floats.
+    """
+
+    @provider(ILogObserver)
+    def observe(event: dict[str, Any]) -> None:
+        if "log_format" in event and "log_failure" not in event:
+            text = formatEvent(event)
+            event = dict(event, log_format=text.replace("{", "{{").replace("}", "}}"))
+        observer(event)
+
+    return cast(ILogObserver, observe)
+
+
 def run(number: int, family: int) -> int:
     """
     Run worker ``number`` until it is stopped; its exit status.  The configuration
@@ -136,7 +154,8 @@ def run(number: int, family: int) -> int:
     reactor: Any = global_reactor
     log_file = io.open(1, "w", encoding="utf-8", closefd=False, errors="replace")
     globalLogBeginner.beginLoggingTo(
-        [jsonFileLogObserver(log_file, recordSeparator="")], redirectStandardIO=False
+        [preformatted(jsonFileLogObserver(log_file, recordSeparator=""))],
+        redirectStandardIO=False,
     )
     try:
         config = worker_share(from_environ(os.environ))
@@ -160,6 +179,9 @@ def run(number: int, family: int) -> int:
     holder.append(channel)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: reactor.callFromThread(stop))
+    # A supervisor that was its terminal's session leader and dies takes SIGHUP to
+    # its workers with it: they stop when its pipe closes instead, with a flush.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     reactor.addSystemEventTrigger("before", "shutdown", root.stopService)
 
     def start() -> None:

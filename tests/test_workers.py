@@ -271,6 +271,9 @@ class FakeProcessReactor(Clock):
     def stop(self) -> None:
         self.stopped += 1
 
+    def callWhenRunning(self, f: Any, *args: Any) -> None:
+        self.when_running = (f, args)
+
 
 def exited(code: Optional[int] = None, signum: Optional[int] = None) -> Failure:
     if code == 0 and signum is None:
@@ -385,6 +388,37 @@ class SupervisorTests(SynchronousTestCase):
         self.assertIn("worker 2 stopped (exit status 0)", self.logged())
         self.assertIn("all workers stopped", self.logged())
 
+    def test_worker_killed_during_the_stop_is_an_error(self) -> None:
+        """A worker that does not exit 0 after SIGTERM did not finish its flush."""
+        stopped = self.supervisor.stopService()
+        self.reactor.spawned[0][0].processEnded(exited(code=0))
+        self.reactor.spawned[1][0].processEnded(exited(signum=signal.SIGKILL))
+        self.successResultOf(stopped)
+        self.assertIn("worker 1 stopped (exit status 0)", self.logged())
+        self.assertIn(
+            "worker 2 (pid 1001) ended during the stop (killed by signal 9) before its"
+            " flush was done",
+            self.logged(),
+        )
+
+    def test_stop_signals_act_once(self) -> None:
+        """SIGTERM twice stops the reactor once; SIGHUP is ignored."""
+        f, args = self.reactor.when_running
+        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        for signum, handler in previous.items():
+            self.addCleanup(signal.signal, signum, handler)
+        calls: list[Any] = []
+        self.reactor.callFromThread = lambda g, *a: calls.append((g, a))  # type: ignore[attr-defined]
+        f(*args)
+        self.assertEqual(signal.getsignal(signal.SIGHUP), signal.SIG_IGN)
+        handler = signal.getsignal(signal.SIGTERM)
+        assert callable(handler)
+        handler(signal.SIGTERM, None)
+        handler(signal.SIGTERM, None)
+        for g, a in calls:
+            g(*a)
+        self.assertEqual(self.reactor.stopped, 1)
+
     def test_stop_cancels_a_pending_restart(self) -> None:
         self.reactor.spawned[0][0].processEnded(exited(code=1))
         stopped = self.supervisor.stopService()
@@ -436,3 +470,19 @@ class ListeningSocketTests(SynchronousTestCase):
 
 
 
+
+
+class PreformattedTests(SynchronousTestCase):
+    """A worker's log events keep their format specs through the JSON pipe."""
+
+    def test_format_spec_survives_json(self) -> None:
+        from twisted.logger import eventFromJSON
+
+        from loghandler.worker import preformatted
+
+        lines: list[str] = []
+        observer = preformatted(lambda event: lines.append(eventAsJSON(event)))  # type: ignore[arg-type]
+        observer({"log_format": "flush done in {seconds:.3f} s {{x}}", "seconds": 0.123456, "log_time": 1.0, "log_level": LogLevel.info})
+        event = eventFromJSON(lines[0])
+        event["log_system"] = "worker 1"
+        self.assertIn("[worker 1] flush done in 0.123 s {x}", formatEventAsClassicLogText(event) or "")

@@ -102,6 +102,12 @@ class WorkersEndToEndTests(SynchronousTestCase):
         pids = {w["pid"] for w in body["workers"]}
         self.assertEqual(len(pids), 2)
         self.assertNotIn(daemon.process.pid, pids)
+        # SIGHUP (a closed terminal) stops nothing, in the supervisor or a worker.
+        os.kill(daemon.process.pid, signal.SIGHUP)
+        for pid in pids:
+            os.kill(pid, signal.SIGHUP)
+        time.sleep(1.5)
+        self.assertEqual({w["pid"] for w in health(daemon.port)[1]["workers"]}, pids)
         self.post(daemon, 2000)
         daemon.stop()
         log = daemon.log()
