@@ -606,7 +606,7 @@ def main() -> None:
                         "twistd is taken from its directory")
     parser.add_argument("--workers", default="1",
                         help="comma-separated worker counts (WORKERS=N; baseline --workers N)")
-    parser.add_argument("--storage", default="none,moto", help="none (NO_UPLOAD=1), moto, or both")
+    parser.add_argument("--storage", default="none,moto", help="comma-separated: none (NO_UPLOAD=1), moto (default: both)")
     parser.add_argument("--loads", default="c50,c1,batch100",
                         help="comma-separated: %s" % ", ".join(LOADS))
     parser.add_argument("--go-binary", help="the Go original's binary, measured against moto")
