@@ -112,18 +112,13 @@ def make_store(
 
     from loghandler.retry import RetryLayer
     from loghandler.storage.s3.client import build_s3_client
-    from loghandler.storage.s3.credentials import aws_credentials
     from loghandler.storage.s3.lease import Lease
     from loghandler.storage.s3.recovery import Recoverer, RecoveryService
     from loghandler.storage.s3.writer import S3ObjectStore
     from loghandler.threads import on_thread_pool
 
     assert config.aws_bucket is not None and config.aws_region is not None
-    try:
-        credentials = aws_credentials(config.aws_access_key, config.aws_access_secret)
-    except ValueError as e:
-        _exit(str(e))
-        raise
+    credentials = _aws_credentials(config)
     client = build_s3_client(
         reactor,
         bucket=config.aws_bucket,
@@ -162,15 +157,10 @@ def make_azure_store(config: Config, reactor: Any) -> IObjectStore:
     """
     from loghandler.retry import RetryLayer
     from loghandler.storage.azure.client import AzureBlobClient
-    from loghandler.storage.azure.settings import container_client
     from loghandler.storage.azure.writer import AzureObjectStore
 
     retry = RetryLayer(reactor)
-    try:
-        sdk_client = container_client(config, AZURE_CALLS_AT_ONCE)
-    except ConfigError as e:
-        _exit(str(e))
-        raise
+    sdk_client = _azure_container_client(config, AZURE_CALLS_AT_ONCE)
     client = AzureBlobClient(sdk_client, reactor, AZURE_CALLS_AT_ONCE, retry.attempt_timeout)
     return AzureObjectStore(
         client,
@@ -210,19 +200,31 @@ def check_store_settings(config: Config) -> None:
     if config.no_upload:
         return
     if config.storage == "azure":
-        from loghandler.storage.azure.settings import container_client
+        _azure_container_client(config, 1).close()
+    else:
+        _aws_credentials(config)
 
-        try:
-            container_client(config, 1).close()
-        except ConfigError as e:
-            _exit(str(e))
-        return
+
+def _aws_credentials(config: Config) -> Any:
+    """botocore's credentials for the settings; exits with one line when refused."""
     from loghandler.storage.s3.credentials import aws_credentials
 
     try:
-        aws_credentials(config.aws_access_key, config.aws_access_secret)
+        return aws_credentials(config.aws_access_key, config.aws_access_secret)
     except ValueError as e:
         _exit(str(e))
+        raise
+
+
+def _azure_container_client(config: Config, connections: int) -> Any:
+    """The SDK's container client; exits with one line when the SDK refuses the settings."""
+    from loghandler.storage.azure.settings import container_client
+
+    try:
+        return container_client(config, connections)
+    except ConfigError as e:
+        _exit(str(e))
+        raise
 
 
 def build_root(
