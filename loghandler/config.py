@@ -546,28 +546,24 @@ def from_environ(
             "PART_SIZE_BYTES: at most %d (96 MiB) with STORAGE=azure (an append block"
             " holds 100 MiB), got %d" % (AZURE_MAX_PART_SIZE, config.part_size)
         )
-    if config.workers > 1:
-        if config.buffer_budget_bytes < 4 * config.part_size * config.workers:
-            raise ConfigError(
-                "BUFFER_BUDGET_BYTES: must be at least WORKERS x 4 x PART_SIZE_BYTES"
-                " (%d with WORKERS=%d), got %d"
-                % (4 * config.part_size * config.workers, config.workers, config.buffer_budget_bytes)
-            )
-        share = config.buffer_budget_bytes // config.workers
-        if config.batch_max_bytes > share // 2:
-            raise ConfigError(
-                "BATCH_MAX_BYTES: must be at most half of BUFFER_BUDGET_BYTES / WORKERS"
-                " (%d with WORKERS=%d), got %d" % (share // 2, config.workers, config.batch_max_bytes)
-            )
-    if config.buffer_budget_bytes < 4 * config.part_size:
+    # Each of WORKERS holds BUFFER_BUDGET_BYTES / WORKERS (worker_share).
+    workers = config.workers
+    share = config.buffer_budget_bytes // workers
+    each = "" if workers == 1 else " with WORKERS=%d" % workers
+    if share < 4 * config.part_size:
         raise ConfigError(
-            "BUFFER_BUDGET_BYTES: must be at least 4 x PART_SIZE_BYTES (%d), got %d"
-            % (4 * config.part_size, config.buffer_budget_bytes)
+            "BUFFER_BUDGET_BYTES: must be at least %s4 x PART_SIZE_BYTES (%d%s), got %d"
+            % (
+                "" if workers == 1 else "WORKERS x ",
+                4 * config.part_size * workers,
+                each,
+                config.buffer_budget_bytes,
+            )
         )
-    if config.batch_max_bytes > config.buffer_budget_bytes // 2:
+    if config.batch_max_bytes > share // 2:
         raise ConfigError(
-            "BATCH_MAX_BYTES: must be at most half of BUFFER_BUDGET_BYTES (%d), got %d"
-            % (config.buffer_budget_bytes // 2, config.batch_max_bytes)
+            "BATCH_MAX_BYTES: must be at most half of BUFFER_BUDGET_BYTES%s (%d%s), got %d"
+            % ("" if workers == 1 else " / WORKERS", share // 2, each, config.batch_max_bytes)
         )
     if "client_budget_bytes" in values:
         _check_client_budget(config, config.client_budget_bytes)
