@@ -177,6 +177,29 @@ class PostTests(WebCase):
         self.assertEqual(headers.getRawHeaders(b"retry-after"), [b"5"])
         self.assertEqual(answer["error"], "server is stopping")
 
+    def test_unexpected_error_is_500_and_logged(self) -> None:
+        """
+        A registry that fails in an unexpected way: 500 with a JSON reason and the
+        failure logged with its traceback, for a message and for a batch.
+        """
+
+        def broken(*args: Any) -> Any:
+            raise RuntimeError("boom")
+
+        self.patch(self.registry, "accept", broken)
+        self.patch(self.registry, "accept_batch", broken)
+        for data, headers, failed, kept in [
+            (body(), None, "accepting a message failed", "the message was not kept"),
+            (body() + b"\n", NDJSON, "accepting a batch failed", "the batch was not kept whole"),
+        ]:
+            with capturedLogs() as events:
+                status, _, answer = self.request("POST", "/log", data, headers)
+            self.assertEqual((status, answer["error"]), (500, "internal error; " + kept))
+            logged = [e for e in events if e.get("log_format") == failed]
+            self.assertEqual(len(logged), 1)
+            self.assertIsInstance(logged[0]["log_failure"].value, RuntimeError)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+
     def test_accepted_data_survives_bad_requests(self) -> None:
         """Bad requests between good ones leave the accepted lines intact."""
         self.assertEqual(self.request("POST", "/log", body(content_id=1))[0], 200)
