@@ -177,9 +177,7 @@ class LogResource(Resource):
             body = content.getvalue()
         else:
             body = content.read() if content is not None else b""
-        if getattr(request, "batch", False) or (
-            not isinstance(request, LogRequest) and is_batch(request)
-        ):
+        if request.batch if isinstance(request, LogRequest) else is_batch(request):
             return self._render_batch(request, body, getattr(content, "overflowed", False))
         if getattr(content, "overflowed", False) or len(body) > self._max_body_bytes:
             return _refuse(request, too_large(self._max_body_bytes))
@@ -189,12 +187,10 @@ class LogResource(Resource):
             return _refuse(request, rejection)
         try:
             accepted = self._registry.accept(message)
-        except Busy as busy:
-            request.responseHeaders.setRawHeaders(b"retry-after", [b"%d" % busy.retry_after])
-            return _error(request, 503, busy.reason)
-        except Exception:
-            self._log.failure("accepting a message failed")
-            return _error(request, 500, "internal error; the message was not kept")
+        except Exception as e:
+            return self._not_taken(
+                request, e, "accepting a message failed", "the message was not kept"
+            )
         if self._durable_timeout_s is None:
             return _respond(request, 200, _OK)
         return self._answer_when_durable(request, accepted.durable())
@@ -231,12 +227,10 @@ class LogResource(Resource):
                 return _refuse_line(request, rejection, number)
         try:
             accepted = self._registry.accept_batch(messages)
-        except Busy as busy:
-            request.responseHeaders.setRawHeaders(b"retry-after", [b"%d" % busy.retry_after])
-            return _error(request, 503, busy.reason)
-        except Exception:
-            self._log.failure("accepting a batch failed")
-            return _error(request, 500, "internal error; the batch was not kept whole")
+        except Exception as e:
+            return self._not_taken(
+                request, e, "accepting a batch failed", "the batch was not kept whole"
+            )
         ok = b'{"ok":true,"accepted":%d}' % len(accepted)
         if self._durable_timeout_s is None:
             return _respond(request, 200, ok)
@@ -249,6 +243,18 @@ class LogResource(Resource):
             ok,
             "storage failed; messages of the batch were not stored",
         )
+
+    def _not_taken(self, request: Request, error: Exception, failed: str, kept: str) -> bytes:
+        """
+        The answer when the registry did not take a request: 503 with
+        ``Retry-After`` for :class:`Busy`, else 500 (``internal error; {kept}``),
+        logged with its traceback as ``failed`` (call it inside the ``except``).
+        """
+        if isinstance(error, Busy):
+            request.responseHeaders.setRawHeaders(b"retry-after", [b"%d" % error.retry_after])
+            return _error(request, 503, error.reason)
+        self._log.failure(failed)
+        return _error(request, 500, "internal error; " + kept)
 
     def _answer_when_durable(
         self,
@@ -365,11 +371,7 @@ class LogRequest(Request):
         header, no ``Server`` header); anything else as twisted.web would.
         """
         site = getattr(self.channel, "site", None)
-        if not isinstance(site, LogSite):
-            super().process()
-            return
-        route = site.routes.get(self.path)
-        if route is None:
+        if not isinstance(site, LogSite) or (route := site.routes.get(self.path)) is None:
             super().process()
             return
         self.site = site
