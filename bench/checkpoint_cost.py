@@ -29,6 +29,7 @@ import os
 import random
 import sys
 import time
+from typing import Callable, Optional, Union
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -52,21 +53,26 @@ DAY_S = 86_400
 
 
 def feed(
-    registry: StreamRegistry, clock: Clock, rate: float, seconds: int, text_bytes: int
+    registry: StreamRegistry,
+    clock: Clock,
+    rate: Union[float, Callable[[float], float]],
+    seconds: int,
+    text_bytes: int,
+    lines: Optional[list[bytes]] = None,
 ) -> tuple[int, int]:
     """
-    ``rate`` messages/s of one key for ``seconds``, each ``text_bytes`` of words,
-    into ``registry``, time passing on ``clock`` in steps of 0.1 s.
+    ``rate`` messages/s of one key for ``seconds`` (a number, or a function of the
+    second since the start), each ``text_bytes`` of words, into ``registry``, time
+    passing on ``clock`` in steps of 0.1 s; each line is appended to ``lines``.
 
     :returns: the messages and their NDJSON bytes.
     """
     rng = random.Random(7)
     content_id = 0
-    per_tick = rate / 10.0
     owed = 0.0
     raw = 0
-    for _ in range(seconds * 10):
-        owed += per_tick
+    for tick in range(seconds * 10):
+        owed += (rate(tick / 10) if callable(rate) else rate) / 10.0
         while owed >= 1:
             owed -= 1
             content_id += 1
@@ -76,7 +82,10 @@ def feed(
             # One key for the whole day: the timestamp only chooses the key.
             message = Message(" ".join(words), content_id, 3, 1_600_000_000_000)
             registry.accept(message)
-            raw += len(message.to_line())
+            line = message.to_line()
+            raw += len(line)
+            if lines is not None:
+                lines.append(line)
         clock.advance(0.1)
     return content_id, raw
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import subprocess
 import sys
 from typing import Callable
@@ -37,15 +36,10 @@ from twisted.internet.task import Clock  # noqa: E402
 from loghandler.budget import MemoryBudget  # noqa: E402
 from loghandler.config import S3_MIN_PART_SIZE  # noqa: E402
 from loghandler.gzipframe import STAGE_BYTES  # noqa: E402
-from loghandler.message import Message  # noqa: E402
 from loghandler.registry import IDLE_S, StreamRegistry, StreamSettings  # noqa: E402
 from loghandler.storage.discard import DiscardStore  # noqa: E402
 
-WORDS = (
-    "user login logout session error warning info debug request response timeout"
-    " connected disconnected payment order item cart checkout failed succeeded retry"
-    " cache miss hit database query slow fast the a of to in for on with"
-).split()
+from checkpoint_cost import feed  # noqa: E402  (bench/, the same load)
 
 #: messages per second at second ``t`` of the hour, by scenario.
 SCENARIOS: dict[str, Callable[[float], float]] = {
@@ -77,22 +71,8 @@ def run(rate: Callable[[float], float], seconds: int, text_bytes: int, new: bool
         uniform=lambda a, b: b,
     )
     registry.start_checkpoints()
-    rng = random.Random(7)
-    lines = []
-    owed = 0.0
-    content_id = 0
-    for tick in range(seconds * 10):
-        owed += rate(tick / 10) / 10
-        while owed >= 1:
-            owed -= 1
-            content_id += 1
-            words: list[str] = []
-            while sum(len(w) + 1 for w in words) < text_bytes:
-                words.append(rng.choice(WORDS))
-            message = Message(" ".join(words), content_id, 3, 1_600_000_000_000)
-            registry.accept(message)
-            lines.append(message.to_line())
-        clock.advance(0.1)
+    lines: list[bytes] = []
+    feed(registry, clock, rate, seconds, text_bytes, lines)
     registry.close_all()
     clock.advance(1)
     return store.bytes_discarded, b"".join(lines)
