@@ -30,6 +30,7 @@ setup(
     ],
     extras_require={
         "test": ["hypothesis>=6.80", "moto[server]>=5.0"],
-        "dev": ["mypy>=1.8", "mypy-zope>=1.0"],
+        # Static checks (scripts/check): ruff lints the tree, mypy checks the package.
+        "dev": ["mypy>=1.8", "mypy-zope>=1.0", "ruff>=0.5"],
     },
 )

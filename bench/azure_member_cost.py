@@ -41,6 +41,7 @@ from loghandler.retry import RetryLayer  # noqa: E402
 from loghandler.storage.azure.api import MAX_BLOCKS  # noqa: E402
 from loghandler.storage.azure.memory import MemoryAppendBlobs  # noqa: E402
 from loghandler.storage.azure.writer import AzureObjectStore  # noqa: E402
+
 from checkpoint_cost import feed  # noqa: E402  (bench/, the same load)
 
 DAY_S = 86_400

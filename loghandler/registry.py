@@ -18,12 +18,11 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from loghandler.budget import MemoryBudget, Share
+from loghandler.gzipframe import COMPRESSOR_BYTES, STAGE_BYTES
 from loghandler.interfaces import IObjectStore
 from loghandler.keys import key_for
 from loghandler.message import Message
-from loghandler.gzipframe import COMPRESSOR_BYTES, STAGE_BYTES
 from loghandler.stream import ObjectStream
-
 
 #: Memory an open stream holds besides what its encoder and parts hold (those are
 #: counted as they change, the compressor's state included): the stream, its writer,

@@ -36,8 +36,12 @@ from __future__ import annotations
 import enum
 from typing import Callable, Optional, TypeVar
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
-from twisted.internet.defer import TimeoutError as DeferredTimeoutError
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredSemaphore,
+    TimeoutError as DeferredTimeoutError,
+)
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 

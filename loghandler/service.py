@@ -30,7 +30,6 @@ from loghandler.message import Limits
 from loghandler.registry import StreamRegistry, StreamSettings
 from loghandler.web import make_site
 
-
 #: The name of the :class:`StreamService` in the root service.
 STREAM_SERVICE_NAME = "streams"
 

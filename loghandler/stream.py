@@ -44,7 +44,6 @@ from loghandler.budget import MemoryBudget
 from loghandler.gzipframe import STAGE_BYTES, GzipPartEncoder
 from loghandler.interfaces import Abandoned, Finished, IObjectWriter
 
-
 #: Staged bytes below which a stream is not compacted: a member of fewer bytes
 #: compresses much worse than the stream would (8 KiB of NDJSON: about 1.3x ``gzip -6``).
 COMPACT_MIN_BYTES = 8 * 1024

@@ -143,8 +143,7 @@ def run(number: int, family: int) -> int:
     Run worker ``number`` until it is stopped; its exit status.  The configuration
     comes from the environment the supervisor passed on (options included).
     """
-    from twisted.internet import reactor as global_reactor
-    from twisted.internet import stdio
+    from twisted.internet import reactor as global_reactor, stdio
     from twisted.logger import globalLogBeginner, jsonFileLogObserver
 
     from loghandler.config import ConfigError, from_environ, worker_share

@@ -15,7 +15,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # ensure_venv INTERPRETER: create and fill the interpreter's virtualenv when needed;
 # sets venv (its path) and impl (sys.implementation.name).
 ensure_venv() {
-  local python="$1" impl_version constraints stamp
+  local python="$1" impl_version constraints stamp extras
   if ! command -v "$python" >/dev/null 2>&1; then
     echo "PYTHON=$python: no such interpreter" >&2
     exit 2
@@ -33,6 +33,10 @@ ensure_venv() {
     echo "creating $venv with $("$python" --version 2>&1 | tr '\n' ' ')" >&2
     "$python" -m venv "$venv"
   fi
+  # CPython's venv also gets the static checkers (extra "dev": ruff, mypy) that
+  # scripts/check runs; they check the code, not the interpreter, so PyPy's goes without.
+  extras=test
+  if [ "$impl" = cpython ]; then extras=test,dev; fi
   stamp="$venv/.loghandler-installed"
   if [ ! -f "$stamp" ] || [ "$root/setup.py" -nt "$stamp" ] || [ "$constraints" -nt "$stamp" ]; then
     echo "installing loghandler and its test dependencies into $venv" \
@@ -40,7 +44,7 @@ ensure_venv() {
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip setuptools wheel
     # editable_mode=compat: a plain editable install hides twisted/plugins from twistd.
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-      -c "$constraints" -e "$root[test]" --config-settings editable_mode=compat
+      -c "$constraints" -e "$root[$extras]" --config-settings editable_mode=compat
     # Build twisted's plugin cache now, not at the first start (read-only installs).
     "$venv/bin/python" -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
     touch "$stamp"

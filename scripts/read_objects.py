@@ -16,7 +16,6 @@ from __future__ import annotations
 import gzip
 import os
 import sys
-
 from typing import Any, Mapping, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -13,7 +13,7 @@ from typing import Mapping
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from loghandler.config import MiB, Config, ConfigError, from_environ
+from loghandler.config import Config, ConfigError, MiB, from_environ
 
 #: The smallest environment that configures the S3 store.
 BASE = {"AWS_BUCKET": "logs", "AWS_REGION": "eu-west-1"}

@@ -11,8 +11,8 @@ import os
 import platform
 import random
 import zlib
-from hypothesis import given, settings
-from hypothesis import strategies as st
+
+from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from loghandler.gzipframe import COMPRESSOR_BYTES, GzipPartEncoder

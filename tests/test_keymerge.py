@@ -21,7 +21,7 @@ from loghandler.interfaces import Finished
 from loghandler.retry import RetryLayer
 from loghandler.storage.memory import MemoryStore
 from loghandler.storage.s3.api import MAX_WRITES, newest_writes
-from loghandler.storage.s3.keymerge import KeyMerges, lock_holder
+from loghandler.storage.s3.keymerge import lock_holder
 from loghandler.storage.s3.layout import (
     MERGING_PREFIX,
     QUEUE_PREFIX,

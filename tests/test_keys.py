@@ -9,8 +9,7 @@ import datetime
 import os
 import time
 
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from loghandler.keys import key_for, object_key, rollover_key, utc_date

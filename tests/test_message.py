@@ -10,8 +10,7 @@ import json
 import re
 from typing import Any, Callable, Optional
 
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from loghandler.message import (

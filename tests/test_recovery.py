@@ -25,7 +25,7 @@ from loghandler.storage.memory import STALL, MemoryStore, StoredObject
 from loghandler.storage.s3.layout import PROBE_PREFIX, lease_key, staging_key
 from loghandler.storage.s3.lease import Lease
 from loghandler.storage.s3.merge import Merger
-from loghandler.storage.s3.recovery import RecoveryReport, Recoverer, RecoveryService
+from loghandler.storage.s3.recovery import Recoverer, RecoveryReport, RecoveryService
 from loghandler.threads import synchronously
 from tests.helpers import message, noise, read_lines
 

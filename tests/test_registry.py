@@ -18,10 +18,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from loghandler.backoff import Backoff
 from loghandler.budget import MemoryBudget
+from loghandler.gzipframe import COMPRESSOR_BYTES
 from loghandler.interfaces import StorageError
 from loghandler.keys import key_for
 from loghandler.message import Message
-from loghandler.gzipframe import COMPRESSOR_BYTES
 from loghandler.registry import STREAM_OVERHEAD_BYTES, Busy, StreamRegistry, StreamSettings
 from loghandler.retry import RetryLayer
 from loghandler.storage.memory import MemoryStore

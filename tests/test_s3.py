@@ -26,7 +26,12 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import HTTPConnectionPool, ResponseDone, ResponseFailed, ResponseNeverReceived
+from twisted.web.client import (
+    HTTPConnectionPool,
+    ResponseDone,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
@@ -34,8 +39,7 @@ from twisted.web.server import Request
 from zope.interface.verify import verifyObject
 
 from loghandler.interfaces import PreconditionFailed, StorageError
-from loghandler.storage.s3 import credentials as credentials_module
-from loghandler.storage.s3 import documents
+from loghandler.storage.s3 import credentials as credentials_module, documents
 from loghandler.storage.s3.api import (
     CompletedPart,
     IS3Client,

@@ -11,9 +11,9 @@ from typing import Any, Optional
 
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
-from twisted.web.http_headers import Headers
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http_headers import Headers
 
 from loghandler.backoff import Backoff
 from loghandler.budget import MemoryBudget

@@ -18,7 +18,6 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import (
     LogLevel,
-
     eventAsJSON,
     formatEventAsClassicLogText,
     globalLogPublisher,
@@ -26,7 +25,7 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from loghandler.config import MiB, ConfigError, from_environ, worker_share
+from loghandler.config import ConfigError, MiB, from_environ, worker_share
 from loghandler.cpus import cgroup_cpu_limit, usable_cpus
 from loghandler.health import combine_health
 from loghandler.supervisor import (

@@ -27,8 +27,8 @@ from loghandler.retry import RetryLayer
 from loghandler.storage import memory
 from loghandler.storage.memory import MemoryStore
 from loghandler.storage.s3 import merge
-from loghandler.storage.s3.merge import single_member
 from loghandler.storage.s3.layout import merge_lock_key, queue_prefix
+from loghandler.storage.s3.merge import single_member
 from loghandler.storage.s3.writer import STAGING_PREFIX, S3ObjectStore, S3ObjectWriter
 from tests.helpers import members, message, noise, read_lines
 

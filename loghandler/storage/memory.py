@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import attrs
 from twisted.internet.defer import Deferred, succeed

@@ -423,13 +423,18 @@ def sigkill_scenario(
 
     window = checkpoint_s + UPLOAD_MARGIN_S
     second = {id(r) for r in after.records.values()}
-    if ack == "durable":
-        must_find: Callable[[Sent], bool] = lambda r: r.status == 200
+    durable = ack == "durable"
+
+    def must_find(r: Sent) -> bool:
+        """Whether the container must hold ``r``'s line: every 200 with ACK=durable, else a
+        200 from the new daemon or sent more than the checkpoint window before the kill."""
+        return r.status == 200 and (
+            durable or id(r) in second or killed_at - r.sent_at > window
+        )
+
+    if durable:
         must_text = "answered 200 (ACK=durable)"
     else:
-        must_find = lambda r: r.status == 200 and (
-            id(r) in second or killed_at - r.sent_at > window
-        )
         must_text = (
             f"answered 200 by the new daemon, or sent more than {window:g} s before the kill"
         )

@@ -906,11 +906,16 @@ def sigkill_scenario(
         )
 
     window = checkpoint_s + UPLOAD_MARGIN_S
-    if ack == "durable":
-        must_find: Callable[[Sent], bool] = lambda r: r.status == 200
+    durable = ack == "durable"
+
+    def must_find(r: Sent) -> bool:
+        """Whether the bucket must hold ``r``'s line: every 200 with ACK=durable, else a
+        200 sent more than the checkpoint window before the kill."""
+        return r.status == 200 and (durable or killed_at - r.sent_at > window)
+
+    if durable:
         must_text = "answered 200 (ACK=durable)"
     else:
-        must_find = lambda r: r.status == 200 and killed_at - r.sent_at > window
         must_text = f"answered 200 and sent more than {window:g} s before the kill"
         if figures["acknowledged_202"]:
             problems.append(f"{figures['acknowledged_202']} answers 202 with ACK=accepted")

@@ -16,11 +16,11 @@ from typing import Any
 from unittest import SkipTest
 
 from botocore.credentials import Credentials
+from treq.client import HTTPClient
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
-from treq.client import HTTPClient
 from zope.interface.verify import verifyObject
 
 from loghandler.interfaces import StorageError

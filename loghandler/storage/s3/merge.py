@@ -43,7 +43,7 @@ from twisted.logger import Logger
 
 from loghandler.backoff import Backoff
 from loghandler.budget import MemoryBudget
-from loghandler.config import GiB, S3_MAX_PART_SIZE
+from loghandler.config import S3_MAX_PART_SIZE, GiB
 from loghandler.keys import rollover_key
 from loghandler.retry import Fault, RetryLayer, StorageFault
 from loghandler.storage.s3.api import (

@@ -25,14 +25,13 @@ https://docs.aws.amazon.com/AmazonS3/latest/API/sig-v4-header-based-auth.html
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable, Mapping, Optional, Protocol as TypingProtocol, Sequence, cast
+from typing import Any, Mapping, Optional, Protocol as TypingProtocol, Sequence, cast
 from urllib.parse import urlsplit
 
 import attrs
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials, ReadOnlyCredentials
-from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone

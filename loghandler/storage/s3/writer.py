@@ -63,7 +63,6 @@ from loghandler.retry import Fault, RetryLayer, StorageFault
 from loghandler.storage.s3.api import CompletedPart, IS3Client
 from loghandler.storage.s3.bucket_checks import check_bucket
 from loghandler.storage.s3.keymerge import KeyMerges
-from loghandler.storage.s3.lease import Lease
 from loghandler.storage.s3.layout import (
     MAX_PART_NUMBER,
     MAX_SEGMENTS,
@@ -71,6 +70,7 @@ from loghandler.storage.s3.layout import (
     segment_numbers,
     staging_key,
 )
+from loghandler.storage.s3.lease import Lease
 from loghandler.storage.s3.merge import ROLLOVER_BYTES, Merger, Staged
 from loghandler.threads import DeferToThread, synchronously
 
