@@ -3,7 +3,9 @@ Configuration: environment variables (and ``twistd loghandler`` options that ove
 them) become one frozen :class:`Config`.
 
 Every error names the variable and what is wrong with it, in one line, so that a
-daemon that cannot start says why.
+daemon that cannot start says why: ``{VAR}: must be {allowed}, got {text!r}``, the
+same words whether the text is malformed or out of range (secrets are never quoted).
+Flags take exactly ``0`` or ``1``; an empty value is the default.
 """
 
 from __future__ import annotations
@@ -122,6 +124,14 @@ class Setting:
         return str(value)
 
 
+def _refused(env: str, allowed: str, value: str) -> ConfigError:
+    """
+    The one error of every setting: ``{env}: must be {allowed}, got {value!r}``,
+    the same words whether the text is malformed or out of range.
+    """
+    return ConfigError(f"{env}: must be {allowed}, got {value!r}")
+
+
 def _text(env: str, value: str) -> str:
     value = value.strip()
     if not value:
@@ -130,25 +140,35 @@ def _text(env: str, value: str) -> str:
 
 
 def _integer(low: int, high: int) -> Callable[[str, str], int]:
+    """A parser of integers from ``low`` to ``high``."""
+    allowed = f"an integer from {low} to {high}"
+
     def parse(env: str, value: str) -> int:
         try:
             number = int(value.strip())
         except ValueError:
-            raise ConfigError(f"{env}: must be an integer, got {value!r}") from None
+            raise _refused(env, allowed, value) from None
         if not low <= number <= high:
-            raise ConfigError(f"{env}: must be from {low} to {high}, got {number}")
+            raise _refused(env, allowed, value)
         return number
 
     return parse
 
 
-def _positive_number(env: str, value: str) -> float:
+def _number(value: str) -> float:
+    """``value`` as a finite number; NaN for text that is none."""
     try:
         number = float(value.strip())
     except ValueError:
-        raise ConfigError(f"{env}: must be a number, got {value!r}") from None
-    if not (math.isfinite(number) and number > 0):
-        raise ConfigError(f"{env}: must be a number greater than 0, got {value!r}")
+        return math.nan
+    return number if math.isfinite(number) else math.nan
+
+
+def _positive_seconds(env: str, value: str) -> float:
+    """Seconds greater than 0 (decimals allowed)."""
+    number = _number(value)
+    if not number > 0:
+        raise _refused(env, "a number of seconds greater than 0", value)
     return number
 
 
@@ -157,17 +177,14 @@ def _seconds(low: float, high: float, off: bool = False) -> Callable[[str, str],
     A parser of seconds from ``low`` to ``high`` (decimals allowed); with ``off``,
     ``0`` is accepted too (the feature turned off).
     """
-    allowed = f"0 (off) or from {low:g} to {high:g}" if off else f"from {low:g} to {high:g}"
+    allowed = f"a number of seconds from {low:g} to {high:g}" + (", or 0 (off)" if off else "")
 
     def parse(env: str, value: str) -> float:
-        try:
-            number = float(value.strip())
-        except ValueError:
-            raise ConfigError(f"{env}: must be a number of seconds, got {value!r}") from None
+        number = _number(value)
         if off and number == 0:
             return 0.0
-        if not (math.isfinite(number) and low <= number <= high):
-            raise ConfigError(f"{env}: must be {allowed} seconds, got {value!r}")
+        if not low <= number <= high:
+            raise _refused(env, allowed, value)
         return number
 
     return parse
@@ -181,16 +198,15 @@ ACK_MODES = ("accepted", "durable")
 def _ack(env: str, value: str) -> str:
     text = value.strip().lower()
     if text not in ACK_MODES:
-        raise ConfigError(f"{env}: must be 'accepted' or 'durable', got {value!r}")
+        raise _refused(env, "'accepted' or 'durable'", value)
     return text
 
 
 def _minutes(env: str, value: str) -> float:
-    seconds = _positive_number(env, value) * 60.0
-    if not MIN_QUEUE_TIMEOUT_S <= seconds < math.inf:
-        raise ConfigError(
-            f"{env}: must be from {MIN_QUEUE_TIMEOUT_S / 60:g} minutes, finite, got {value!r}"
-        )
+    """Minutes (decimals allowed), at least :data:`MIN_QUEUE_TIMEOUT_S`; in seconds."""
+    seconds = _number(value) * 60.0
+    if not (math.isfinite(seconds) and seconds >= MIN_QUEUE_TIMEOUT_S):
+        raise _refused(env, f"a number of minutes of at least {MIN_QUEUE_TIMEOUT_S / 60:g}", value)
     return seconds
 
 
@@ -207,9 +223,7 @@ _BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]\Z")
 def _bucket(env: str, value: str) -> str:
     text = value.strip()
     if not _BUCKET_NAME.match(text) or ".." in text:
-        raise ConfigError(
-            f"{env}: not a valid S3 bucket name (3-63 of a-z, 0-9, '.', '-'), got {value!r}"
-        )
+        raise _refused(env, "an S3 bucket name (3-63 of a-z, 0-9, '.', '-')", value)
     return text
 
 
@@ -218,19 +232,16 @@ def _address(env: str, value: str) -> str:
     try:
         ipaddress.ip_address(text)
     except ValueError:
-        raise ConfigError(
-            f"{env}: must be an IP address such as 0.0.0.0 or ::, got {value!r}"
-        ) from None
+        raise _refused(env, "an IP address such as 0.0.0.0 or ::", value) from None
     return text
 
 
 def _flag(env: str, value: str) -> bool:
-    text = value.strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off", ""):
-        return False
-    raise ConfigError(f"{env}: must be 0 or 1, got {value!r}")
+    """A boolean: exactly ``0`` or ``1`` (surrounding spaces aside), as every flag."""
+    text = value.strip()
+    if text not in ("0", "1"):
+        raise _refused(env, "0 or 1", value)
+    return text == "1"
 
 
 #: The most worker processes ``WORKERS`` may ask for.
@@ -243,12 +254,13 @@ def _workers(env: str, value: str) -> int:
         from loghandler.cpus import usable_cpus
 
         return min(usable_cpus(), MAX_WORKERS)
+    allowed = f"'auto' or an integer from 1 to {MAX_WORKERS}"
     try:
         number = int(value.strip())
     except ValueError:
-        raise ConfigError(f"{env}: must be 'auto' or a number of processes, got {value!r}") from None
+        raise _refused(env, allowed, value) from None
     if not 1 <= number <= MAX_WORKERS:
-        raise ConfigError(f"{env}: must be 'auto' or from 1 to {MAX_WORKERS}, got {number}")
+        raise _refused(env, allowed, value)
     return number
 
 
@@ -256,7 +268,7 @@ def _storage(env: str, value: str) -> str:
     text = value.strip().lower()
     if text in ("aws", "azure"):
         return text
-    raise ConfigError(f"{env}: must be 'aws' or 'azure', got {value!r}")
+    raise _refused(env, "'aws' or 'azure'", value)
 
 
 #: Azure's rules for names (https://learn.microsoft.com/rest/api/storageservices/
@@ -270,18 +282,14 @@ _AZURE_CONTAINER = re.compile(r"[a-z0-9](?:[a-z0-9]|-(?!-)){1,61}[a-z0-9]\Z")
 def _azure_account(env: str, value: str) -> str:
     text = value.strip()
     if not _AZURE_ACCOUNT.match(text):
-        raise ConfigError(
-            f"{env}: not a valid storage account name (3-24 of a-z, 0-9), got {value!r}"
-        )
+        raise _refused(env, "a storage account name (3-24 of a-z, 0-9)", value)
     return text
 
 
 def _azure_container(env: str, value: str) -> str:
     text = value.strip()
     if not _AZURE_CONTAINER.match(text):
-        raise ConfigError(
-            f"{env}: not a valid container name (3-63 of a-z, 0-9, single '-'), got {value!r}"
-        )
+        raise _refused(env, "a container name (3-63 of a-z, 0-9, single '-')", value)
     return text
 
 
@@ -322,7 +330,7 @@ def _connection_string(env: str, value: str) -> str:
             # Never quote the text: it holds the account key.
             what = f"unknown key {name.strip()[:40]!r}" if equals else "a part without '='"
             raise ConfigError(
-                f"{env}: not an Azure Storage connection string (Key=Value;... with"
+                f"{env}: must be an Azure Storage connection string (Key=Value;... with"
                 f" AccountName, AccountKey, BlobEndpoint...); {what}"
             )
         fields[name.strip().lower()] = field
@@ -330,9 +338,9 @@ def _connection_string(env: str, value: str) -> str:
         try:
             base64.b64decode(fields["accountkey"].strip(), validate=True)
         except (binascii.Error, ValueError):
-            raise ConfigError(f"{env}: its AccountKey is not base64") from None
+            raise ConfigError(f"{env}: its AccountKey must be base64") from None
     if not {"accountname", "blobendpoint", "usedevelopmentstorage"} & fields.keys():
-        raise ConfigError(f"{env}: needs AccountName or BlobEndpoint")
+        raise ConfigError(f"{env}: must have AccountName or BlobEndpoint")
     endpoint = fields.get("blobendpoint", "").strip()
     if endpoint and urlsplit(endpoint).scheme not in ("http", "https"):
         raise ConfigError(f"{env}: BlobEndpoint must be an http:// or https:// URL")
@@ -345,9 +353,9 @@ def _endpoint(env: str, value: str) -> str:
         parts = urlsplit(text)
         parts.port  # noqa: B018 -- raises ValueError for a malformed port
     except ValueError:
-        raise ConfigError(f"{env}: not a valid URL, got {value!r}") from None
+        raise _refused(env, "an http:// or https:// URL", value) from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{env}: must be an http:// or https:// URL, got {value!r}")
+        raise _refused(env, "an http:// or https:// URL", value)
     return text
 
 
@@ -404,7 +412,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "SHUTDOWN_TIMEOUT_S",
         "shutdown_timeout_s",
-        _positive_number,
+        _positive_seconds,
         "seconds the flush on stop may take",
     ),
     Setting(
@@ -435,13 +443,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "TIMESTAMP_MAX_AGE_S",
         "timestamp_max_age_s",
-        _positive_number,
+        _positive_seconds,
         "oldest accepted timestamp, seconds before now",
     ),
     Setting(
         "TIMESTAMP_MAX_AHEAD_S",
         "timestamp_max_ahead_s",
-        _positive_number,
+        _positive_seconds,
         "newest accepted timestamp, seconds after now",
     ),
     Setting(
@@ -529,7 +537,7 @@ def from_environ(
             # Blank is not unset here: it would silently change how the daemon
             # authenticates (DefaultAzureCredential instead of a key).
             raise ConfigError(f"{setting.env}: is set but empty; unset it, or give its value")
-        if raw is None or (raw.strip() == "" and setting.field != "no_upload"):
+        if raw is None or raw.strip() == "":
             continue
         values[setting.field] = setting.parse(setting.env, raw)
     if "checkpoint_s" not in values and values.get("storage") == "azure":

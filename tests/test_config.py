@@ -6,6 +6,7 @@ start with the variable's name) and for the option handling of :mod:`loghandler.
 from __future__ import annotations
 
 import io
+import re
 import sys
 from types import ModuleType
 from typing import Mapping
@@ -113,7 +114,7 @@ class ValueTests(SynchronousTestCase):
                 BUFFER_BUDGET_BYTES=str(64 * MiB),
                 PARTS_IN_FLIGHT="4",
                 COMPLETIONS_IN_FLIGHT="16",
-                ACCESS_LOG="yes",
+                ACCESS_LOG="1",
             )
         )
         self.assertEqual(
@@ -141,12 +142,16 @@ class ValueTests(SynchronousTestCase):
             ),
         )
 
-    def test_no_upload_flag_values(self) -> None:
-        """NO_UPLOAD accepts 1/true/yes/on and 0/false/no/off/empty, any case."""
-        for text in ("1", "true", "YES", "On"):
-            self.assertIs(from_environ(dict(BASE, NO_UPLOAD=text)).no_upload, True, text)
-        for text in ("0", "false", "No", "OFF", ""):
-            self.assertIs(from_environ(dict(BASE, NO_UPLOAD=text)).no_upload, False, text)
+    def test_flag_values(self) -> None:
+        """
+        NO_UPLOAD and ACCESS_LOG take exactly 1 and 0 (spaces around aside); empty is
+        the default, 0.
+        """
+        for variable, field in (("NO_UPLOAD", "no_upload"), ("ACCESS_LOG", "access_log")):
+            for text in ("1", " 1 "):
+                self.assertIs(getattr(from_environ(dict(BASE, **{variable: text})), field), True)
+            for text in ("0", "", " "):
+                self.assertIs(getattr(from_environ(dict(BASE, **{variable: text})), field), False)
 
     def test_part_size_minimum_accepted(self) -> None:
         """PART_SIZE_BYTES of exactly 5 MiB is accepted."""
@@ -195,19 +200,19 @@ class ErrorTests(SynchronousTestCase):
         """PORT=abc names PORT and quotes the value."""
         self.assertEqual(
             self.assertConfigError(dict(BASE, PORT="abc"), "PORT"),
-            "PORT: must be an integer, got 'abc'",
+            "PORT: must be an integer from 0 to 65535, got 'abc'",
         )
 
     def test_port_out_of_range(self) -> None:
         """PORT=70000 names PORT and gives the range."""
         self.assertEqual(
             self.assertConfigError(dict(BASE, PORT="70000"), "PORT"),
-            "PORT: must be from 0 to 65535, got 70000",
+            "PORT: must be an integer from 0 to 65535, got '70000'",
         )
 
     def test_port_negative(self) -> None:
         """PORT=-1 is out of range."""
-        self.assertConfigError(dict(BASE, PORT="-1"), "PORT", "got -1")
+        self.assertConfigError(dict(BASE, PORT="-1"), "PORT", "got '-1'")
 
     def test_queue_timeout_malformed(self) -> None:
         """QUEUE_TIMEOUT_MIN of -1, 0, nan, inf, -inf or x is refused, naming it."""
@@ -215,14 +220,22 @@ class ErrorTests(SynchronousTestCase):
             message = self.assertConfigError(
                 dict(BASE, QUEUE_TIMEOUT_MIN=text), "QUEUE_TIMEOUT_MIN", repr(text)
             )
-            self.assertIn("must be a number", message)
+            self.assertEqual(
+                message, "QUEUE_TIMEOUT_MIN: must be a number of minutes of at least 0.01, got %r"
+                % text
+            )
 
-    def test_no_upload_maybe(self) -> None:
-        """NO_UPLOAD=maybe is refused, naming NO_UPLOAD."""
-        self.assertEqual(
-            self.assertConfigError(dict(BASE, NO_UPLOAD="maybe"), "NO_UPLOAD"),
-            "NO_UPLOAD: must be 0 or 1, got 'maybe'",
-        )
+    def test_flags_take_only_0_and_1(self) -> None:
+        """
+        NO_UPLOAD and ACCESS_LOG refuse anything but 0 and 1 (yes, true, on, off,
+        2...) in the same words, naming the variable.
+        """
+        for variable in ("NO_UPLOAD", "ACCESS_LOG"):
+            for text in ("maybe", "yes", "true", "On", "off", "FALSE", "no", "2", "-1", "01"):
+                self.assertEqual(
+                    self.assertConfigError(dict(BASE, **{variable: text}), variable),
+                    "%s: must be 0 or 1, got %r" % (variable, text),
+                )
 
     def test_storage_gcs(self) -> None:
         """STORAGE=gcs is refused, naming STORAGE and quoting the value."""
@@ -239,7 +252,7 @@ class ErrorTests(SynchronousTestCase):
         """PART_SIZE_BYTES one byte under 5 MiB is refused with the range."""
         self.assertEqual(
             self.assertConfigError(dict(BASE, PART_SIZE_BYTES=str(5 * MiB - 1)), "PART_SIZE_BYTES"),
-            "PART_SIZE_BYTES: must be from 5242880 to 5368709120, got 5242879",
+            "PART_SIZE_BYTES: must be an integer from 5242880 to 5368709120, got '5242879'",
         )
 
     def test_endpoint_not_http(self) -> None:
@@ -261,27 +274,27 @@ class ErrorTests(SynchronousTestCase):
         """MAX_BODY_BYTES=0 is refused with the range."""
         self.assertEqual(
             self.assertConfigError(dict(BASE, MAX_BODY_BYTES="0"), "MAX_BODY_BYTES"),
-            "MAX_BODY_BYTES: must be from 256 to 16777216, got 0",
+            "MAX_BODY_BYTES: must be an integer from 256 to 16777216, got '0'",
         )
 
     def test_max_client_id_zero(self) -> None:
         """MAX_CLIENT_ID=0 is refused."""
-        self.assertConfigError(dict(BASE, MAX_CLIENT_ID="0"), "MAX_CLIENT_ID", "got 0")
+        self.assertConfigError(dict(BASE, MAX_CLIENT_ID="0"), "MAX_CLIENT_ID", "got '0'")
 
     def test_parts_in_flight_zero(self) -> None:
         """PARTS_IN_FLIGHT=0 is refused."""
-        self.assertConfigError(dict(BASE, PARTS_IN_FLIGHT="0"), "PARTS_IN_FLIGHT", "got 0")
+        self.assertConfigError(dict(BASE, PARTS_IN_FLIGHT="0"), "PARTS_IN_FLIGHT", "got '0'")
 
     def test_completions_in_flight_range(self) -> None:
         """COMPLETIONS_IN_FLIGHT takes 1 to 256; 0, 257 and non-integers are refused."""
         self.assertEqual(
             self.assertConfigError(dict(BASE, COMPLETIONS_IN_FLIGHT="0"), "COMPLETIONS_IN_FLIGHT"),
-            "COMPLETIONS_IN_FLIGHT: must be from 1 to 256, got 0",
+            "COMPLETIONS_IN_FLIGHT: must be an integer from 1 to 256, got '0'",
         )
-        self.assertConfigError(dict(BASE, COMPLETIONS_IN_FLIGHT="257"), "COMPLETIONS_IN_FLIGHT", "got 257")
+        self.assertConfigError(dict(BASE, COMPLETIONS_IN_FLIGHT="257"), "COMPLETIONS_IN_FLIGHT", "got '257'")
         self.assertEqual(
             self.assertConfigError(dict(BASE, COMPLETIONS_IN_FLIGHT="2.5"), "COMPLETIONS_IN_FLIGHT"),
-            "COMPLETIONS_IN_FLIGHT: must be an integer, got '2.5'",
+            "COMPLETIONS_IN_FLIGHT: must be an integer from 1 to 256, got '2.5'",
         )
         for text, value in (("1", 1), (" 256 ", 256), ("", 4)):
             self.assertEqual(
@@ -366,6 +379,37 @@ class ErrorTests(SynchronousTestCase):
         for variable, value in bad.items():
             self.assertConfigError(dict(BASE, **{variable: value}), variable)
 
+    def test_same_words_for_malformed_and_out_of_range(self) -> None:
+        """
+        Every setting that checks its text refuses it as ``{VAR}: must be {what},
+        got {text!r}``, with the same ``what`` (the allowed values or range) whether
+        the text is no number at all or a number out of range: QUEUE_TIMEOUT_MIN=0
+        and 0.001 read alike.
+        """
+        from loghandler.config import SETTINGS
+
+        texts = ("x!", "0", "0.001", "-1", "1.5", "1e999", "99999999999", "2")
+        checked = set()
+        for setting in SETTINGS:
+            if setting.secret:
+                continue
+            refusals = set()
+            for text in texts:
+                try:
+                    setting.parse(setting.env, text)
+                except ConfigError as e:
+                    message = str(e)
+                    self.assertRegex(message, r"^%s: must be .+, got %s$" % (setting.env, re.escape(repr(text))))
+                    refusals.add(message[: message.rindex(", got ")])
+            if refusals:
+                self.assertEqual(len(refusals), 1, refusals)
+                checked.add(setting.env)
+        self.assertLessEqual(
+            {"PORT", "QUEUE_TIMEOUT_MIN", "NO_UPLOAD", "ACCESS_LOG", "WORKERS", "CHECKPOINT_S",
+             "SHUTDOWN_TIMEOUT_S", "ADDR", "AWS_BUCKET", "AWS_ENDPOINT_URL", "STORAGE", "ACK"},
+            checked,
+        )
+
     def test_config_error_is_value_error(self) -> None:
         """ConfigError is a ValueError."""
         self.assertTrue(issubclass(ConfigError, ValueError))
@@ -393,7 +437,7 @@ class BatchSettingsTests(SynchronousTestCase):
         """BATCH_MAX_BYTES below 256, above 64 MiB, or not an integer is refused."""
         self.assertEqual(
             self.assertConfigError(dict(BASE, BATCH_MAX_BYTES="255"), "BATCH_MAX_BYTES"),
-            "BATCH_MAX_BYTES: must be from 256 to 67108864, got 255",
+            "BATCH_MAX_BYTES: must be an integer from 256 to 67108864, got '255'",
         )
         for text in (str(64 * MiB + 1), "-1", "1.5", "1MiB"):
             self.assertConfigError(dict(BASE, BATCH_MAX_BYTES=text), "BATCH_MAX_BYTES", text)
@@ -402,7 +446,7 @@ class BatchSettingsTests(SynchronousTestCase):
         """BATCH_MAX_LINES below 1, above 100000, or not an integer is refused."""
         self.assertEqual(
             self.assertConfigError(dict(BASE, BATCH_MAX_LINES="0"), "BATCH_MAX_LINES"),
-            "BATCH_MAX_LINES: must be from 1 to 100000, got 0",
+            "BATCH_MAX_LINES: must be an integer from 1 to 100000, got '0'",
         )
         for text in ("100001", "-5", "ten"):
             self.assertConfigError(dict(BASE, BATCH_MAX_LINES=text), "BATCH_MAX_LINES", text)
@@ -503,13 +547,13 @@ class CrashSettingsTests(SynchronousTestCase):
         self.assertEqual(from_environ(dict(BASE, CHECKPOINT_S="86400")).checkpoint_s, 86400.0)
         self.assertEqual(
             self.assertConfigError(dict(BASE, CHECKPOINT_S="0.05"), "CHECKPOINT_S"),
-            "CHECKPOINT_S: must be 0 (off) or from 0.1 to 86400 seconds, got '0.05'",
+            "CHECKPOINT_S: must be a number of seconds from 0.1 to 86400, or 0 (off), got '0.05'",
         )
         for text in ("86400.5", "-1", "nan", "inf", "-inf", "1e999"):
             self.assertConfigError(dict(BASE, CHECKPOINT_S=text), "CHECKPOINT_S", repr(text))
         self.assertEqual(
             self.assertConfigError(dict(BASE, CHECKPOINT_S="ten"), "CHECKPOINT_S"),
-            "CHECKPOINT_S: must be a number of seconds, got 'ten'",
+            "CHECKPOINT_S: must be a number of seconds from 0.1 to 86400, or 0 (off), got 'ten'",
         )
 
     def test_lease_bounds(self) -> None:
@@ -518,7 +562,7 @@ class CrashSettingsTests(SynchronousTestCase):
         self.assertEqual(from_environ(dict(BASE, LEASE_S="3600")).lease_s, 3600.0)
         self.assertEqual(
             self.assertConfigError(dict(BASE, LEASE_S="0"), "LEASE_S"),
-            "LEASE_S: must be from 1 to 3600 seconds, got '0'",
+            "LEASE_S: must be a number of seconds from 1 to 3600, got '0'",
         )
         for text in ("0.5", "3601", "-10", "nan", "inf", "x"):
             self.assertConfigError(dict(BASE, LEASE_S=text), "LEASE_S", repr(text))
@@ -533,7 +577,7 @@ class CrashSettingsTests(SynchronousTestCase):
         )
         self.assertEqual(
             self.assertConfigError(dict(BASE, RECOVERY_INTERVAL_S="86401"), "RECOVERY_INTERVAL_S"),
-            "RECOVERY_INTERVAL_S: must be from 1 to 86400 seconds, got '86401'",
+            "RECOVERY_INTERVAL_S: must be a number of seconds from 1 to 86400, got '86401'",
         )
         for text in ("0", "0.9", "-1", "inf", "nan", "soon"):
             self.assertConfigError(
@@ -548,7 +592,7 @@ class CrashSettingsTests(SynchronousTestCase):
         )
         self.assertEqual(
             self.assertConfigError(dict(BASE, DURABLE_TIMEOUT_S="0"), "DURABLE_TIMEOUT_S"),
-            "DURABLE_TIMEOUT_S: must be from 0.1 to 3600 seconds, got '0'",
+            "DURABLE_TIMEOUT_S: must be a number of seconds from 0.1 to 3600, got '0'",
         )
         for text in ("0.09", "3600.1", "-1", "nan", "inf", "x"):
             self.assertConfigError(
@@ -672,7 +716,7 @@ class TapOptionsTests(SynchronousTestCase):
         with self.assertRaises(SystemExit) as raised:
             tap.load_config(options, dict(BASE))
         self.assertEqual(raised.exception.code, 2)
-        self.assertEqual(stderr.getvalue(), "loghandler: PORT: must be an integer, got 'abc'\n")
+        self.assertEqual(stderr.getvalue(), "loghandler: PORT: must be an integer from 0 to 65535, got 'abc'\n")
 
     def test_load_config_environ_error_exits(self) -> None:
         """A bad PORT in the environment exits with code 2 and one stderr line."""
@@ -979,11 +1023,11 @@ class AzureSettingsTests(SynchronousTestCase):
     def test_malformed(self) -> None:
         """Malformed values are refused naming the variable; secrets are never quoted."""
         for variable, value, contains in (
-            ("AZURE_ACC", "Dev_Account", "not a valid storage account name"),
+            ("AZURE_ACC", "Dev_Account", "must be a storage account name"),
             ("AZURE_ACC", "ab", "3-24"),
-            ("AZURE_CONTAINER", "Logs", "not a valid container name"),
+            ("AZURE_CONTAINER", "Logs", "must be a container name"),
             ("AZURE_CONTAINER", "a--b", "single '-'"),
-            ("AZURE_CONTAINER", "-ab", "not a valid container name"),
+            ("AZURE_CONTAINER", "-ab", "must be a container name"),
             ("AZURE_KEY", "not base64!!", "in base64"),
             ("AZURE_BLOB_ENDPOINT", "127.0.0.1:10000", "http:// or https://"),
             ("AZURE_MAX_BLOCKS", "50001", "from 2 to 50000"),
@@ -1000,7 +1044,7 @@ class AzureSettingsTests(SynchronousTestCase):
             "AZURE_CONTAINER": "logs",
             "AZURE_CONNECTION_STRING": "secretsecretsecret",
         }
-        message = self.assertConfigError(environ, "AZURE_CONNECTION_STRING", "not an Azure")
+        message = self.assertConfigError(environ, "AZURE_CONNECTION_STRING", "must be an Azure")
         self.assertNotIn("secretsecret", message)
 
     def test_connection_string_endpoint_scheme(self) -> None:
@@ -1026,7 +1070,7 @@ class AzureSettingsTests(SynchronousTestCase):
             "AZURE_CONTAINER": "logs",
             "AZURE_CONNECTION_STRING": "AccountName=a1;AccountKey=not*base64",
         }
-        message = self.assertConfigError(environ, "AZURE_CONNECTION_STRING", "AccountKey is not base64")
+        message = self.assertConfigError(environ, "AZURE_CONNECTION_STRING", "AccountKey must be base64")
         self.assertNotIn("not*base64", message)
 
     def test_connection_string_and_key_conflict(self) -> None:
