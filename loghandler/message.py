@@ -154,6 +154,8 @@ def parse_message(body: bytes, now_ms: int, limits: Limits) -> Message:
     except RecursionError:
         _reject("body is not valid JSON: nested too deeply")
     except json.JSONDecodeError as e:
+        if source.startswith("\ufeff"):
+            _reject("body starts with a UTF-8 byte order mark (EF BB BF); send the JSON without it")
         _reject(f"body is not valid JSON: {e}")
     except ValueError:
         # int() refuses integers of over 4300 digits (sys.get_int_max_str_digits()).

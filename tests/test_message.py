@@ -83,7 +83,11 @@ BAD_BODIES: list[tuple[str, bytes, tuple[int, str, Optional[str]]]] = [
     ("byte_ff", body(text=b'"\xff"'), _INVALID_UTF8),
     ("utf16_le_bom", body().decode("ascii").encode("utf-16"), _INVALID_UTF8),
     ("utf16_be_bom", b"\xfe\xff" + body().decode("ascii").encode("utf-16-be"), _INVALID_UTF8),
-    ("utf8_bom", b"\xef\xbb\xbf" + body(), _json_error("Expecting value")),
+    (
+        "utf8_bom",
+        b"\xef\xbb\xbf" + body(),
+        (400, "body starts with a UTF-8 byte order mark (EF BB BF); send the JSON without it", None),
+    ),
     ("not_json", b"hello", _json_error("Expecting value")),
     ("truncated_object", body()[:-1], _json_error("Expecting ',' delimiter")),
     ("single_quotes", b"{'text': 'a'}", _json_error("Expecting property name enclosed in double quotes")),

@@ -477,6 +477,19 @@ class BatchTests(WebCase):
         self.assertTrue(answer["error"].startswith("body is not valid JSON"), answer)
         self.assertEqual(self.stored_lines(), [])
 
+    def test_byte_order_mark(self) -> None:
+        """
+        A body (or a batch) that starts with a UTF-8 byte order mark gets a 400 that
+        names the mark, not the JSON parser's "Expecting value"; nothing is stored.
+        """
+        bom = b"\xef\xbb\xbf"
+        error = "body starts with a UTF-8 byte order mark (EF BB BF); send the JSON without it"
+        status, _, answer = self.request("POST", "/log", bom + body())
+        self.assertEqual((status, answer), (400, {"error": error, "field": None}))
+        status, _, answer = self.post(bom + batch(body(), body()))
+        self.assertEqual((status, answer), (400, {"error": error, "field": None, "line": 1}))
+        self.assertEqual(self.stored_lines(), [])
+
     def test_blank_line_in_the_middle(self) -> None:
         """A blank line other than the final newline is an error with its number."""
         for data, line in (
