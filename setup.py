@@ -27,6 +27,8 @@ setup(
         "azure-storage-blob>=12.19",
         # DefaultAzureCredential, when no AZURE_KEY is given (workload identity).
         "azure-identity>=1.15",
+        # /metrics: the Prometheus client (its own registry per process, text format).
+        "prometheus_client>=0.20",
     ],
     extras_require={
         "test": ["hypothesis>=6.80", "moto[server]>=5.0"],

@@ -22,6 +22,7 @@ from loghandler.gzipframe import COMPRESSOR_BYTES, STAGE_BYTES
 from loghandler.interfaces import IObjectStore
 from loghandler.keys import key_for
 from loghandler.message import Message
+from loghandler.metrics import Metrics
 from loghandler.stream import ObjectStream
 
 #: Memory an open stream holds besides what its encoder and parts hold (those are
@@ -46,12 +47,16 @@ class Busy(Exception):
 
     :ivar reason: why, for the response body.
     :ivar retry_after: seconds to tell the client to wait.
+    :ivar result: the ``loghandler_messages_total`` result it counts as: ``"busy"``
+        (memory budget, client share, parts backed up), ``"unavailable"`` (storage
+        not reached yet) or ``"stopping"``.
     """
 
-    def __init__(self, reason: str, retry_after: int) -> None:
+    def __init__(self, reason: str, retry_after: int, result: str = "busy") -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
+        self.result = result
 
 
 @attrs.frozen
@@ -150,6 +155,9 @@ class StreamRegistry:
     :param budget: the memory budget, shared with the store's merges; by default a
         new one of ``settings.budget_bytes``.
     :param uniform: draws a float in ``[a, b]`` (rotation jitter); injectable for tests.
+    :param metrics: where the streams count (buffered bytes, open streams, lines
+        stored and lost, the age of the oldest line not in storage); a new one by
+        default.
     """
 
     _log = Logger()
@@ -161,6 +169,7 @@ class StreamRegistry:
         settings: StreamSettings,
         budget: Optional[MemoryBudget] = None,
         uniform: Callable[[float, float], float] = random.uniform,
+        metrics: Optional[Metrics] = None,
     ) -> None:
         self._store = store
         self._clock = clock
@@ -178,6 +187,29 @@ class StreamRegistry:
         self._checkpoints.clock = clock
         self._idle_sweep = LoopingCall(self.release_idle)
         self._idle_sweep.clock = clock
+        self.metrics = metrics if metrics is not None else Metrics()
+        self._observe(self.metrics)
+
+    def _observe(self, metrics: Metrics) -> None:
+        """Have ``metrics``' gauges read this registry's state when collected."""
+        metrics.buffered_bytes.set_function(lambda: self.budget.held)
+        metrics.buffer_budget_bytes.set_function(lambda: self.budget.limit)
+        metrics.open_streams.set_function(lambda: len(self._open))
+        metrics.completing_streams.set_function(lambda: len(self._closing))
+        metrics.oldest_unstored_line_age.set_function(self.oldest_unstored_age)
+        metrics.storage_failing.set_function(lambda: 0 if self.storage_problem is None else 1)
+
+    def oldest_unstored_age(self) -> float:
+        """
+        Seconds since the oldest line not yet in storage was written, over the open
+        and completing streams; 0 when every line is stored.
+        """
+        oldest: Optional[float] = None
+        for stream in [entry.stream for entry in self._open.values()] + list(self._closing):
+            since = stream.oldest_unstored_at
+            if since is not None and (oldest is None or since < oldest):
+                oldest = since
+        return 0.0 if oldest is None else max(0.0, self._clock.seconds() - oldest)
 
     @property
     def open_keys(self) -> list[str]:
@@ -268,9 +300,9 @@ class StreamRegistry:
             the memory budget is spent (then the fullest stream completes early).
         """
         if self.stopping:
-            raise Busy("server is stopping", 5)
+            raise Busy("server is stopping", 5, "stopping")
         if not self.ready:
-            raise Busy("storage is not reachable yet", 5)
+            raise Busy("storage is not reachable yet", 5, "unavailable")
         if self.budget.exhausted:
             self._relieve(None)
             raise Busy("buffers are full", 1)
@@ -401,6 +433,7 @@ class StreamRegistry:
             settings.parts_in_flight,
             share,
             settings.stage_bytes,
+            self.metrics,
         )
         admission = _KeyAdmission()
         stream.registerProducer(admission, True)

@@ -47,6 +47,7 @@ from twisted.logger import Logger
 
 from loghandler.backoff import Backoff
 from loghandler.interfaces import Abandoned, StorageError
+from loghandler.metrics import ABANDONED, Metrics
 
 _T = TypeVar("_T")
 
@@ -153,6 +154,9 @@ class RetryLayer:
     :param attempt_timeout: seconds one attempt may take, answer included.
     :param backoff: waits between attempts after a transient failure.
     :param permanent_backoff: waits after a permanent one.
+    :param metrics: counts every attempt by operation and outcome (``ok``, its
+        :class:`Fault`'s value, or ``abandoned``), its duration, and the retries;
+        a new one by default.
     """
 
     _log = Logger()
@@ -163,7 +167,9 @@ class RetryLayer:
         attempt_timeout: float = 120.0,
         backoff: Backoff = Backoff(base=0.2, cap=30.0),
         permanent_backoff: Backoff = Backoff(base=5.0, cap=60.0),
+        metrics: Optional[Metrics] = None,
     ) -> None:
+        self.metrics = metrics if metrics is not None else Metrics()
         self._clock = clock
         self._attempt_timeout = attempt_timeout
         self._backoff = backoff
@@ -270,21 +276,26 @@ class RetryLayer:
         while True:
             self._check_time()
             try:
-                result = await self._attempt(call, slots)
+                result = await self._attempt(operation, call, slots)
             except Exception as error:
-                if cancelled() or isinstance(error, Abandoned):
-                    raise Abandoned(f"{operation} {key}") from error
-                if isinstance(error, CancelledError):
+                if (
+                    cancelled()
+                    or isinstance(error, Abandoned)
                     # Cancelled from outside, not by our own timeout (that one
                     # raises TimeoutError): the caller is giving up.
+                    or isinstance(error, CancelledError)
+                ):
+                    self._count(operation, ABANDONED)
                     raise Abandoned(f"{operation} {key}") from error
                 fault = classify(error)
+                self._count(operation, fault.value)
                 if fault in (Fault.CONFLICT, Fault.GONE, Fault.INVALID):
                     raise StorageFault(fault, operation, error) from error
                 delay = self._retrying(fault, operation, key, error, attempt)
                 await self.wait(delay)
                 attempt += 1
             else:
+                self._count(operation, "ok")
                 if self.problem is not None and operation == self._problem_operation:
                     self._log.info(
                         "storage works again ({operation} {key} succeeded)",
@@ -294,14 +305,28 @@ class RetryLayer:
                     self.problem = self._problem_operation = None
                 return result
 
+    def _count(self, operation: str, outcome: str) -> None:
+        """Count one attempt of ``operation`` that ended with ``outcome``."""
+        self.metrics.storage_calls.labels(operation=operation, outcome=outcome).inc()
+
     async def _attempt(
-        self, call: Callable[[], "Deferred[_T]"], slots: Optional[DeferredSemaphore]
+        self,
+        operation: str,
+        call: Callable[[], "Deferred[_T]"],
+        slots: Optional[DeferredSemaphore],
     ) -> _T:
+        """One attempt, in a slot; its duration (the slot's wait left out) is observed."""
         if slots is not None:
             await slots.acquire()
         try:
             self._check_time()
-            result: _T = await call().addTimeout(self.attempt_timeout(), self._clock)
+            started = self._clock.seconds()
+            try:
+                result: _T = await call().addTimeout(self.attempt_timeout(), self._clock)
+            finally:
+                self.metrics.storage_seconds.labels(operation=operation).observe(
+                    self._clock.seconds() - started
+                )
             return result
         finally:
             if slots is not None:
@@ -312,6 +337,7 @@ class RetryLayer:
     ) -> float:
         """Log a failure that is retried; the seconds to wait."""
         self.retries[operation] = self.retries.get(operation, 0) + 1
+        self.metrics.storage_retries.labels(operation=operation).inc()
         reason = _describe(error)
         if fault is Fault.PERMANENT:
             delay = self._capped(self._permanent_backoff.delay(attempt))

@@ -27,6 +27,7 @@ from loghandler.budget import MemoryBudget
 from loghandler.config import Config
 from loghandler.interfaces import IObjectStore
 from loghandler.message import Limits
+from loghandler.metrics import Metrics
 from loghandler.registry import StreamRegistry, StreamSettings
 from loghandler.web import make_site
 
@@ -49,6 +50,9 @@ class StreamService(Service):
     :param store: the ``IObjectStore`` the streams write to.
     :param clock: for the deadline.
     :param shutdown_timeout_s: seconds the flush may take.
+    :param metrics: the process's metrics (the flush's duration is set on it); the
+        registry's by default.
+    :ivar metrics: the process's metrics: serve ``metrics.registry``.
     """
 
     _log = Logger()
@@ -59,7 +63,9 @@ class StreamService(Service):
         store: IObjectStore,
         clock: IReactorTime,
         shutdown_timeout_s: float,
+        metrics: Optional[Metrics] = None,
     ):
+        self.metrics = metrics if metrics is not None else registry.metrics
         self.registry = registry
         self._store = store
         self._clock = clock
@@ -106,6 +112,7 @@ class StreamService(Service):
 
         def done(result: object) -> "Deferred[None]":
             seconds = self._clock.seconds() - started
+            self.metrics.last_flush_seconds.set(seconds)
             # The retry layer gives up at the same deadline, so a flush cut short
             # may end by itself at that instant rather than time out.
             if (
@@ -141,6 +148,7 @@ def build_service(
     background: Sequence[IService] = (),
     adopt: Optional[tuple[int, int]] = None,
     health: Optional[Callable[[], dict[str, Any]]] = None,
+    metrics: Optional[Metrics] = None,
 ) -> MultiService:
     """
     The root service for ``config`` writing to ``store`` (an ``IObjectStore``).
@@ -154,7 +162,13 @@ def build_service(
     :param adopt: ``(fd, family)`` of a listening socket inherited from the
         supervisor (a worker of ``WORKERS``), served in place of ``ADDR``/``PORT``.
     :param health: what ``/healthz`` answers in place of this process's own state.
+    :param metrics: the process's metrics, which the store given counts on too
+        (:func:`loghandler.tap.build_root` makes one for both); by default a new
+        one.  The stream service (named :data:`STREAM_SERVICE_NAME`) holds it as
+        ``metrics``.
     """
+    if metrics is None:
+        metrics = Metrics()
     registry = StreamRegistry(
         store,
         reactor,
@@ -167,6 +181,7 @@ def build_service(
             client_budget_bytes=config.client_budget_bytes,
         ),
         budget,
+        metrics=metrics,
     )
     limits = Limits(
         max_client_id=config.max_client_id,
@@ -184,9 +199,10 @@ def build_service(
         batch_max_bytes=config.batch_max_bytes,
         batch_max_lines=config.batch_max_lines,
         health=health,
+        metrics=metrics,
     )
     root = MultiService()
-    streams = StreamService(registry, store, reactor, config.shutdown_timeout_s)
+    streams = StreamService(registry, store, reactor, config.shutdown_timeout_s, metrics)
     streams.setName(STREAM_SERVICE_NAME)
     streams.setServiceParent(root)
     for service in background:

@@ -43,6 +43,7 @@ from zope.interface import implementer
 from loghandler.budget import MemoryBudget
 from loghandler.gzipframe import STAGE_BYTES, GzipPartEncoder
 from loghandler.interfaces import Abandoned, Finished, IObjectWriter
+from loghandler.metrics import Metrics
 
 #: Staged bytes below which a stream is not compacted: a member of fewer bytes
 #: compresses much worse than the stream would (8 KiB of NDJSON: about 1.3x ``gzip -6``).
@@ -65,6 +66,8 @@ class ObjectStream:
     :param budget: counts the bytes this stream holds.
     :param stage_bytes: uncompressed bytes of a member held before it gets a
         compressor (:data:`~loghandler.gzipframe.STAGE_BYTES`).
+    :param metrics: counts parts, checkpoints, bytes stored, completions and lines
+        lost; a new one by default.
     """
 
     _log = Logger()
@@ -77,8 +80,10 @@ class ObjectStream:
         parts_in_flight: int,
         budget: MemoryBudget,
         stage_bytes: int = STAGE_BYTES,
+        metrics: Optional[Metrics] = None,
     ) -> None:
         self.key: str = writer.key
+        self._metrics = metrics if metrics is not None else Metrics()
         self._writer = writer
         self._clock = clock
         self._encoder = GzipPartEncoder(part_size, stage_bytes=stage_bytes)
@@ -118,6 +123,15 @@ class ObjectStream:
         self._snapshot_lines = 0  # lines covered by the newest checkpoint handed over
         self._checkpoint_bytes = 0
         self.checkpoints = 0
+        # Lines up to this one are stored or given up (see _now_durable).
+        self._settled = 0
+        # (line number, clock seconds) of the first line written after each point
+        # where lines are handed to storage together (a part cut, a checkpoint),
+        # those not settled yet: the first one's time is that of the oldest line
+        # not in storage.  A line opens a new one when _mark_next is set.
+        self._marks: list[tuple[int, float]] = []
+        self._mark_next = True
+        self._closed_at: Optional[float] = None
 
     @property
     def paused(self) -> bool:
@@ -189,12 +203,16 @@ class ObjectStream:
         self.lines += 1
         self.raw_bytes += len(data)
         self.last_write = self._clock.seconds()
+        if self._mark_next:
+            self._marks.append((self.lines, self.last_write))
+            self._mark_next = False
         if part is None:
             self._budget.change(encoder.memory_bytes - before)
         else:
             self._budget.change(len(part) + encoder.memory_bytes - before)
             self._queue.append((part, self.lines - self._lines_cut))
             self._lines_cut = self.lines
+            self._mark_next = True
             self._unstored_bytes += len(part)
             self._pump()
 
@@ -236,6 +254,7 @@ class ObjectStream:
             last = self._lines_handed
             d = self._writer.part(body)
             self._part_uploads.add(d)
+            d.addCallback(self._count_part)
             d.addCallbacks(
                 self._part_stored,
                 self._part_lost,
@@ -252,9 +271,14 @@ class ObjectStream:
             if self._producer is not None:
                 self._producer.resumeProducing()
 
+    def _count_part(self, result: None) -> None:
+        if not self._done:
+            self._metrics.parts.inc()
+
     def _part_stored(self, result: None, size: int, lines: int) -> None:
         if self._done:  # an answer after the stream gave up: already released
             return
+        self._metrics.stored_bytes.inc(size)
         self.stored_bytes += size
         self._unstored_bytes -= size
         self._lines_stored += lines
@@ -301,11 +325,12 @@ class ObjectStream:
             return succeed(None)
         covered = self.lines
         self._snapshot_lines = covered
+        self._mark_next = True
         self._checkpoint_bytes = len(body)
         self._budget.change(len(body))
         ended: Deferred[None] = Deferred()
         d: Deferred[bool] = self._writer.checkpoint(body)
-        done = d.addCallback(self._checkpoint_landed, covered)
+        done = d.addCallback(self._checkpoint_landed, covered, len(body))
         done.addErrback(self._log_failure, "storing a checkpoint")
         self._checkpoint_in_flight = done
         done.addBoth(self._checkpoint_done)
@@ -323,6 +348,7 @@ class ObjectStream:
         self._budget.change(len(body) - held)
         lines = self.lines - self._lines_cut
         self._lines_cut = self.lines
+        self._mark_next = True
         self._unstored_bytes += len(body)
         self._lines_handed += lines  # the queue is empty: this part is the next
         last = self._lines_handed
@@ -346,10 +372,13 @@ class ObjectStream:
     def _count_checkpoint(self, result: None) -> None:
         if not self._done:
             self.checkpoints += 1
+            self._metrics.checkpoints.inc()
 
-    def _checkpoint_landed(self, landed: bool, covered: int) -> None:
+    def _checkpoint_landed(self, landed: bool, covered: int, size: int) -> None:
         if landed and not self._done:
             self.checkpoints += 1
+            self._metrics.checkpoints.inc()
+            self._metrics.checkpoint_bytes.inc(size)
             self._now_durable(covered)
 
     def _checkpoint_done(self, result: object) -> None:
@@ -363,10 +392,25 @@ class ObjectStream:
         """Lines up to ``lines`` are stored, but those of parts given up."""
         if not self._lost and lines > self.durable_lines:
             self.durable_lines = lines
+        if lines > self._settled:
+            self._settled = lines
+            marks = self._marks
+            while len(marks) > 1 and marks[1][0] <= lines + 1:
+                del marks[0]
         waiters = self._durable_waiters
         while waiters and waiters[0][0] <= lines:
             line, waiter = waiters.popleft()
             waiter.callback(not self._is_lost(line))
+
+    @property
+    def oldest_unstored_at(self) -> Optional[float]:
+        """
+        When (the clock's seconds) the oldest line not yet in storage was written,
+        or None when every line is stored (or given up: those are counted lost).
+        """
+        if self._done or self._settled >= self.lines or not self._marks:
+            return None
+        return self._marks[0][1]
 
     def _is_lost(self, line: int) -> bool:
         return any(first <= line <= last for first, last in self._lost)
@@ -429,6 +473,8 @@ class ObjectStream:
             for recovery, or given up (logged with what was lost).  It never errbacks.
         """
         if self._finishing is None:
+            self._closed_at = self._clock.seconds()
+            self._mark_next = True
             held = self._encoder.memory_bytes
             tail = self._encoder.finish()
             self._budget.change(len(tail) - held)
@@ -469,6 +515,7 @@ class ObjectStream:
             finished: Finished = await self._writer.finish(tail, on_staged)
             on_staged()
             self._report(finished)
+            self._completed("lost" if self._lost_lines else finished.outcome, self._lost_lines)
             if self._lost_lines:
                 self._log.error(
                     "{key}: not stored: {lost_lines} lines ({lost_bytes} gzip bytes) of"
@@ -484,6 +531,7 @@ class ObjectStream:
             if not self._abandoned:
                 self._log.failure("{key}: completion failed", key=self.key)
             durable = max(self.durable_lines, self._lines_stored)
+            self._completed("staged" if self.lines == durable else "lost", self.lines - durable)
             if self.lines == durable:
                 self._log.warn(
                     "{key}: not completed{reason}; nothing lost: its {lines} lines are"
@@ -517,6 +565,19 @@ class ObjectStream:
             waiters, self._done_waiters = self._done_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
+
+    def _completed(self, outcome: str, lost: int) -> None:
+        """
+        Count the completion (``outcome``: a :class:`Finished` outcome, or
+        ``"lost"``), its duration, and the ``lost`` lines: the one place that counts
+        lines lost, where the completion decides and logs what was not stored.
+        """
+        metrics = self._metrics
+        metrics.completions.labels(outcome=outcome).inc()
+        if self._closed_at is not None:
+            metrics.completion_seconds.observe(self._clock.seconds() - self._closed_at)
+        if lost:
+            metrics.lines_lost.inc(lost)
 
     def _report(self, finished: Finished) -> None:
         fields: dict[str, Any] = dict(

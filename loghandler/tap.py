@@ -20,6 +20,7 @@ from twisted.python import usage
 from loghandler.budget import MemoryBudget
 from loghandler.config import SETTINGS, Config, ConfigError, from_environ
 from loghandler.interfaces import IObjectStore
+from loghandler.metrics import Metrics
 from loghandler.service import build_service
 
 _log = Logger()
@@ -94,20 +95,21 @@ def _taken_over() -> None:
 
 
 def make_store(
-    config: Config, reactor: Any, budget: MemoryBudget
+    config: Config, reactor: Any, budget: MemoryBudget, metrics: Optional[Metrics] = None
 ) -> tuple[IObjectStore, list[IService]]:
     """
     The ``IObjectStore`` the configuration asks for, and its background services:
     S3 (credentials from ``AWS_ACCESS_KEY``/``AWS_ACCESS_SECRET`` or botocore's
     standard chain) with its lease and recovery, or the discard store for
-    ``NO_UPLOAD=1``.  Merges count their memory in ``budget``.
+    ``NO_UPLOAD=1``.  Merges count their memory in ``budget``; the store's retry
+    layer, and through it the merges, recovery and appends, count on ``metrics``.
     """
     if config.no_upload:
         from loghandler.storage.discard import DiscardStore
 
         return DiscardStore(), []
     if config.storage == "azure":
-        return make_azure_store(config, reactor), []
+        return make_azure_store(config, reactor, metrics), []
     import uuid
 
     from loghandler.retry import RetryLayer
@@ -127,7 +129,7 @@ def make_store(
         credentials=credentials,
     )
     writer_id = uuid.uuid4().hex
-    retry = RetryLayer(reactor)
+    retry = RetryLayer(reactor, metrics=metrics)
     lease = Lease(client, retry, reactor, writer_id, config.lease_s, _taken_over)
     store = S3ObjectStore(
         client,
@@ -149,7 +151,9 @@ def make_store(
 AZURE_CALLS_AT_ONCE = 16
 
 
-def make_azure_store(config: Config, reactor: Any) -> IObjectStore:
+def make_azure_store(
+    config: Config, reactor: Any, metrics: Optional[Metrics] = None
+) -> IObjectStore:
     """
     The Azure store: append blobs in ``AZURE_CONTAINER`` through azure-storage-blob
     on a thread pool of :data:`AZURE_CALLS_AT_ONCE` threads; exits with one line
@@ -159,7 +163,7 @@ def make_azure_store(config: Config, reactor: Any) -> IObjectStore:
     from loghandler.storage.azure.client import AzureBlobClient
     from loghandler.storage.azure.writer import AzureObjectStore
 
-    retry = RetryLayer(reactor)
+    retry = RetryLayer(reactor, metrics=metrics)
     sdk_client = _azure_container_client(config, AZURE_CALLS_AT_ONCE)
     client = AzureBlobClient(sdk_client, reactor, AZURE_CALLS_AT_ONCE, retry.attempt_timeout)
     return AzureObjectStore(
@@ -241,7 +245,8 @@ def build_root(
     :param health: what ``/healthz`` answers in place of this process's own state.
     """
     budget = MemoryBudget(config.buffer_budget_bytes)
-    store, background = make_store(config, reactor, budget)
+    metrics = Metrics()
+    store, background = make_store(config, reactor, budget, metrics)
     if background:  # S3: leases and recovery
         store_settings = ", LEASE_S=%g, RECOVERY_INTERVAL_S=%g" % (
             config.lease_s,
@@ -273,5 +278,12 @@ def build_root(
             " object's last rotation (up to QUEUE_TIMEOUT_MIN)"
         )
     return build_service(
-        config, store, reactor, budget=budget, background=background, adopt=adopt, health=health
+        config,
+        store,
+        reactor,
+        budget=budget,
+        background=background,
+        adopt=adopt,
+        health=health,
+        metrics=metrics,
     )

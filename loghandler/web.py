@@ -26,6 +26,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from loghandler.health import local_health
 from loghandler.message import Limits, Rejection, parse_message, too_large
+from loghandler.metrics import Metrics
 from loghandler.registry import Accepted, Busy, StreamRegistry
 from loghandler.stream import ObjectStream
 
@@ -135,6 +136,8 @@ class LogResource(Resource):
     :param clock: for that timeout.
     :param batch_max_bytes: the body size limit of a batch (413 above).
     :param batch_max_lines: the most messages in a batch (413 above).
+    :param metrics: counts messages by result (``loghandler_messages_total``) and
+        the bytes of accepted bodies; a new one by default.
     """
 
     isLeaf = True
@@ -150,8 +153,13 @@ class LogResource(Resource):
         clock: Optional[IReactorTime] = None,
         batch_max_bytes: int = 1024 * 1024,
         batch_max_lines: int = 1000,
+        metrics: Optional[Metrics] = None,
     ) -> None:
         super().__init__()
+        metrics = metrics if metrics is not None else Metrics()
+        self._messages = metrics.messages
+        self._accepted = metrics.accepted
+        self._received_bytes = metrics.received_bytes
         self._registry = registry
         self._limits = limits
         self._now_ms = now_ms
@@ -164,11 +172,21 @@ class LogResource(Resource):
     def render(self, request: Request) -> Union[bytes, int]:
         """Dispatch: POST on ``/log`` itself, 404 below it, 405 for other methods."""
         if request.postpath and request.postpath != [b""]:
+            self._refused("not_found")
             return _error(request, 404, "not found")
         if request.method != b"POST":
+            self._refused("method")
             request.responseHeaders.setRawHeaders(b"allow", [b"POST"])
             return _error(request, 405, "method not allowed; use POST")
         return self.render_POST(request)
+
+    def _refused(self, result: str, messages: int = 1) -> None:
+        """Count ``messages`` refused for ``result`` (``loghandler_messages_total``)."""
+        self._messages.labels(result=result).inc(messages)
+
+    def _rejected(self, rejection: Rejection, messages: int = 1) -> None:
+        """Count ``messages`` refused by ``rejection``: too_large for a 413, else invalid."""
+        self._refused("too_large" if rejection.status == 413 else "invalid", messages)
 
     def render_POST(self, request: Request) -> Union[bytes, int]:
         """Validate the body and hand the message to its stream."""
@@ -180,17 +198,21 @@ class LogResource(Resource):
         if request.batch if isinstance(request, LogRequest) else is_batch(request):
             return self._render_batch(request, body, getattr(content, "overflowed", False))
         if getattr(content, "overflowed", False) or len(body) > self._max_body_bytes:
+            self._refused("too_large")
             return _refuse(request, too_large(self._max_body_bytes))
         try:
             message = parse_message(body, self._now_ms(), self._limits)
         except Rejection as rejection:
+            self._rejected(rejection)
             return _refuse(request, rejection)
         try:
             accepted = self._registry.accept(message)
         except Exception as e:
             return self._not_taken(
-                request, e, "accepting a message failed", "the message was not kept"
+                request, e, "accepting a message failed", "the message was not kept", 1
             )
+        self._accepted.inc()
+        self._received_bytes.inc(len(body))
         if self._durable_timeout_s is None:
             return _respond(request, 200, _OK)
         return self._answer_when_durable(request, accepted.durable())
@@ -199,6 +221,7 @@ class LogResource(Resource):
         """Validate every line, then hand all the messages to their streams, or none."""
         limit = self._batch_max_bytes
         if overflowed or len(body) > limit:
+            self._refused("too_large")
             return _error(
                 request, 413, f"batch body is larger than {limit} bytes (BATCH_MAX_BYTES)"
             )
@@ -206,6 +229,7 @@ class LogResource(Resource):
         if len(lines) > 1 and lines[-1] == b"":
             del lines[-1]  # the final newline
         if len(lines) > self._batch_max_lines:
+            self._refused("too_large", len(lines))
             return _error(
                 request,
                 413,
@@ -216,21 +240,27 @@ class LogResource(Resource):
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 if len(lines) == 1:
+                    self._refused("invalid")
                     return _error(request, 400, "body is empty")
+                self._refused("invalid", len(lines))
                 return _refuse_line(request, Rejection(400, "line is empty"), number)
             if len(line) > self._max_body_bytes:
+                self._refused("too_large", len(lines))
                 error = f"line is larger than {self._max_body_bytes} bytes (MAX_BODY_BYTES)"
                 return _refuse_line(request, Rejection(413, error), number)
             try:
                 messages.append(parse_message(line, now_ms, self._limits))
             except Rejection as rejection:
+                self._rejected(rejection, len(lines))
                 return _refuse_line(request, rejection, number)
         try:
             accepted = self._registry.accept_batch(messages)
         except Exception as e:
             return self._not_taken(
-                request, e, "accepting a batch failed", "the batch was not kept whole"
+                request, e, "accepting a batch failed", "the batch was not kept whole", len(lines)
             )
+        self._accepted.inc(len(accepted))
+        self._received_bytes.inc(len(body))
         ok = b'{"ok":true,"accepted":%d}' % len(accepted)
         if self._durable_timeout_s is None:
             return _respond(request, 200, ok)
@@ -244,15 +274,20 @@ class LogResource(Resource):
             "storage failed; messages of the batch were not stored",
         )
 
-    def _not_taken(self, request: Request, error: Exception, failed: str, kept: str) -> bytes:
+    def _not_taken(
+        self, request: Request, error: Exception, failed: str, kept: str, messages: int
+    ) -> bytes:
         """
-        The answer when the registry did not take a request: 503 with
-        ``Retry-After`` for :class:`Busy`, else 500 (``internal error; {kept}``),
-        logged with its traceback as ``failed`` (call it inside the ``except``).
+        The answer when the registry did not take a request of ``messages``
+        messages: 503 with ``Retry-After`` for :class:`Busy`, else 500
+        (``internal error; {kept}``), logged with its traceback as ``failed`` (call
+        it inside the ``except``).
         """
         if isinstance(error, Busy):
+            self._refused(error.result, messages)
             request.responseHeaders.setRawHeaders(b"retry-after", [b"%d" % error.retry_after])
             return _error(request, 503, error.reason)
+        self._refused("error", messages)
         self._log.failure(failed)
         return _error(request, 500, "internal error; " + kept)
 
@@ -474,11 +509,13 @@ def make_site(
     batch_max_bytes: int = 1024 * 1024,
     batch_max_lines: int = 1000,
     health: Optional[Callable[[], dict[str, Any]]] = None,
+    metrics: Optional[Metrics] = None,
 ) -> LogSite:
     """
     The whole HTTP side: root, ``/log``, ``/healthz`` and the site.
     ``durable_timeout_s`` (with ``clock``) turns on ``ACK=durable``; ``health``
-    replaces this process's own state in ``/healthz`` (a worker of ``WORKERS``).
+    replaces this process's own state in ``/healthz`` (a worker of ``WORKERS``);
+    ``metrics`` counts the messages (a new one by default).
     """
     root = Root()
     log = LogResource(
@@ -490,6 +527,7 @@ def make_site(
         clock,
         batch_max_bytes,
         batch_max_lines,
+        metrics,
     )
     root.putChild(b"log", log)
     if health is None:

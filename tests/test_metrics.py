@@ -1,0 +1,306 @@
+"""
+Tests for :mod:`loghandler.metrics` and the instrumentation of the data path: the
+real site, registry, streams, retry layer and S3 writer over the in-memory S3
+(and the Azure writer over the in-memory append blobs) on a ``task.Clock``,
+driven, then the values read from the process's own registry.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+from prometheus_client import REGISTRY, generate_latest
+from treq.testing import StubTreq
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+
+from loghandler.backoff import Backoff
+from loghandler.budget import MemoryBudget
+from loghandler.config import Config
+from loghandler.interfaces import StorageError
+from loghandler.message import Limits
+from loghandler.metrics import GAUGES_COMBINED_BY_MAX, Metrics
+from loghandler.registry import StreamRegistry, StreamSettings
+from loghandler.retry import RetryLayer
+from loghandler.service import STREAM_SERVICE_NAME, build_service
+from loghandler.storage.memory import MemoryStore
+from loghandler.storage.s3.writer import S3ObjectStore
+from loghandler.web import make_site
+from tests.helpers import DAY_START_MS, message
+
+NOW_MS = DAY_START_MS + 3_600_000
+PART = 16 * 1024
+MAX_BODY = 1024
+
+
+def body(**fields: Any) -> bytes:
+    """A JSON message body; defaults make a valid one."""
+    values: dict[str, Any] = {
+        "text": "hello world",
+        "content_id": 17,
+        "client_id": 3,
+        "timestamp": NOW_MS,
+    }
+    values.update(fields)
+    return json.dumps(values).encode()
+
+
+def no_jitter(a: float, b: float) -> float:
+    """Backoff's uniform draw, always the upper bound."""
+    return b
+
+
+class MetricsModuleTests(SynchronousTestCase):
+    """The Metrics object itself."""
+
+    def test_own_registry(self) -> None:
+        """
+        Each Metrics has its own registry, never the library's global one: two of
+        them count apart, and the global registry holds no loghandler metric.
+        """
+        one, two = Metrics(), Metrics()
+        one.accepted.inc(3)
+        self.assertEqual(one.get("loghandler_messages_total", {"result": "accepted"}), 3)
+        self.assertEqual(two.get("loghandler_messages_total", {"result": "accepted"}), 0)
+        self.assertNotIn(b"loghandler_", generate_latest(REGISTRY))
+
+    def test_names(self) -> None:
+        """
+        Every metric is named loghandler_*, counters end in _total, no Summary, no
+        *_created sample; the gauges combined by maximum are gauges of the registry.
+        """
+        metrics = Metrics()
+        gauges = set()
+        for family in metrics.registry.collect():
+            self.assertTrue(family.name.startswith("loghandler_"), family.name)
+            self.assertIn(family.type, ("counter", "gauge", "histogram"), family.name)
+            if family.type == "gauge":
+                gauges.add(family.name)
+            for sample in family.samples:
+                self.assertFalse(sample.name.endswith("_created"), sample.name)
+                if family.type == "counter":
+                    self.assertTrue(sample.name.endswith("_total"), sample.name)
+        self.assertLessEqual(GAUGES_COMBINED_BY_MAX, gauges)
+
+
+class InstrumentedCase(SynchronousTestCase):
+    """A site, registry and S3 writer over the memory store, all counting on one Metrics."""
+
+    budget_bytes = 256 * 1024 * 1024
+    client_budget_bytes: Optional[int] = None
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.metrics = Metrics()
+        self.mem = MemoryStore(min_part_size=PART, now=self.clock.seconds)
+        self.budget = MemoryBudget(self.budget_bytes)
+        self.retry = RetryLayer(
+            self.clock,
+            backoff=Backoff(base=0.2, cap=30.0, uniform=no_jitter),
+            metrics=self.metrics,
+        )
+        self.store = S3ObjectStore(
+            self.mem, self.clock, self.budget, part_size=PART, retry=self.retry
+        )
+        self.registry = StreamRegistry(
+            self.store,
+            self.clock,
+            StreamSettings(
+                part_size=PART, lifetime_s=60, client_budget_bytes=self.client_budget_bytes
+            ),
+            self.budget,
+            uniform=no_jitter,
+            metrics=self.metrics,
+        )
+        site = make_site(
+            self.registry,
+            Limits(),
+            lambda: NOW_MS,
+            MAX_BODY,
+            clock=self.clock,
+            metrics=self.metrics,
+        )
+        self.client = StubTreq(site.resource)
+        site.reactor = self.client._agent._memoryReactor
+        self.client._agent._serverFactory = site
+
+    def post(self, data: bytes, path: str = "/log", batch: bool = False, method: str = "POST") -> int:
+        """Send a request; its status."""
+        headers = {b"content-type": [b"application/x-ndjson"]} if batch else None
+        response = self.successResultOf(
+            self.client.request(method, "http://example.test" + path, data=data, headers=headers)
+        )
+        self.successResultOf(self.client.content(response))
+        return int(response.code)
+
+    def value(self, name: str, **labels: str) -> float:
+        """A sample's value (0 when it has none)."""
+        return self.metrics.get(name, labels)
+
+    def messages(self) -> dict[str, float]:
+        """loghandler_messages_total by result, those not 0."""
+        values = {}
+        for family in self.metrics.registry.collect():
+            if family.name == "loghandler_messages":
+                for sample in family.samples:
+                    if sample.value:
+                        values[sample.labels["result"]] = sample.value
+        return values
+
+
+class MessageResultTests(InstrumentedCase):
+    """loghandler_messages_total and loghandler_received_bytes_total from POST /log."""
+
+    def test_accepted_and_each_rejection(self) -> None:
+        """
+        One message accepted and one refused for each reason: each result counts
+        one; the bytes received are those of the accepted body only.
+        """
+        accepted = body()
+        self.assertEqual(self.post(accepted), 200)
+        self.assertEqual(self.post(b"{not json"), 400)
+        self.assertEqual(self.post(body(text="x" * MAX_BODY)), 413)
+        self.assertEqual(self.post(b"", path="/log/below"), 404)
+        self.assertEqual(self.post(b"", method="GET"), 405)
+        self.registry.ready = False
+        self.assertEqual(self.post(body()), 503)
+        self.registry.ready = True
+        self.budget.change(self.budget.limit)
+        self.assertEqual(self.post(body()), 503)
+        self.budget.change(-self.budget.limit)
+        self.registry.stopping = True
+        self.assertEqual(self.post(body()), 503)
+        self.assertEqual(
+            self.messages(),
+            {
+                "accepted": 1,
+                "invalid": 1,
+                "too_large": 1,
+                "not_found": 1,
+                "method": 1,
+                "unavailable": 1,
+                "busy": 1,
+                "stopping": 1,
+            },
+        )
+        self.assertEqual(self.value("loghandler_received_bytes_total"), len(accepted))
+
+    def test_unexpected_error(self) -> None:
+        """A registry failure answered 500 counts as result="error"."""
+
+        def broken(message: object) -> None:
+            raise RuntimeError("boom")
+
+        self.patch(self.registry, "accept", broken)
+        self.assertEqual(self.post(body()), 500)
+        self.assertEqual(self.messages(), {"error": 1})
+        self.flushLoggedErrors(RuntimeError)
+
+    def test_batch_counts_each_line(self) -> None:
+        """
+        A batch accepted counts each of its messages; a batch refused (a bad line)
+        counts each of its lines under that reason.
+        """
+        good = b"\n".join(body(content_id=n) for n in range(1, 4)) + b"\n"
+        self.assertEqual(self.post(good, batch=True), 200)
+        bad = body(content_id=1) + b"\n{oops\n" + body(content_id=3)
+        self.assertEqual(self.post(bad, batch=True), 400)
+        self.assertEqual(self.messages(), {"accepted": 3, "invalid": 3})
+        self.assertEqual(self.value("loghandler_received_bytes_total"), len(good))
+
+
+class ClientShareTests(InstrumentedCase):
+    """A client over its share of the budget is counted busy."""
+
+    client_budget_bytes = 8 * 1024
+
+    def test_client_share(self) -> None:
+        """Past CLIENT_BUDGET_BYTES a message is refused 503 and counted busy."""
+        self.registry.shares.clear()
+        self.assertEqual(self.post(body()), 200)
+        share = self.registry.shares[3]
+        share.change(share.limit)
+        self.assertEqual(self.post(body()), 503)
+        share.change(-share.limit)
+        self.assertEqual(self.messages(), {"accepted": 1, "busy": 1})
+
+
+class StorageCallTests(InstrumentedCase):
+    """The retry layer counts every storage call."""
+
+    def test_fault_outcome_and_retries(self) -> None:
+        """
+        An UploadPart that fails once with a 503 SlowDown then succeeds: one attempt
+        counted transient and one ok, one retry, and two latency observations.
+        """
+        self.mem.fail("UploadPart", StorageError("UploadPart", 503, "SlowDown"))
+        writer = self.store.open("chat/k")
+        done = writer.part(b"x" * PART)
+        self.clock.advance(1)  # the retry's wait (0.2 s at most)
+        self.successResultOf(done)
+        calls = "loghandler_storage_calls_total"
+        self.assertEqual(self.value(calls, operation="UploadPart", outcome="transient"), 1)
+        self.assertEqual(self.value(calls, operation="UploadPart", outcome="ok"), 1)
+        self.assertEqual(
+            self.value(calls, operation="CreateMultipartUpload", outcome="ok"), 1
+        )
+        self.assertEqual(
+            self.value("loghandler_storage_retries_total", operation="UploadPart"), 1
+        )
+        self.assertEqual(
+            self.value("loghandler_storage_call_duration_seconds_count", operation="UploadPart"),
+            2,
+        )
+
+    def test_permanent_failure(self) -> None:
+        """
+        AccessDenied counts outcome="permanent" and turns loghandler_storage_failing
+        to 1 until the call succeeds.
+        """
+        self.mem.fail("CreateMultipartUpload", StorageError("CreateMultipartUpload", 403, "AccessDenied"))
+        writer = self.store.open("chat/k")
+        done = writer.part(b"x" * PART)
+        self.assertEqual(self.value("loghandler_storage_failing"), 1)
+        self.assertEqual(
+            self.value(
+                "loghandler_storage_calls_total",
+                operation="CreateMultipartUpload",
+                outcome="permanent",
+            ),
+            1,
+        )
+        self.clock.advance(60)
+        self.successResultOf(done)
+        self.assertEqual(self.value("loghandler_storage_failing"), 0)
+
+
+class ServiceTests(SynchronousTestCase):
+    """build_service makes one Metrics for the whole tree and the flush sets its duration."""
+
+    def test_service_metrics(self) -> None:
+        """
+        The stream service holds the Metrics its registry and site count on; a
+        flush on stop whose PutObject takes 3 s sets the last flush duration to 3 s.
+        """
+        reactor = MemoryReactorClock()
+        mem = MemoryStore(min_part_size=PART, now=reactor.seconds)
+        config = Config(addr="127.0.0.1", port=8902, part_size=PART, no_upload=False)
+        store = S3ObjectStore(mem, reactor, part_size=PART, retry=RetryLayer(reactor))
+        root = build_service(config, store, reactor, lambda: DAY_START_MS)
+        root.startService()
+        streams = root.getServiceNamed(STREAM_SERVICE_NAME)  # type: ignore[attr-defined]
+        metrics = streams.metrics
+        self.assertIs(streams.registry.metrics, metrics)
+        streams.registry.accept(message(1))
+        self.assertEqual(metrics.get("loghandler_open_streams"), 1)
+        mem.hold("PutObject")
+        stopping = root.stopService()
+        reactor.advance(3)
+        mem.release()
+        self.successResultOf(stopping)
+        self.assertEqual(metrics.get("loghandler_last_flush_duration_seconds"), 3)
+        self.assertEqual(metrics.get("loghandler_open_streams"), 0)
+        self.assertEqual(metrics.get("loghandler_lines_lost_total"), 0)
+        self.assertEqual(metrics.get("loghandler_completions_total", {"outcome": "merged"}), 1)
