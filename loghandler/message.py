@@ -204,3 +204,8 @@ def _duration(ms: int) -> str:
 def too_large(limit: int) -> Rejection:
     """The 413 rejection for a body over ``limit`` bytes."""
     return Rejection(413, f"body is larger than {limit} bytes")
+
+
+def batch_too_large(limit: int) -> Rejection:
+    """The 413 rejection for a batch body over ``limit`` bytes (``BATCH_MAX_BYTES``)."""
+    return Rejection(413, f"batch body is larger than {limit} bytes (BATCH_MAX_BYTES)")

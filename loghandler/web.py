@@ -25,7 +25,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from loghandler.health import local_health
-from loghandler.message import Limits, Rejection, parse_message, too_large
+from loghandler.message import Limits, Rejection, batch_too_large, parse_message, too_large
 from loghandler.metrics import Metrics
 from loghandler.registry import Accepted, Busy, StreamRegistry
 from loghandler.stream import ObjectStream
@@ -219,12 +219,9 @@ class LogResource(Resource):
 
     def _render_batch(self, request: Request, body: bytes, overflowed: bool) -> Union[bytes, int]:
         """Validate every line, then hand all the messages to their streams, or none."""
-        limit = self._batch_max_bytes
-        if overflowed or len(body) > limit:
+        if overflowed or len(body) > self._batch_max_bytes:
             self._refused("too_large")
-            return _error(
-                request, 413, f"batch body is larger than {limit} bytes (BATCH_MAX_BYTES)"
-            )
+            return _refuse(request, batch_too_large(self._batch_max_bytes))
         lines = body.split(b"\n")
         if len(lines) > 1 and lines[-1] == b"":
             del lines[-1]  # the final newline
@@ -392,11 +389,21 @@ class LogRequest(Request):
     batch = False
 
     def gotLength(self, length: Optional[int]) -> None:
-        """Called by twisted.web once the headers are in."""
+        """
+        Called by twisted.web once the headers are in.  A Content-Length over the
+        limit with ``Expect: 100-continue`` is answered 413 at once, without
+        ``100 Continue`` and without reading the body, and the connection closed.
+        """
         site = getattr(self.channel, "site", None)
         if isinstance(site, LogSite):
             self.batch = is_batch(self)
-            self.content = site.getContentFile(length, self.batch)
+            self.content = content = site.getContentFile(length, self.batch)
+            if content.overflowed and _expects_continue(self):
+                # twisted.web sends 100 Continue after this call unless Expect is gone.
+                self.requestHeaders.removeHeader(b"expect")
+                channel = self.channel
+                if isinstance(channel, LogChannel):
+                    channel.refuse(site.too_large(self.batch))
         else:
             super().gotLength(length)
 
@@ -419,15 +426,89 @@ class LogRequest(Request):
             self.processingFailed(Failure())
 
 
+def _expects_continue(request: http.Request) -> bool:
+    """Whether the request asks ``Expect: 100-continue`` (RFC 9110 section 10.1.1)."""
+    values = request.requestHeaders.getRawHeaders(b"expect")
+    if not values:
+        return False
+    return values[0].strip().lower() == b"100-continue"
+
+
+#: The longest request line (method, target, version) in bytes: 414 above it.
+MAX_REQUEST_LINE_BYTES = 16384
+#: The largest header block (request line and header fields) in bytes: 431 above it.
+MAX_HEADER_BYTES = 16384
+#: The most header fields in one request: 431 above it.
+MAX_HEADER_FIELDS = 500
+
+#: Reason phrases of the answers a :class:`LogChannel` writes itself (RFC 9110, RFC 6585).
+_REASONS = {
+    400: b"Bad Request",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
+}
+
+
 class LogChannel(http.HTTPChannel):
     """
     HTTP/1.1 for the :class:`LogSite`: the connection's own and peer addresses are
     read once per connection, not once per request (twisted.web asks the socket
-    for each request).
+    for each request).  A request that cannot be read is answered in JSON and the
+    connection closed: 414 for a request line over :data:`MAX_REQUEST_LINE_BYTES`,
+    431 for a header block over :data:`MAX_HEADER_BYTES` or more than
+    :data:`MAX_HEADER_FIELDS` fields, 400 for one that is not HTTP (twisted.web
+    closes the connection silently or answers a bare 400).
     """
+
+    MAX_LENGTH = MAX_REQUEST_LINE_BYTES  # any one line of the head
+    totalHeadersSize = MAX_HEADER_BYTES
+    maxHeaders = MAX_HEADER_FIELDS
 
     _host: Any = None
     _peer: Any = None
+
+    def refuse(self, rejection: Rejection) -> None:
+        """
+        Answer ``rejection`` (its status and JSON body) outside the request
+        machinery, with ``Connection: close``, and close the connection once it is
+        written: for a request whose body or head will not be read.
+        """
+        body = rejection.to_json()
+        assert self.transport is not None
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s"
+            % (rejection.status, _REASONS.get(rejection.status, b"Error"), len(body), body)
+        )
+        self.loseConnection()
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """A line of the head is over :data:`MAX_REQUEST_LINE_BYTES`: 414 or 431."""
+        if self._receivedHeaderSize == 0:  # no line of this request yet: its request line
+            self.refuse(
+                Rejection(414, "request line is longer than %d bytes" % self.MAX_LENGTH)
+            )
+        else:
+            self._refuse_head()
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """twisted.web's answer to a request it cannot parse: 431, or 400, in JSON."""
+        if (
+            self._receivedHeaderSize > self.totalHeadersSize
+            or self._receivedHeaderCount > self.maxHeaders
+        ):
+            self._refuse_head()
+        else:
+            self.refuse(Rejection(400, "malformed HTTP request"))
+
+    def _refuse_head(self) -> None:
+        if self._receivedHeaderCount > self.maxHeaders:
+            error = "more than %d header fields" % self.maxHeaders
+        else:
+            error = "request header block is larger than %d bytes" % self.totalHeadersSize
+        self.refuse(Rejection(431, error))
 
     def getHost(self) -> Any:
         """The local address, read once."""
@@ -487,6 +568,12 @@ class LogSite(Site):
             self._date = http.datetimeToString(now)
             self._date_second = second
         return self._date
+
+    def too_large(self, batch: bool) -> Rejection:
+        """The 413 of a body over the limit of its kind (a batch or one message)."""
+        if batch:
+            return batch_too_large(self._batch_max_bytes)
+        return too_large(self._max_body_bytes)
 
     def getContentFile(self, length: Optional[int], batch: bool = False) -> BoundedBody:
         """Called (by :class:`LogRequest`) for each request body."""

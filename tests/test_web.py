@@ -10,8 +10,12 @@ import json
 from typing import Any, Optional
 
 from treq.testing import StubTreq
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
@@ -24,7 +28,7 @@ from loghandler.registry import StreamRegistry, StreamSettings
 from loghandler.retry import RetryLayer
 from loghandler.storage.memory import MemoryStore
 from loghandler.storage.s3.writer import S3ObjectStore
-from loghandler.web import BoundedBody, LogSite, make_site
+from loghandler.web import BoundedBody, LogChannel, LogSite, make_site
 from tests.helpers import DAY_START_MS, read_lines
 
 NOW_MS = DAY_START_MS + 3_600_000
@@ -672,3 +676,165 @@ class BatchDurableTests(DurableCase):
         code, answer = self.answer(d)
         self.assertEqual(code, 500)
         self.assertEqual(answer["error"], "storage failed; messages of the batch were not stored")
+
+
+class RawCase(WebCase):
+    """A ``LogChannel`` of the site on a ``StringTransport``: the bytes as sent and answered."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.serve(
+            make_site(
+                self.registry, Limits(), lambda: NOW_MS, MAX_BODY, batch_max_bytes=4 * MAX_BODY
+            )
+        )
+
+    def connect(self) -> tuple[LogChannel, StringTransport]:
+        """A new connection to the site."""
+        channel = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        assert isinstance(channel, LogChannel)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        self.addCleanup(channel.connectionLost, Failure(ConnectionDone()))
+        return channel, transport
+
+    def answer(self, transport: StringTransport) -> tuple[int, dict[str, str], Any]:
+        """The one response written: (status, headers in lower case, parsed JSON body)."""
+        head, _, content = transport.value().partition(b"\r\n\r\n")
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        headers = dict(line.lower().split(": ", 1) for line in lines)
+        self.assertEqual(int(headers["content-length"]), len(content))
+        return int(status_line.split()[1]), headers, json.loads(content)
+
+
+class HeadLimitTests(RawCase):
+    """
+    A request line over 16 KiB is 414 and a header block over 16 KiB (or over 500
+    fields) is 431, a request that is not HTTP 400, each with a JSON body and the
+    connection closed, where twisted.web closed it without an answer or answered a
+    bare 400.
+    """
+
+    def assertRefused(self, data: bytes, status: int, error: str) -> None:
+        """Sending ``data`` gets ``status`` with ``error``, Connection: close, then the close."""
+        channel, transport = self.connect()
+        channel.dataReceived(data)
+        got, headers, answer = self.answer(transport)
+        self.assertEqual((got, answer), (status, {"error": error, "field": None}))
+        self.assertEqual(
+            (headers["content-type"], headers["connection"]), ("application/json", "close")
+        )
+        self.assertTrue(transport.disconnecting)
+
+    def test_request_line_too_long(self) -> None:
+        """A request line over 16,384 bytes: 414, whether its end came or not."""
+        target = b"/log?" + b"x" * (16385 - len(b"POST /log? HTTP/1.1"))
+        line = b"POST " + target + b" HTTP/1.1"
+        self.assertEqual(len(line), 16385)
+        error = "request line is longer than 16384 bytes"
+        self.assertRefused(line + b"\r\nHost: x\r\n\r\n", 414, error)
+        # Without its end: as soon as no end can come within the limit.
+        self.assertRefused(line + b"x", 414, error)
+
+    def test_request_line_at_the_limit(self) -> None:
+        """A request line of exactly 16,384 bytes is read (a 404 for its unknown path)."""
+        line = b"GET /" + b"x" * (16384 - len(b"GET / HTTP/1.1")) + b" HTTP/1.1"
+        self.assertEqual(len(line), 16384)
+        channel, transport = self.connect()
+        channel.dataReceived(line + b"\r\n\r\n")
+        self.assertEqual(self.answer(transport)[0], 404)
+
+    def test_header_block_too_large(self) -> None:
+        """Headers of 17 KiB in many fields, or in one field, are 431."""
+        error = "request header block is larger than 16384 bytes"
+        many = b"".join(b"X-Pad-%d: %s\r\n" % (n, b"y" * 100) for n in range(160))
+        self.assertRefused(b"POST /log HTTP/1.1\r\n" + many + b"\r\n", 431, error)
+        one = b"X-Big: " + b"y" * 17000 + b"\r\n"
+        self.assertRefused(b"POST /log HTTP/1.1\r\n" + one + b"\r\n", 431, error)
+
+    def test_too_many_header_fields(self) -> None:
+        """501 small header fields are 431."""
+        fields = b"".join(b"X-%d: 1\r\n" % n for n in range(501))
+        self.assertRefused(
+            b"POST /log HTTP/1.1\r\n" + fields + b"\r\n", 431, "more than 500 header fields"
+        )
+
+    def test_not_http(self) -> None:
+        """A request line that is not HTTP, or a header without a colon, is a JSON 400."""
+        self.assertRefused(b"HELLO\r\n\r\n", 400, "malformed HTTP request")
+        self.assertRefused(
+            b"POST /log HTTP/1.1\r\nno colon\r\n\r\n", 400, "malformed HTTP request"
+        )
+
+
+class ExpectContinueTests(RawCase):
+    """
+    ``Expect: 100-continue`` with a Content-Length over the limit (``MAX_BODY_BYTES``,
+    or ``BATCH_MAX_BYTES`` for a batch) is answered 413 at once: no ``100 Continue``,
+    the body not read, the connection closed.  Within the limit the client is told
+    to go on.
+    """
+
+    def head(self, length: int, content_type: bytes = b"application/json") -> bytes:
+        return (
+            b"POST /log HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+            b"Content-Type: %s\r\nContent-Length: %d\r\n\r\n" % (content_type, length)
+        )
+
+    def test_over_the_limit(self) -> None:
+        """One byte over MAX_BODY_BYTES: 413 naming the limit, never 100 Continue."""
+        channel, transport = self.connect()
+        channel.dataReceived(self.head(MAX_BODY + 1))
+        self.assertNotIn(b"100 Continue", transport.value())
+        status, headers, answer = self.answer(transport)
+        self.assertEqual(
+            (status, answer),
+            (413, {"error": "body is larger than %d bytes" % MAX_BODY, "field": None}),
+        )
+        self.assertEqual(headers["connection"], "close")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.stored_lines(), [])
+
+    def test_batch_over_its_limit(self) -> None:
+        """A batch over BATCH_MAX_BYTES: 413 naming BATCH_MAX_BYTES at once."""
+        channel, transport = self.connect()
+        channel.dataReceived(self.head(4 * MAX_BODY + 1, b"application/x-ndjson"))
+        self.assertNotIn(b"100 Continue", transport.value())
+        status, _, answer = self.answer(transport)
+        self.assertEqual(status, 413)
+        self.assertIn("(BATCH_MAX_BYTES)", answer["error"])
+        self.assertTrue(transport.disconnecting)
+
+    def test_within_the_limit(self) -> None:
+        """
+        At the limit (and a batch over MAX_BODY_BYTES but within its own), 100
+        Continue, then the body is read and answered.
+        """
+        message = body()
+        padded = message[:-1] + b" " * (MAX_BODY - len(message)) + b"}"
+        channel, transport = self.connect()
+        channel.dataReceived(self.head(len(padded)))
+        self.assertEqual(transport.value(), b"HTTP/1.1 100 Continue\r\n\r\n")
+        transport.clear()
+        channel.dataReceived(padded)
+        self.assertEqual(self.answer(transport)[:1], (200,))
+        lines = batch(*[body(content_id=n) for n in range(1, 30)])
+        self.assertGreater(len(lines), MAX_BODY)
+        channel, transport = self.connect()
+        channel.dataReceived(self.head(len(lines), b"application/x-ndjson"))
+        self.assertEqual(transport.value(), b"HTTP/1.1 100 Continue\r\n\r\n")
+        transport.clear()
+        channel.dataReceived(lines)
+        self.assertEqual(self.answer(transport)[2], {"ok": True, "accepted": 29})
+        self.assertFalse(transport.disconnecting)
+
+    def test_without_expect(self) -> None:
+        """Without Expect, a body over the limit is read and then answered 413, as before."""
+        channel, transport = self.connect()
+        channel.dataReceived(
+            b"POST /log HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (MAX_BODY + 1)
+        )
+        self.assertEqual(transport.value(), b"")
+        channel.dataReceived(b"x" * (MAX_BODY + 1))
+        self.assertEqual(self.answer(transport)[0], 413)
+        self.assertFalse(transport.disconnecting)
