@@ -242,8 +242,9 @@ class Metrics:
         )
         self.staged_awaiting_merge = Gauge(
             "loghandler_staged_awaiting_merge_objects",
-            "S3 staging objects of this process complete and not yet merged (queued"
-            " for the key's merger or waiting for a merge slot).",
+            "S3 staging objects of this process's streams, complete and not yet"
+            " merged: waiting for a merge slot (COMPLETIONS_IN_FLIGHT) or being"
+            " handed to their key's merger.",
             registry=registry,
         )
         self.staged_awaiting_merge_bytes = Gauge(

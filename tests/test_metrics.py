@@ -8,6 +8,7 @@ driven, then the values read from the process's own registry.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Optional
 
 from prometheus_client import REGISTRY, generate_latest
@@ -20,7 +21,8 @@ from loghandler.backoff import Backoff
 from loghandler.budget import MemoryBudget
 from loghandler.config import Config
 from loghandler.interfaces import StorageError
-from loghandler.message import Limits
+from loghandler.keys import key_for
+from loghandler.message import Limits, Message
 from loghandler.metrics import GAUGES_COMBINED_BY_MAX, Metrics
 from loghandler.registry import StreamRegistry, StreamSettings
 from loghandler.retry import RetryLayer
@@ -28,7 +30,9 @@ from loghandler.service import STREAM_SERVICE_NAME, build_service
 from loghandler.storage.memory import MemoryStore
 from loghandler.storage.s3.writer import S3ObjectStore
 from loghandler.web import make_site
-from tests.helpers import DAY_START_MS, message
+from tests.helpers import DAY_START_MS, message, noise
+from tests.test_azure_writer import AzureWriterCase
+from tests.test_recovery import RecoveryCase
 
 NOW_MS = DAY_START_MS + 3_600_000
 PART = 16 * 1024
@@ -304,3 +308,173 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(metrics.get("loghandler_open_streams"), 0)
         self.assertEqual(metrics.get("loghandler_lines_lost_total"), 0)
         self.assertEqual(metrics.get("loghandler_completions_total", {"outcome": "merged"}), 1)
+
+
+def noisy(n: int) -> Message:
+    """A message of about 200 bytes that compresses poorly."""
+    return Message(os.urandom(100).hex(), n, 3, NOW_MS)
+
+
+class StreamMetricsTests(InstrumentedCase):
+    """What the streams count: bytes stored, parts, checkpoints, lines lost, ages."""
+
+    def test_stored_parts_merges(self) -> None:
+        """
+        Lines of more than a part, then the stop: one part, the stored bytes are
+        those of the object (part and tail, staged then copied), one merge by
+        multipart upload, one staging object merged, one completion merged,
+        nothing lost, nothing buffered.
+        """
+        for n in range(250):  # about 65 KB, half of it compressed away: one part, a tail
+            self.registry.accept(noisy(n))
+        self.assertEqual(self.value("loghandler_open_streams"), 1)
+        self.assertGreater(self.value("loghandler_buffered_bytes"), 0)
+        self.successResultOf(self.registry.close_all())
+        self.assertEqual(self.value("loghandler_parts_total"), 1)
+        self.assertEqual(
+            self.value("loghandler_stored_bytes_total"), len(self.mem.body(key_for(NOW_MS, 3)))
+        )
+        self.assertEqual(self.value("loghandler_merges_total", method="copy"), 1)
+        self.assertEqual(self.value("loghandler_merges_total", method="put"), 0)
+        self.assertEqual(self.value("loghandler_merged_staging_objects_total"), 1)
+        self.assertEqual(self.value("loghandler_completions_total", outcome="merged"), 1)
+        self.assertEqual(self.value("loghandler_completion_duration_seconds_count"), 1)
+        self.assertEqual(self.value("loghandler_lines_lost_total"), 0)
+        self.assertEqual(self.value("loghandler_buffered_bytes"), 0)
+        self.assertEqual(self.value("loghandler_open_streams"), 0)
+        self.assertEqual(self.value("loghandler_staged_awaiting_merge_objects"), 0)
+
+    def test_staged_awaiting_merge(self) -> None:
+        """
+        While the merge of a completed staging object waits (its GetObject held),
+        it is counted awaiting a merge, with its bytes; once merged (by PutObject,
+        small objects), no longer.
+        """
+        self.registry.accept(message(1))
+        self.mem.hold("GetObject")
+        done = self.registry.close_all()
+        (staging,) = [k for k in self.mem.objects if k.startswith("_loghandler/staging/")]
+        self.assertEqual(self.value("loghandler_staged_awaiting_merge_objects"), 1)
+        self.assertEqual(
+            self.value("loghandler_staged_awaiting_merge_bytes"), len(self.mem.body(staging))
+        )
+        self.mem.release()
+        self.successResultOf(done)
+        self.assertEqual(self.value("loghandler_staged_awaiting_merge_objects"), 0)
+        self.assertEqual(self.value("loghandler_staged_awaiting_merge_bytes"), 0)
+        self.assertEqual(self.value("loghandler_merges_total", method="put"), 1)
+
+    def test_lines_lost(self) -> None:
+        """
+        A flush cut short (the deadline abandons it) while the tail's PutObject
+        hangs: its 2 lines are counted lost, once, and the completion "lost".
+        """
+        self.registry.accept(message(1))
+        self.registry.accept(message(2))
+        self.mem.hold("PutObject")
+        done = self.registry.close_all()
+        done.cancel()  # the flush's deadline
+        self.failureResultOf(done)
+        self.assertEqual(self.value("loghandler_lines_lost_total"), 2)
+        self.assertEqual(self.value("loghandler_completions_total", outcome="lost"), 1)
+        self.flushLoggedErrors()
+
+    def test_staged_at_deadline_not_lost(self) -> None:
+        """
+        A flush cut while the merge hangs (the lines are staged): nothing is counted
+        lost; the completion counts "staged".
+        """
+        self.registry.accept(message(1))
+        self.mem.hold("GetObject")
+        done = self.registry.close_all()
+        done.cancel()
+        self.failureResultOf(done)
+        self.assertEqual(self.value("loghandler_lines_lost_total"), 0)
+        self.assertEqual(self.value("loghandler_completions_total", outcome="staged"), 1)
+
+    def test_checkpoints(self) -> None:
+        """A checkpoint round that lands counts one checkpoint and its bytes."""
+        self.registry.accept(message(1))
+        self.successResultOf(self.registry.checkpoint_all())
+        self.assertEqual(self.value("loghandler_checkpoints_total"), 1)
+        (body,) = [
+            b for k, b in self.uploaded_parts() if k.startswith("_loghandler/staging/")
+        ]
+        self.assertEqual(self.value("loghandler_checkpoint_bytes_total"), len(body))
+
+    def uploaded_parts(self) -> list[tuple[str, bytes]]:
+        """(key, body) of every part of the open uploads."""
+        return [
+            (upload.key, part[0])
+            for upload in self.mem.uploads.values()
+            for part in upload.parts.values()
+        ]
+
+    def test_oldest_unstored_line_age(self) -> None:
+        """
+        The age of the oldest line not in storage: 0 with none; the first line's
+        age while no line is stored; after a checkpoint that covers the first two
+        lands (started before the third came), the third's age; 0 once all are
+        stored.
+        """
+        age = "loghandler_oldest_unstored_line_age_seconds"
+        self.assertEqual(self.value(age), 0)
+        self.registry.accept(message(1))
+        self.clock.advance(5)
+        self.registry.accept(message(2))
+        self.clock.advance(2)
+        self.assertEqual(self.value(age), 7)
+        self.mem.hold("UploadPart")
+        checkpoint = self.registry.checkpoint_all()
+        self.clock.advance(1)
+        self.registry.accept(message(3))  # at 8 s
+        self.clock.advance(3)
+        self.assertEqual(self.value(age), 11)
+        self.mem.release()
+        self.successResultOf(checkpoint)
+        self.assertEqual(self.value(age), 3)
+        self.successResultOf(self.registry.checkpoint_all())
+        self.assertEqual(self.value(age), 0)
+        self.clock.advance(4)
+        self.assertEqual(self.value(age), 0)
+
+
+class RecoveryMetricsTests(RecoveryCase):
+    """Recovery counts the gone writers it took on, and the merges it made."""
+
+    def test_recovered_writer(self) -> None:
+        """A dead writer's staging upload recovered: one writer, one merge, one object merged."""
+        self.stage_dead()
+        report = self.recover()
+        self.assertEqual(report.writers, ["dead"])
+        metrics = self.retry.metrics
+        self.assertEqual(metrics.get("loghandler_recovered_writers_total"), 1)
+        self.assertEqual(metrics.get("loghandler_merged_staging_objects_total"), 1)
+        self.assertEqual(
+            metrics.get("loghandler_merges_total", {"method": "copy"})
+            + metrics.get("loghandler_merges_total", {"method": "put"}),
+            1,
+        )
+
+
+class AzureMetricsTests(AzureWriterCase):
+    """The Azure writer counts the blocks it appended."""
+
+    def test_blocks_appended(self) -> None:
+        """
+        Two parts and a tail, the first append's answer lost (read back: it
+        landed): three blocks counted, and the retried append counted a conflict.
+        """
+        self.azure.lose_answer("AppendBlock")
+        lines = noise(0, 30)
+        self.write([lines[:10], lines[10:20], lines[20:]])
+        metrics = self.store.retry.metrics
+        self.assertEqual(metrics.get("loghandler_blocks_appended_total"), 3)
+        calls = "loghandler_storage_calls_total"
+        self.assertEqual(metrics.get(calls, {"operation": "AppendBlock", "outcome": "ok"}), 2)
+        self.assertEqual(
+            metrics.get(calls, {"operation": "AppendBlock", "outcome": "transient"}), 1
+        )
+        self.assertEqual(
+            metrics.get(calls, {"operation": "AppendBlock", "outcome": "conflict"}), 1
+        )

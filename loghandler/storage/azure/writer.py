@@ -312,6 +312,7 @@ class AzureObjectWriter:
         self._length = length
         self._blocks = self._blocks + 1 if blocks is None else blocks
         self.blocks_appended += 1
+        self._retry.metrics.blocks_appended.inc()
         if not self.blobs or self.blobs[-1] != name:
             self.blobs.append(name)
 

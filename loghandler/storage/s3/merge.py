@@ -240,6 +240,7 @@ class Merger:
             "DeleteObject", staged.key, lambda: self.client.delete(staged.key), cancelled
         )
         result.merged.append(staged)
+        self.retry.metrics.merged_staging_objects.inc()
 
     async def _vanished(
         self, batch: Sequence[Staged], target: str, cancelled: Callable[[], bool]
@@ -323,6 +324,7 @@ class Merger:
         except Exception:  # CancelledError included; not GeneratorExit (a dropped coroutine)
             await self._abort(target, upload_id)
             raise
+        self.retry.metrics.merges.labels(method="copy").inc()
         _log.info(
             "{key}: merged {staged} ({size} bytes) by multipart upload",
             key=target,
@@ -409,6 +411,7 @@ class Merger:
             )
         finally:
             self._hold(-held)
+        self.retry.metrics.merges.labels(method="put").inc()
         _log.info(
             "{key}: merged {staged} ({size} bytes) by PutObject",
             key=target,

@@ -262,6 +262,7 @@ class Recoverer:
             if not claimed:
                 continue
             report.writers.append(writer)
+            self._retry.metrics.recovered_writers.inc()
             items = sorted(
                 staged[writer].values(), key=lambda s: (s.parsed.key, s.parsed.sequence)
             )

@@ -555,11 +555,18 @@ class S3ObjectWriter:
         assert staged is not None
         if on_staged is not None:
             on_staged()
-        await self._store.merge_slots.acquire()
+        metrics = self._retry.metrics
+        metrics.staged_awaiting_merge.inc()
+        metrics.staged_awaiting_merge_bytes.inc(staged.size)
         try:
-            return await self._store.key_merges.hand_off(staged, self.key, self._cancelled)
+            await self._store.merge_slots.acquire()
+            try:
+                return await self._store.key_merges.hand_off(staged, self.key, self._cancelled)
+            finally:
+                self._store.merge_slots.release()
         finally:
-            self._store.merge_slots.release()
+            metrics.staged_awaiting_merge.dec()
+            metrics.staged_awaiting_merge_bytes.dec(staged.size)
 
     async def _complete_staging(self) -> None:
         while True:
