@@ -63,6 +63,10 @@ class Config:
     aws_region: Optional[str] = None
     aws_bucket: Optional[str] = None
     aws_endpoint_url: Optional[str] = None
+    #: ``S3_SSE``: ``AES256`` or ``aws:kms``; None leaves it to the bucket's default.
+    s3_sse: Optional[str] = None
+    #: ``S3_SSE_KMS_KEY_ID``: the KMS key of ``S3_SSE=aws:kms`` (None: S3's ``aws/s3``).
+    s3_sse_kms_key_id: Optional[str] = None
     shutdown_timeout_s: float = 25.0
     part_size: int = S3_MIN_PART_SIZE
     max_client_id: int = 10
@@ -347,6 +351,30 @@ def _connection_string(env: str, value: str) -> str:
     return text
 
 
+#: The ``x-amz-server-side-encryption`` values ``S3_SSE`` takes: SSE-S3 and SSE-KMS
+#: (https://docs.aws.amazon.com/AmazonS3/latest/userguide/serv-side-encryption.html).
+S3_SSE_ALGORITHMS = ("AES256", "aws:kms")
+
+
+def _sse(env: str, value: str) -> str:
+    text = value.strip()
+    if text not in S3_SSE_ALGORITHMS:
+        raise ConfigError(f"{env}: must be AES256 or aws:kms (as S3 spells them), got {value!r}")
+    return text
+
+
+def _kms_key_id(env: str, value: str) -> str:
+    # A key ID, key ARN, alias name (alias/...) or alias ARN: S3 takes any of them in
+    # a header, so printable ASCII without spaces; KMS itself judges the rest.
+    text = value.strip()
+    if not (text.isascii() and text.isprintable()) or " " in text or len(text) > 2048:
+        raise ConfigError(
+            f"{env}: must be a KMS key ID, key ARN, alias/NAME or alias ARN (printable"
+            f" ASCII without spaces), got {value!r}"
+        )
+    return text
+
+
 def _endpoint(env: str, value: str) -> str:
     text = value.strip().rstrip("/")
     try:
@@ -379,6 +407,19 @@ SETTINGS: tuple[Setting, ...] = (
         "aws_endpoint_url",
         _endpoint,
         "S3-compatible endpoint (moto, MinIO); path-style addressing",
+    ),
+    Setting(
+        "S3_SSE",
+        "s3_sse",
+        _sse,
+        "server-side encryption of every object written: AES256 or aws:kms"
+        " (unset: the bucket's default)",
+    ),
+    Setting(
+        "S3_SSE_KMS_KEY_ID",
+        "s3_sse_kms_key_id",
+        _kms_key_id,
+        "S3_SSE=aws:kms: the KMS key (ID, ARN or alias/NAME; unset: aws/s3)",
     ),
     Setting("AZURE_ACC", "azure_acc", _azure_account, "Azure storage account name"),
     Setting("AZURE_KEY", "azure_key", _azure_key, "Azure storage account key", secret=True),
@@ -577,6 +618,11 @@ def from_environ(
         _check_client_budget(config, config.client_budget_bytes)
     else:
         config = attrs.evolve(config, client_budget_bytes=default_client_budget(config))
+    if config.s3_sse_kms_key_id is not None and config.s3_sse != "aws:kms":
+        raise ConfigError(
+            "S3_SSE_KMS_KEY_ID: only with S3_SSE=aws:kms, got S3_SSE=%s"
+            % (config.s3_sse or "(unset)")
+        )
     if (config.aws_access_key is None) != (config.aws_access_secret is None):
         missing = "AWS_ACCESS_SECRET" if config.aws_access_secret is None else "AWS_ACCESS_KEY"
         raise ConfigError(f"{missing}: AWS_ACCESS_KEY and AWS_ACCESS_SECRET go together")

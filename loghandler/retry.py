@@ -92,6 +92,11 @@ _PERMANENT_CODES = frozenset(
         "AuthorizationHeaderMalformed",
         "AccountProblem",
         "PermanentRedirect",
+        # SSE-KMS (S3_SSE=aws:kms): a missing, disabled or pending-deletion key
+        # answers 400 until the key or S3_SSE_KMS_KEY_ID is fixed.
+        "KMS.NotFoundException",
+        "KMS.DisabledException",
+        "KMS.KMSInvalidStateException",
         # Azure
         "ContainerNotFound",
         "AuthenticationFailed",

@@ -100,7 +100,8 @@ def make_store(
     """
     The ``IObjectStore`` the configuration asks for, and its background services:
     S3 (credentials from ``AWS_ACCESS_KEY``/``AWS_ACCESS_SECRET`` or botocore's
-    standard chain) with its lease and recovery, or the discard store for
+    standard chain; every object created asks for ``S3_SSE`` encryption, with
+    ``S3_SSE_KMS_KEY_ID``) with its lease and recovery, or the discard store for
     ``NO_UPLOAD=1``.  Merges count their memory in ``budget``; the store's retry
     layer, and through it the merges, recovery and appends, count on ``metrics``.
     """
@@ -113,7 +114,7 @@ def make_store(
     import uuid
 
     from loghandler.retry import RetryLayer
-    from loghandler.storage.s3.client import build_s3_client
+    from loghandler.storage.s3.client import ServerSideEncryption, build_s3_client
     from loghandler.storage.s3.lease import Lease
     from loghandler.storage.s3.recovery import Recoverer, RecoveryService
     from loghandler.storage.s3.writer import S3ObjectStore
@@ -127,6 +128,11 @@ def make_store(
         region=config.aws_region,
         endpoint_url=config.aws_endpoint_url,
         credentials=credentials,
+        encryption=(
+            ServerSideEncryption(config.s3_sse, config.s3_sse_kms_key_id)
+            if config.s3_sse is not None
+            else None
+        ),
     )
     writer_id = uuid.uuid4().hex
     retry = RetryLayer(reactor, metrics=metrics)

@@ -343,6 +343,33 @@ class ErrorTests(SynchronousTestCase):
         """AWS_ACCESS_SECRET alone is an error naming the missing AWS_ACCESS_KEY."""
         self.assertConfigError(dict(BASE, AWS_ACCESS_SECRET="s"), "AWS_ACCESS_KEY")
 
+    def test_sse_unknown(self) -> None:
+        """S3_SSE takes AES256 or aws:kms as S3 spells them: aes256, KMS, SSE-C refused."""
+        for value in ("aes256", "AWS:KMS", "kms", "aws:kms:dsse", "SSE-C"):
+            self.assertEqual(
+                self.assertConfigError(dict(BASE, S3_SSE=value), "S3_SSE"),
+                f"S3_SSE: must be AES256 or aws:kms (as S3 spells them), got {value!r}",
+            )
+
+    def test_kms_key_without_kms(self) -> None:
+        """S3_SSE_KMS_KEY_ID without S3_SSE=aws:kms is an error naming it and S3_SSE."""
+        self.assertEqual(
+            self.assertConfigError(dict(BASE, S3_SSE_KMS_KEY_ID="alias/logs"), "S3_SSE_KMS_KEY_ID"),
+            "S3_SSE_KMS_KEY_ID: only with S3_SSE=aws:kms, got S3_SSE=(unset)",
+        )
+        self.assertConfigError(
+            dict(BASE, S3_SSE="AES256", S3_SSE_KMS_KEY_ID="alias/logs"),
+            "S3_SSE_KMS_KEY_ID",
+            "got S3_SSE=AES256",
+        )
+
+    def test_kms_key_malformed(self) -> None:
+        """A key ID with a space or outside printable ASCII is refused."""
+        for value in ("alias/my logs", "alias/lögs", "a" * 2049):
+            self.assertConfigError(
+                dict(BASE, S3_SSE="aws:kms", S3_SSE_KMS_KEY_ID=value), "S3_SSE_KMS_KEY_ID"
+            )
+
     def test_multiline_value_gives_one_line(self) -> None:
         """A value holding newlines still gives a one-line message."""
         message = self.assertConfigError(dict(BASE, PORT="80\n81\r\n"), "PORT")
@@ -375,6 +402,8 @@ class ErrorTests(SynchronousTestCase):
             "RECOVERY_INTERVAL_S": "x\ny",
             "ACK": "durable\nx",
             "DURABLE_TIMEOUT_S": "1\u2028x",
+            "S3_SSE": "AES256\nx",
+            "S3_SSE_KMS_KEY_ID": "alias/a\nb",
         }
         for variable, value in bad.items():
             self.assertConfigError(dict(BASE, **{variable: value}), variable)
@@ -811,6 +840,38 @@ class CheckedValueTests(SynchronousTestCase):
         )
 
 
+class EncryptionSettingTests(SynchronousTestCase):
+    """S3_SSE and S3_SSE_KMS_KEY_ID: server-side encryption of the objects written."""
+
+    def test_unset(self) -> None:
+        """Unset, both are None: the bucket's default encryption applies."""
+        config = from_environ(BASE)
+        self.assertEqual((config.s3_sse, config.s3_sse_kms_key_id), (None, None))
+
+    def test_values(self) -> None:
+        """AES256 alone; aws:kms alone (S3's aws/s3 key) or with a key ID, ARN or alias."""
+        self.assertEqual(from_environ(dict(BASE, S3_SSE=" AES256 ")).s3_sse, "AES256")
+        config = from_environ(dict(BASE, S3_SSE="aws:kms"))
+        self.assertEqual((config.s3_sse, config.s3_sse_kms_key_id), ("aws:kms", None))
+        for key in (
+            "1234abcd-12ab-34cd-56ef-1234567890ab",
+            "mrk-1234abcd12ab34cd56ef1234567890ab",
+            "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab",
+            "alias/loghandler",
+            "arn:aws:kms:eu-west-1:111122223333:alias/loghandler",
+        ):
+            config = from_environ(dict(BASE, S3_SSE="aws:kms", S3_SSE_KMS_KEY_ID=key))
+            self.assertEqual((config.s3_sse, config.s3_sse_kms_key_id), ("aws:kms", key))
+
+    def test_options(self) -> None:
+        """--s3-sse and --s3-sse-kms-key-id override the variables."""
+        tap = _tap()
+        options = tap.Options()
+        options.parseOptions(["--s3-sse", "aws:kms", "--s3-sse-kms-key-id", "alias/x"])
+        config = tap.load_config(options, dict(BASE, S3_SSE="AES256"))
+        self.assertEqual((config.s3_sse, config.s3_sse_kms_key_id), ("aws:kms", "alias/x"))
+
+
 class MakeStoreTests(SynchronousTestCase):
     """
     ``loghandler.tap.make_store`` wires the configuration into the store: the S3
@@ -898,6 +959,7 @@ class MakeStoreTests(SynchronousTestCase):
                         region="eu-west-1",
                         endpoint_url="http://127.0.0.1:5000",
                         credentials=credentials,
+                        encryption=None,
                     ),
                 )
             ],
@@ -906,6 +968,31 @@ class MakeStoreTests(SynchronousTestCase):
         self.assertIs(store.clock, reactor)
         self.assertEqual(store.merge_slots.limit, 7)
         self.assertIs(store.merger.budget, budget)
+
+    def test_s3_encryption(self) -> None:
+        """
+        S3_SSE and S3_SSE_KMS_KEY_ID reach the S3 client as its ServerSideEncryption.
+        """
+        from loghandler.budget import MemoryBudget
+        from loghandler.storage.memory import MemoryStore
+        from loghandler.storage.s3.client import ServerSideEncryption
+
+        tap = _tap()
+        built: list[dict[str, object]] = []
+        self.replace(
+            "loghandler.storage.s3.credentials", "aws_credentials", lambda key, secret: object()
+        )
+
+        def build_s3_client(reactor: object, **kwargs: object) -> object:
+            built.append(kwargs)
+            return MemoryStore()
+
+        self.replace("loghandler.storage.s3.client", "build_s3_client", build_s3_client)
+        config = from_environ(dict(BASE, S3_SSE="aws:kms", S3_SSE_KMS_KEY_ID="alias/logs"))
+        tap.make_store(config, object(), MemoryBudget(64 * MiB))
+        self.assertEqual(
+            [b["encryption"] for b in built], [ServerSideEncryption("aws:kms", "alias/logs")]
+        )
 
     def test_taken_over_exits_at_once(self) -> None:
         """

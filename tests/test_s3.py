@@ -48,7 +48,7 @@ from loghandler.storage.s3.api import (
     PendingUpload,
     StoredPart,
 )
-from loghandler.storage.s3.client import S3Client, build_s3_client
+from loghandler.storage.s3.client import S3Client, ServerSideEncryption, build_s3_client
 from loghandler.storage.s3.credentials import aws_credentials
 from loghandler.storage.s3.transport import SigV4Transport, read_body
 
@@ -274,11 +274,12 @@ class ClientTestCase(SynchronousTestCase):
         http: Any = None,
         credentials: Any = None,
         endpoint: str = ENDPOINT,
+        encryption: Optional[ServerSideEncryption] = None,
         **kwargs: Any,
     ) -> tuple[S3Client, FakeS3]:
         """
-        An S3Client on a FakeS3 scripted with ``answers`` (or on ``http``);
-        ``kwargs`` go to the SigV4Transport.
+        An S3Client on a FakeS3 scripted with ``answers`` (or on ``http``), asking
+        for ``encryption`` when given; ``kwargs`` go to the SigV4Transport.
         """
         fake = FakeS3(answers)
         transport = SigV4Transport(
@@ -289,7 +290,7 @@ class ClientTestCase(SynchronousTestCase):
             self.defer_to_thread,
             **kwargs,
         )
-        return S3Client(transport, BUCKET), fake
+        return S3Client(transport, BUCKET, encryption=encryption), fake
 
     def only(self, fake: FakeS3, signed: tuple[str, ...] = ()) -> Received:
         """
@@ -1229,6 +1230,123 @@ class OperationTests(ClientTestCase):
         self.assertEqual(closed, [1])
 
 
+#: The server-side encryption headers, lowercase, as the fake S3 records them.
+SSE_HEADER = "x-amz-server-side-encryption"
+SSE_KEY_HEADER = "x-amz-server-side-encryption-aws-kms-key-id"
+
+
+class EncryptionTests(ClientTestCase):
+    """
+    ``S3_SSE``: a client with a :class:`ServerSideEncryption` asks for it, signed, on
+    every call that creates an object (PutObject, CreateMultipartUpload) and on no
+    other (S3 refuses the header on UploadPart and takes the upload's encryption
+    for its parts and the completed object).
+    """
+
+    #: One answer for each call of :meth:`every_call`, in order.
+    ANSWERS: list[Answer] = [
+        (200, {"ETag": '"p"'}, b""),
+        (200, {}, b"<InitiateMultipartUploadResult><UploadId>u</UploadId></InitiateMultipartUploadResult>"),
+        (200, {"ETag": '"1"'}, b""),
+        (200, {}, b'<CopyPartResult><ETag>"2"</ETag></CopyPartResult>'),
+        (200, {}, b'<CompleteMultipartUploadResult><ETag>"c"</ETag></CompleteMultipartUploadResult>'),
+        (200, {"ETag": '"c"'}, b"x"),
+        (200, {"ETag": '"c"'}, b"x"),
+        (204, {}, b""),
+        (204, {}, b""),
+    ]
+
+    def every_call(self, client: S3Client) -> list[str]:
+        """
+        Make each write-path call once through ``client``; the operations in order.
+        """
+        self.successResultOf(client.put("staging/k.gz", b"a", if_none_match=True, writes=["w1"]))
+        self.successResultOf(client.create_upload("k.gz", ["w1"]))
+        self.successResultOf(client.upload_part("k.gz", "u", 1, b"p"))
+        self.successResultOf(client.upload_part_copy("k.gz", "u", 2, "staging/k.gz", '"p"'))
+        self.successResultOf(
+            client.complete_upload("k.gz", "u", [CompletedPart(1, '"1"'), CompletedPart(2, '"2"')])
+        )
+        self.successResultOf(client.head("k.gz"))
+        self.successResultOf(client.get("k.gz"))
+        self.successResultOf(client.abort_upload("k.gz", "u"))
+        self.successResultOf(client.delete("staging/k.gz"))
+        return [
+            "PutObject", "CreateMultipartUpload", "UploadPart", "UploadPartCopy",
+            "CompleteMultipartUpload", "HeadObject", "GetObject", "AbortMultipartUpload",
+            "DeleteObject",
+        ]
+
+    def test_kms_key_on_creating_calls(self) -> None:
+        """
+        aws:kms with a key: PutObject and CreateMultipartUpload carry
+        x-amz-server-side-encryption: aws:kms and the key ID, both signed; no other
+        call carries either.
+        """
+        key = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+        client, fake = self.client(
+            list(self.ANSWERS), encryption=ServerSideEncryption("aws:kms", key)
+        )
+        operations = self.every_call(client)
+        self.assertEqual(len(fake.received), len(operations))
+        for operation, request in zip(operations, fake.received):
+            if operation in ("PutObject", "CreateMultipartUpload"):
+                self.assertEqual(
+                    (request.header(SSE_HEADER), request.header(SSE_KEY_HEADER)),
+                    ("aws:kms", key),
+                    operation,
+                )
+                self.assertIn(SSE_HEADER, verify_sigv4(request))
+                self.assertIn(SSE_KEY_HEADER, verify_sigv4(request))
+            else:
+                self.assertEqual(
+                    (request.header(SSE_HEADER), request.header(SSE_KEY_HEADER)),
+                    (None, None),
+                    operation,
+                )
+
+    def test_aes256(self) -> None:
+        """
+        AES256: PutObject and CreateMultipartUpload carry the algorithm alone (no key
+        ID), signed beside the headers they always sign.
+        """
+        client, fake = self.client(list(self.ANSWERS), encryption=ServerSideEncryption("AES256"))
+        self.every_call(client)
+        put, create = fake.received[:2]
+        for request in (put, create):
+            self.assertEqual(
+                (request.header(SSE_HEADER), request.header(SSE_KEY_HEADER)), ("AES256", None)
+            )
+        self.assertEqual(
+            verify_sigv4(put),
+            sorted(
+                BASE_SIGNED
+                + ["content-type", "if-none-match", "x-amz-meta-loghandler-writes", SSE_HEADER]
+            ),
+        )
+        self.assertEqual(
+            verify_sigv4(create),
+            sorted(BASE_SIGNED + ["content-type", "x-amz-meta-loghandler-writes", SSE_HEADER]),
+        )
+        self.assertTrue(all(r.header(SSE_HEADER) is None for r in fake.received[2:]))
+
+    def test_unset(self) -> None:
+        """
+        Without encryption no call carries the header: the bucket's default applies.
+        """
+        client, fake = self.client(list(self.ANSWERS))
+        self.every_call(client)
+        self.assertEqual([r.header(SSE_HEADER) for r in fake.received], [None] * 9)
+
+    def test_headers(self) -> None:
+        """ServerSideEncryption.headers gives the key ID's header only with a key."""
+        self.assertEqual(ServerSideEncryption("AES256").headers(), {SSE_HEADER: "AES256"})
+        self.assertEqual(
+            ServerSideEncryption("aws:kms", "alias/logs").headers(),
+            {SSE_HEADER: "aws:kms", SSE_KEY_HEADER: "alias/logs"},
+        )
+
+
 class BuildTests(SynchronousTestCase):
     """
     build_s3_client: endpoint, credentials, pool ownership.
@@ -1270,6 +1388,14 @@ class BuildTests(SynchronousTestCase):
         given = Credentials("AKID1", "S1")
         client = self.build(credentials=given)
         self.assertIs(client._transport._credentials, given)
+
+    def test_encryption(self) -> None:
+        """
+        The encryption given is the client's; none by default.
+        """
+        self.assertIsNone(self.build().encryption)
+        sse = ServerSideEncryption("aws:kms", "alias/logs")
+        self.assertIs(self.build(encryption=sse).encryption, sse)
 
     def test_close_owned_pool(self) -> None:
         """

@@ -32,6 +32,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Sequence, TypeVar
 from urllib.parse import quote
 
+import attrs
 from botocore.credentials import Credentials
 from treq.client import HTTPClient
 from twisted.internet import defer
@@ -54,7 +55,7 @@ from loghandler.storage.s3.api import (
 from loghandler.storage.s3.transport import Answer, SigV4Transport
 from loghandler.threads import on_thread_pool
 
-__all__ = ["S3Client", "build_s3_client", "WRITES_HEADER"]
+__all__ = ["S3Client", "ServerSideEncryption", "build_s3_client", "WRITES_HEADER"]
 
 _T = TypeVar("_T")
 
@@ -97,6 +98,33 @@ def _writes_header(writes: Sequence[str]) -> dict[str, str]:
     return {WRITES_HEADER: ",".join(writes)} if writes else {}
 
 
+@attrs.frozen
+class ServerSideEncryption:
+    """
+    The server-side encryption every object the client creates asks for (PutObject
+    and CreateMultipartUpload; the parts and the completed object of a multipart
+    upload take its creation's).
+
+    :ivar algorithm: ``AES256`` (SSE-S3) or ``aws:kms`` (SSE-KMS), sent as
+        ``x-amz-server-side-encryption``.
+    :ivar kms_key_id: with ``aws:kms``, the key (ID, ARN or ``alias/NAME``), sent as
+        ``x-amz-server-side-encryption-aws-kms-key-id``; None lets S3 use the AWS
+        managed key ``aws/s3``.
+
+    https://docs.aws.amazon.com/AmazonS3/latest/userguide/specifying-kms-encryption.html
+    """
+
+    algorithm: str
+    kms_key_id: Optional[str] = None
+
+    def headers(self) -> dict[str, str]:
+        """The request headers that ask for this encryption."""
+        headers = {"x-amz-server-side-encryption": self.algorithm}
+        if self.kms_key_id is not None:
+            headers["x-amz-server-side-encryption-aws-kms-key-id"] = self.kms_key_id
+        return headers
+
+
 def _byte_range(byte_range: tuple[int, int]) -> str:
     """
     ``bytes=start-last`` for the half-open ``(start, end)``: HTTP ranges include
@@ -119,6 +147,8 @@ class S3Client:
     :param transport: signs and sends the requests.
     :param bucket: the bucket's name.
     :param closer: called by :meth:`close` (to close a connection pool it owns).
+    :param encryption: the server-side encryption of every object it creates; None
+        leaves it to the bucket's default encryption.
     """
 
     name = "s3"
@@ -128,10 +158,13 @@ class S3Client:
         transport: SigV4Transport,
         bucket: str,
         closer: Optional[Callable[[], "Deferred[Any]"]] = None,
+        encryption: Optional[ServerSideEncryption] = None,
     ) -> None:
         self._transport = transport
         self.bucket = bucket
         self._closer = closer
+        self.encryption = encryption
+        self._creating = encryption.headers() if encryption is not None else {}
 
     def __repr__(self) -> str:
         return f"<S3Client {self._transport.endpoint_url}/{self.bucket}>"
@@ -293,9 +326,9 @@ class S3Client:
     ) -> "Deferred[str]":
         """
         PutObject of ``body`` with ``Content-Type: application/gzip`` (no
-        Content-Encoding), ``If-Match`` / ``If-None-Match: *`` when asked, and the
-        write IDs in ``x-amz-meta-loghandler-writes`` when there are any; fires with
-        the new ETag.
+        Content-Encoding), ``If-Match`` / ``If-None-Match: *`` when asked, the
+        write IDs in ``x-amz-meta-loghandler-writes`` when there are any, and the
+        client's server-side encryption headers; fires with the new ETag.
 
         https://docs.aws.amazon.com/AmazonS3/latest/API/API_PutObject.html
 
@@ -307,6 +340,7 @@ class S3Client:
             headers = {"Content-Type": "application/gzip"}
             headers.update(_conditions(if_match, if_none_match))
             headers.update(_writes_header(writes))
+            headers.update(self._creating)
             answer = await self._call("PutObject", "PUT", key, headers=headers, body=body)
             return self._etag("PutObject", answer)
 
@@ -315,8 +349,8 @@ class S3Client:
     def create_upload(self, key: str, writes: Sequence[str] = ()) -> "Deferred[str]":
         """
         CreateMultipartUpload (``POST ?uploads``) with ``Content-Type:
-        application/gzip`` and the write IDs as for :meth:`put`; fires with the
-        ``UploadId``.
+        application/gzip``, the write IDs and the server-side encryption headers as
+        for :meth:`put`; fires with the ``UploadId``.
 
         https://docs.aws.amazon.com/AmazonS3/latest/API/API_CreateMultipartUpload.html
         """
@@ -324,6 +358,7 @@ class S3Client:
         async def run() -> str:
             headers = {"Content-Type": "application/gzip"}
             headers.update(_writes_header(writes))
+            headers.update(self._creating)
             answer = await self._call(
                 "CreateMultipartUpload", "POST", key, [("uploads", None)], headers
             )
@@ -563,6 +598,7 @@ def build_s3_client(
     credentials: Credentials,
     pool: Optional[web_client.HTTPConnectionPool] = None,
     threadpool: Optional[ThreadPool] = None,
+    encryption: Optional[ServerSideEncryption] = None,
 ) -> S3Client:
     """
     The production :class:`S3Client`: treq over an ``Agent`` with a persistent
@@ -580,6 +616,8 @@ def build_s3_client(
     :param pool: a connection pool to use; it stays the caller's to close.
     :param threadpool: the pool for blocking work; default
         ``reactor.getThreadPool()``.
+    :param encryption: the server-side encryption of every object created
+        (``S3_SSE``); None: the bucket's default.
     :returns: the client; its ``close()`` closes the pool this function made.
     """
     if endpoint_url is None:
@@ -596,4 +634,4 @@ def build_s3_client(
     transport = SigV4Transport(
         http, endpoint_url, region, credentials, on_thread_pool(reactor, threadpool)
     )
-    return S3Client(transport, bucket, closer)
+    return S3Client(transport, bucket, closer, encryption)
