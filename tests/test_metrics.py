@@ -7,12 +7,10 @@ driven, then the values read from the process's own registry.
 
 from __future__ import annotations
 
-import json
 import os
-from typing import Any, Optional
+from typing import Optional
 
 from prometheus_client import REGISTRY, generate_latest
-from treq.testing import StubTreq
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
@@ -33,22 +31,7 @@ from loghandler.web import make_site
 from tests.helpers import DAY_START_MS, message, noise
 from tests.test_azure_writer import AzureWriterCase
 from tests.test_recovery import RecoveryCase
-
-NOW_MS = DAY_START_MS + 3_600_000
-PART = 16 * 1024
-MAX_BODY = 1024
-
-
-def body(**fields: Any) -> bytes:
-    """A JSON message body; defaults make a valid one."""
-    values: dict[str, Any] = {
-        "text": "hello world",
-        "content_id": 17,
-        "client_id": 3,
-        "timestamp": NOW_MS,
-    }
-    values.update(fields)
-    return json.dumps(values).encode()
+from tests.test_web import MAX_BODY, NOW_MS, PART, WebCase, body
 
 
 def no_jitter(a: float, b: float) -> float:
@@ -89,7 +72,7 @@ class MetricsModuleTests(SynchronousTestCase):
         self.assertLessEqual(GAUGES_COMBINED_BY_MAX, gauges)
 
 
-class InstrumentedCase(SynchronousTestCase):
+class InstrumentedCase(WebCase):
     """A site, registry and S3 writer over the memory store, all counting on one Metrics."""
 
     budget_bytes = 256 * 1024 * 1024
@@ -118,26 +101,12 @@ class InstrumentedCase(SynchronousTestCase):
             uniform=no_jitter,
             metrics=self.metrics,
         )
-        site = make_site(
-            self.registry,
-            Limits(),
-            lambda: NOW_MS,
-            MAX_BODY,
-            clock=self.clock,
-            metrics=self.metrics,
-        )
-        self.client = StubTreq(site.resource)
-        site.reactor = self.client._agent._memoryReactor
-        self.client._agent._serverFactory = site
+        self.serve(make_site(self.registry, Limits(), lambda: NOW_MS, MAX_BODY, metrics=self.metrics))
 
     def post(self, data: bytes, path: str = "/log", batch: bool = False, method: str = "POST") -> int:
         """Send a request; its status."""
         headers = {b"content-type": [b"application/x-ndjson"]} if batch else None
-        response = self.successResultOf(
-            self.client.request(method, "http://example.test" + path, data=data, headers=headers)
-        )
-        self.successResultOf(self.client.content(response))
-        return int(response.code)
+        return self.request(method, path, data, headers)[0]
 
     def value(self, name: str, **labels: str) -> float:
         """A sample's value (0 when it has none)."""
