@@ -403,6 +403,7 @@ class LogRequest(Request):
                 self.requestHeaders.removeHeader(b"expect")
                 channel = self.channel
                 if isinstance(channel, LogChannel):
+                    site.metrics.messages.labels(result="too_large").inc()
                     channel.refuse(site.too_large(self.batch))
         else:
             super().gotLength(length)
@@ -534,6 +535,9 @@ class LogSite(Site):
     :param max_body_bytes: the body size limit.
     :param access_log: whether to log a line per request.
     :param batch_max_bytes: the body size limit of a batch.
+    :param metrics: counts the bodies refused before they are read (413 to
+        ``Expect: 100-continue``) in ``loghandler_messages_total``; a new one by
+        default.
     """
 
     requestFactory = LogRequest
@@ -545,9 +549,11 @@ class LogSite(Site):
         max_body_bytes: int,
         access_log: bool = False,
         batch_max_bytes: int = 1024 * 1024,
+        metrics: Optional[Metrics] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
+        self.metrics = metrics if metrics is not None else Metrics()
         #: Exact request paths served without resource traversal.
         self.routes: dict[bytes, IResource] = {}
         self._date = b""
@@ -604,6 +610,8 @@ def make_site(
     replaces this process's own state in ``/healthz`` (a worker of ``WORKERS``);
     ``metrics`` counts the messages (a new one by default).
     """
+    if metrics is None:
+        metrics = Metrics()
     root = Root()
     log = LogResource(
         registry,
@@ -621,7 +629,7 @@ def make_site(
         health = lambda: local_health(registry)  # noqa: E731
     healthz = HealthResource(health)
     root.putChild(b"healthz", healthz)
-    site = LogSite(root, max_body_bytes, access_log, batch_max_bytes)
+    site = LogSite(root, max_body_bytes, access_log, batch_max_bytes, metrics)
     site.route(b"/log", log)
     site.route(b"/healthz", healthz)
     return site

@@ -31,7 +31,7 @@ from loghandler.web import make_site
 from tests.helpers import DAY_START_MS, message, noise
 from tests.test_azure_writer import AzureWriterCase
 from tests.test_recovery import RecoveryCase
-from tests.test_web import MAX_BODY, NOW_MS, PART, WebCase, body
+from tests.test_web import MAX_BODY, NOW_MS, PART, RawCase, WebCase, body
 
 
 def no_jitter(a: float, b: float) -> float:
@@ -446,4 +446,19 @@ class AzureMetricsTests(AzureWriterCase):
         )
         self.assertEqual(
             metrics.get(calls, {"operation": "AppendBlock", "outcome": "conflict"}), 1
+        )
+
+
+class ExpectContinueMetricsTests(RawCase):
+    """A body refused before it is read is counted too."""
+
+    def test_refused_before_the_body(self) -> None:
+        """A 413 to ``Expect: 100-continue`` over the limit counts one too_large."""
+        channel, _ = self.connect()
+        channel.dataReceived(
+            b"POST /log HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+            b"Content-Length: %d\r\n\r\n" % (MAX_BODY + 1)
+        )
+        self.assertEqual(
+            self.site.metrics.get("loghandler_messages_total", {"result": "too_large"}), 1
         )
