@@ -46,11 +46,17 @@ class ConfigError(ValueError):
     """
 
 
+def _hidden(value: Optional[str]) -> str:
+    """A secret setting in ``repr(config)``: whether it is set, never its value."""
+    return "None" if value is None else "'<hidden>'"
+
+
 @attrs.frozen
 class Config:
     """
     Everything the daemon is told.  Times are seconds unless the name says otherwise;
-    sizes are bytes.
+    sizes are bytes.  Its ``repr`` shows the secrets (``AWS_ACCESS_SECRET``,
+    ``AZURE_KEY``, ``AZURE_CONNECTION_STRING``) as ``'<hidden>'``.
     """
 
     addr: str = "0.0.0.0"
@@ -59,7 +65,7 @@ class Config:
     queue_timeout_s: float = 3600.0
     no_upload: bool = False
     aws_access_key: Optional[str] = None
-    aws_access_secret: Optional[str] = None
+    aws_access_secret: Optional[str] = attrs.field(default=None, repr=_hidden)
     aws_region: Optional[str] = None
     aws_bucket: Optional[str] = None
     aws_endpoint_url: Optional[str] = None
@@ -87,10 +93,10 @@ class Config:
     ack: str = "accepted"
     durable_timeout_s: float = 10.0
     azure_acc: Optional[str] = None
-    azure_key: Optional[str] = None
+    azure_key: Optional[str] = attrs.field(default=None, repr=_hidden)
     azure_container: Optional[str] = None
     azure_blob_endpoint: Optional[str] = None
-    azure_connection_string: Optional[str] = None
+    azure_connection_string: Optional[str] = attrs.field(default=None, repr=_hidden)
     azure_max_blocks: int = 50_000
     workers: int = 1
 

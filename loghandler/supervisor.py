@@ -13,7 +13,8 @@ The supervisor:
   :data:`RESTART_CAP_S` seconds (back to 1 s once a worker ran
   :data:`STABLE_AFTER_S`), and logs why; what the dead worker staged is merged by
   another worker's recovery once its lease lapses (DESIGN.md section 6);
-- republishes the workers' log events in its own log (``[worker N]``);
+- republishes the workers' log events in its own log (``[worker N]``, and a
+  ``worker`` field in JSON logs: :mod:`loghandler.logs`);
 - combines the workers' health reports (:func:`combine_health`) and hands the result
   to every worker, so that ``/healthz`` on the shared port answers for all;
 - on stop (SIGTERM, SIGINT), sends each worker SIGTERM and returns only once every
@@ -121,8 +122,9 @@ class WorkerProcess(ProcessProtocol):
                 self._republish(line)
             elif childFD == 2:
                 self._log.error(
-                    "worker {number}: {line}",
-                    number=self.number,
+                    "worker {worker}: {line}",
+                    event="worker_stderr",
+                    worker=self.number,
                     line=line.decode("utf-8", "replace"),
                 )
             else:
@@ -137,9 +139,10 @@ class WorkerProcess(ProcessProtocol):
         try:
             event = eventFromJSON(line.decode("utf-8", "replace"))
         except ValueError:
-            self._log.info("worker {number}: {line}", number=self.number, line=line)
+            self._log.info("worker {worker}: {line}", worker=self.number, line=line)
             return
         event["log_system"] = "worker %d" % self.number
+        event["worker"] = self.number
         event.setdefault("log_time", time.time())
         globalLogPublisher(event)
 
@@ -232,6 +235,7 @@ class WorkerSupervisor(Service):
         self._log.info(
             "loghandler supervisor on {addr}:{port}: {workers} workers, each with"
             " BUFFER_BUDGET_BYTES / {workers} = {share} bytes",
+            event="supervisor_started",
             addr=self._config.addr,
             port=self.port,
             workers=self._config.workers,
@@ -252,7 +256,7 @@ class WorkerSupervisor(Service):
         def stop_once() -> None:
             if not stopping:
                 stopping.append(True)
-                self._log.info("stop signal received; stopping the workers")
+                self._log.info("stop signal received; stopping the workers", event="stopping")
                 self._reactor.stop()
 
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -279,7 +283,9 @@ class WorkerSupervisor(Service):
         )
         self._workers[number] = worker
         self._started_at[number] = self._reactor.seconds()
-        self._log.info("worker {number} started, pid {pid}", number=number, pid=worker.pid)
+        self._log.info(
+            "worker {worker} started, pid {pid}", event="worker_started", worker=number, pid=worker.pid
+        )
 
     def reported(self, number: int, report: dict[str, Any]) -> None:
         """A worker's health report: combine and hand the result to every worker."""
@@ -308,13 +314,16 @@ class WorkerSupervisor(Service):
         how = describe_exit(reason)
         if self._stopping:
             if isinstance(reason.value, ProcessDone):
-                self._log.info("worker {number} stopped ({how})", number=number, how=how)
+                self._log.info(
+                    "worker {worker} stopped ({how})", event="worker_stopped", worker=number, how=how
+                )
             else:
                 self._log.error(
-                    "worker {number} (pid {pid}) ended during the stop ({how}) before"
+                    "worker {worker} (pid {pid}) ended during the stop ({how}) before"
                     " its flush was done: what it had not staged is lost, what it"
                     " staged is recovered once its lease lapses",
-                    number=number,
+                    event="worker_died_while_stopping",
+                    worker=number,
                     pid=worker.pid,
                     how=how,
                 )
@@ -327,9 +336,10 @@ class WorkerSupervisor(Service):
             and not worker.reported
         ):
             self._log.critical(
-                "worker {number} refused the configuration ({how}; its error is above);"
+                "worker {worker} refused the configuration ({how}; its error is above);"
                 " stopping",
-                number=number,
+                event="worker_refused_configuration",
+                worker=number,
                 how=how,
             )
             self._reactor.stop()
@@ -338,10 +348,11 @@ class WorkerSupervisor(Service):
         self._failures[number] = failures
         delay = min(RESTART_CAP_S, RESTART_BASE_S * 2 ** max(0, failures - 1))
         self._log.error(
-            "worker {number} (pid {pid}) ended unexpectedly ({how}) after {ran:.1f} s;"
+            "worker {worker} (pid {pid}) ended unexpectedly ({how}) after {ran:.1f} s;"
             " restarting it in {delay:g} s (what it staged is recovered once its lease"
             " lapses)",
-            number=number,
+            event="worker_died",
+            worker=number,
             pid=worker.pid,
             how=how,
             ran=ran,
@@ -379,9 +390,10 @@ class WorkerSupervisor(Service):
         self._kill = None
         for number, worker in self._workers.items():
             self._log.error(
-                "worker {number} (pid {pid}) still running {seconds:g} s after SIGTERM;"
+                "worker {worker} (pid {pid}) still running {seconds:g} s after SIGTERM;"
                 " killing it (what it staged is recovered once its lease lapses)",
-                number=number,
+                event="worker_killed",
+                worker=number,
                 pid=worker.pid,
                 seconds=self._config.shutdown_timeout_s + KILL_GRACE_S,
             )
@@ -396,5 +408,5 @@ class WorkerSupervisor(Service):
         if self._socket is not None:
             self._socket.close()
             self._socket = None
-        self._log.info("all workers stopped")
+        self._log.info("all workers stopped", event="workers_stopped")
         self._all_ended.callback(None)

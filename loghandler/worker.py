@@ -22,6 +22,7 @@ SIGTERM and SIGINT stop it once (a second signal changes nothing): the flush of
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
@@ -36,6 +37,7 @@ from twisted.python.failure import Failure
 from zope.interface import provider
 
 from loghandler.health import local_health
+from loghandler.logs import jsonable
 
 #: The inherited listening socket.
 FD_LISTEN = 3
@@ -121,19 +123,41 @@ class SupervisorChannel(LineOnlyReceiver):
         self._supervisor_gone()
 
 
+def _portable(failure: Failure) -> Failure:
+    """
+    A copy of ``failure`` whose exception is its message: twisted.logger's JSON
+    writes an exception object as ``{"unpersistable": true}``, which the supervisor
+    would print in place of the message.
+    """
+    portable = copy.copy(failure)
+    portable.value = failure.getErrorMessage()  # type: ignore[assignment]
+    return portable
+
+
 def preformatted(observer: ILogObserver) -> ILogObserver:
     """
     ``observer`` given each event with its text already formatted
     (``formatEvent``): twisted.logger's JSON keeps the fields but not their format
-    specs (``{seconds:.3f}``), so the supervisor would print raw floats.
+    specs (``{seconds:.3f}``), so the supervisor would print raw floats; a failure's
+    exception goes as its message (:func:`_portable`).  Its named
+    fields are made JSON values as :mod:`loghandler.logs` writes them (twisted.logger's
+    JSON would write ``{"unpersistable": true}`` for an object), so that the
+    supervisor's JSON log carries the same fields as a single process's.
     """
 
     @provider(ILogObserver)
     def observe(event: dict[str, Any]) -> None:
-        if "log_format" in event and "log_failure" not in event:
+        fields = {
+            name: value if name.startswith("log_") else jsonable(value)
+            for name, value in event.items()
+        }
+        failure = event.get("log_failure")
+        if isinstance(failure, Failure):
+            fields["log_failure"] = _portable(failure)
+        elif "log_format" in event:
             text = formatEvent(event)
-            event = dict(event, log_format=text.replace("{", "{{").replace("}", "}}"))
-        observer(event)
+            fields["log_format"] = text.replace("{", "{{").replace("}", "}}")
+        observer(fields)
 
     return cast(ILogObserver, observe)
 
