@@ -316,12 +316,16 @@ class StreamRegistry:
         try:
             stream.write(line)
         except Exception:
-            self._log.failure("{key}: stream failed; completing it", key=key)
+            self._log.failure("{key}: stream failed; completing it", event="stream_failed", key=key)
             self._complete(key)
             raise
         accepted = Accepted(stream, stream.lines)
         if stream.must_finish:
-            self._log.info("{key}: the writer is full; completing the object early", key=key)
+            self._log.info(
+                "{key}: the writer is full; completing the object early",
+                event="object_full",
+                key=key,
+            )
             self._complete(key)
         return accepted
 
@@ -408,6 +412,7 @@ class StreamRegistry:
         budget = self.budget if share is None else share
         self._log.warn(
             "{whose} are full ({held} of {limit} bytes); completing {key} early",
+            event="buffers_full",
             whose="buffers" if share is None else "this client's buffers",
             held=budget.held,
             limit=budget.limit,
@@ -476,7 +481,11 @@ class StreamRegistry:
             self._checkpoints.stop()
         if self._idle_sweep.running:
             self._idle_sweep.stop()
-        self._log.info("completing {count} objects", count=len(self._open) + len(self._closing))
+        self._log.info(
+            "completing {count} objects",
+            event="flush_started",
+            count=len(self._open) + len(self._closing),
+        )
         for key in list(self._open):
             self._complete(key)
         streams = list(self._closing)

@@ -304,6 +304,7 @@ class RetryLayer:
                 if self.problem is not None and operation == self._problem_operation:
                     self._log.info(
                         "storage works again ({operation} {key} succeeded)",
+                        event="storage_recovered",
                         operation=operation,
                         key=key,
                     )
@@ -352,6 +353,7 @@ class RetryLayer:
                 self._log.error(
                     "storage fails until this is fixed: {operation} {key}: {reason};"
                     " the data stay in memory and are retried every {cap:g} s at most",
+                    event="storage_failing",
                     operation=operation,
                     key=key,
                     reason=reason,
@@ -363,6 +365,7 @@ class RetryLayer:
                 self._unexpected_logged.add(type(error))
                 self._log.failure(
                     "unexpected error from {operation} {key}; retrying it",
+                    event="storage_unexpected_error",
                     error_type=type(error).__name__,
                     operation=operation,
                     key=key,
@@ -370,6 +373,7 @@ class RetryLayer:
         delay = self._capped(self._backoff.delay(attempt))
         self._log.warn(
             "{operation} {key} failed ({reason}); retry {attempt} in {delay:.2f} s",
+            event="storage_retry",
             operation=operation,
             key=key,
             reason=reason,

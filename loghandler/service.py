@@ -84,12 +84,17 @@ class StreamService(Service):
 
         def reachable(_: object) -> None:
             self.registry.ready = True
-            self._log.info("storage {store} reachable; taking messages", store=self._store)
+            self._log.info(
+                "storage {store} reachable; taking messages",
+                event="storage_reachable",
+                store=self._store,
+            )
 
         def unreachable(failure: Failure) -> None:
             self._log.error(
                 "storage {store} not reachable ({error}); answering 503 until it is,"
                 " next check in {delay} s",
+                event="storage_unreachable",
                 store=self._store,
                 error=failure.getErrorMessage(),
                 delay=CHECK_INTERVAL_S,
@@ -121,16 +126,21 @@ class StreamService(Service):
                 self._log.error(
                     "flush on stop passed its deadline of {timeout} s; see the errors above"
                     " for what was not stored",
+                    event="flush_deadline_passed",
                     timeout=self._timeout,
                 )
             elif isinstance(result, Failure):
-                self._log.failure("flush on stop failed", result)
+                self._log.failure("flush on stop failed", result, event="flush_failed")
             else:
-                self._log.info("flush on stop done in {seconds:.3f} s", seconds=seconds)
+                self._log.info(
+                    "flush on stop done in {seconds:.3f} s", event="flush_done", seconds=seconds
+                )
             return self._store.close()
 
         return flushing.addBoth(done).addErrback(
-            lambda failure: self._log.failure("closing the store failed", failure)
+            lambda failure: self._log.failure(
+                "closing the store failed", failure, event="store_close_failed"
+            )
         )
 
 

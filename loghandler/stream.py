@@ -520,6 +520,7 @@ class ObjectStream:
                 self._log.error(
                     "{key}: not stored: {lost_lines} lines ({lost_bytes} gzip bytes) of"
                     " {parts} parts the writer gave up (see above); the other lines are",
+                    event="lines_lost",
                     key=self.key,
                     lost_lines=self._lost_lines,
                     lost_bytes=self._unstored_bytes,
@@ -529,13 +530,16 @@ class ObjectStream:
             if isinstance(e, Abandoned):  # the deadline, seen first by the writer
                 self._abandoned = True
             if not self._abandoned:
-                self._log.failure("{key}: completion failed", key=self.key)
+                self._log.failure(
+                    "{key}: completion failed", event="completion_failed", key=self.key
+                )
             durable = max(self.durable_lines, self._lines_stored)
             self._completed("staged" if self.lines == durable else "lost", self.lines - durable)
             if self.lines == durable:
                 self._log.warn(
                     "{key}: not completed{reason}; nothing lost: its {lines} lines are"
                     " staged, for recovery",
+                    event="object_left_staged",
                     key=self.key,
                     reason=" by the shutdown deadline" if self._abandoned else "",
                     lines=self.lines,
@@ -544,6 +548,7 @@ class ObjectStream:
             self._log.error(
                 "{key}: not stored{reason}: {lost_lines} lines ({lost_bytes} gzip bytes)"
                 "{checkpointed}",
+                event="lines_lost",
                 key=self.key,
                 reason=" by the shutdown deadline" if self._abandoned else "",
                 lost_lines=self.lines - durable,
@@ -591,6 +596,7 @@ class ObjectStream:
             self._log.info(
                 "{key}: completed into {target}: {lines} lines, {raw_bytes} bytes"
                 " -> {stored_bytes} gzip bytes in {seconds:.1f} s",
+                event="object_completed",
                 target=finished.key,
                 **fields,
             )
@@ -598,6 +604,7 @@ class ObjectStream:
             self._log.warn(
                 "{key}: {lines} lines ({stored_bytes} gzip bytes) stored in {staged_key},"
                 " not yet merged; recovery merges them",
+                event="object_staged",
                 staged_key=finished.staged_key,
                 **fields,
             )
@@ -606,4 +613,6 @@ class ObjectStream:
         # Abandoned (the deadline, or the writer taken over by recovery): the
         # completion reports what was lost, and a takeover is logged by the lease.
         if not self._abandoned and not failure.check(Abandoned):
-            self._log.failure("{key}: failed {doing}", failure, key=self.key, doing=doing)
+            self._log.failure(
+                "{key}: failed {doing}", failure, event="stream_failed", key=self.key, doing=doing
+            )

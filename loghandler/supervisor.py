@@ -139,7 +139,9 @@ class WorkerProcess(ProcessProtocol):
         try:
             event = eventFromJSON(line.decode("utf-8", "replace"))
         except ValueError:
-            self._log.info("worker {worker}: {line}", worker=self.number, line=line)
+            self._log.info(
+                "worker {worker}: {line}", event="worker_output", worker=self.number, line=line
+            )
             return
         event["log_system"] = "worker %d" % self.number
         event["worker"] = self.number

@@ -89,7 +89,8 @@ def _taken_over() -> None:
     _log.critical(
         "this process's lease was taken over by recovery in another process (storage"
         " was out of reach for longer than 3 x LEASE_S); exiting at once without a"
-        " flush: lines not yet checkpointed are lost, as after a crash"
+        " flush: lines not yet checkpointed are lost, as after a crash",
+        event="lease_taken_over_exit",
     )
     os._exit(75)  # EX_TEMPFAIL: a supervisor restarts it
 
@@ -270,6 +271,7 @@ def build_root(
     _log.info(
         "loghandler on {addr}:{port}, storage {store}, objects completed after {lifetime:g} s,"
         " ACK={ack}, CHECKPOINT_S={checkpoint_s:g}{store_settings}",
+        event="started",
         addr=config.addr,
         port=config.port,
         store=store,
@@ -281,7 +283,8 @@ def build_root(
     if config.checkpoint_s == 0 and config.ack == "accepted" and not config.no_upload:
         _log.warn(
             "CHECKPOINT_S=0 with ACK=accepted: a crash loses every line since each"
-            " object's last rotation (up to QUEUE_TIMEOUT_MIN)"
+            " object's last rotation (up to QUEUE_TIMEOUT_MIN)",
+            event="checkpoints_off",
         )
     return build_service(
         config,

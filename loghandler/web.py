@@ -285,7 +285,7 @@ class LogResource(Resource):
             request.responseHeaders.setRawHeaders(b"retry-after", [b"%d" % error.retry_after])
             return _error(request, 503, error.reason)
         self._refused("error", messages)
-        self._log.failure(failed)
+        self._log.failure("{failed}", event="request_failed", failed=failed)
         return _error(request, 500, "internal error; " + kept)
 
     def _answer_when_durable(
@@ -318,7 +318,9 @@ class LogResource(Resource):
                 request.finish()
 
         durable.addCallbacks(answer, late)
-        durable.addErrback(lambda f: self._log.failure("answering a durable request", f))
+        durable.addErrback(
+            lambda f: self._log.failure("answering a durable request", f, event="request_failed")
+        )
         request.notifyFinish().addErrback(lambda _: durable.cancel())
         return NOT_DONE_YET
 

@@ -94,7 +94,11 @@ class SupervisorChannel(LineOnlyReceiver):
         try:
             combined = json.loads(line)
         except ValueError:
-            self._log.error("unreadable health from the supervisor: {line!r}", line=line[:200])
+            self._log.error(
+                "unreadable health from the supervisor: {line!r}",
+                event="supervisor_health_unreadable",
+                line=line[:200],
+            )
             return
         self._combined = combined
         self._combined_at = self._clock.seconds()

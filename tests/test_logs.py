@@ -287,3 +287,67 @@ class ConfigReprTests(SynchronousTestCase):
         self.assertIn("azure_connection_string='<hidden>'", text)
         self.assertIn("aws_access_secret='<hidden>'", text)
         self.assertIn("azure_key=None", text)
+
+
+class LogCallAuditTests(SynchronousTestCase):
+    """
+    Every log call in ``loghandler/`` has a literal format string (no f-string, no
+    ``%`` or ``.format``: the values go as named fields an operator can query in
+    JSON), every ``{name}`` it refers to is given as a keyword, and it names its
+    kind of event in a stable ``event=`` field.
+    """
+
+    LEVELS = {"debug", "info", "warn", "error", "critical", "failure"}
+
+    def calls(self) -> list[tuple[str, Any]]:
+        import ast
+        import os
+
+        import loghandler
+
+        root = os.path.dirname(loghandler.__file__)
+        found = []
+        for directory, _, names in os.walk(root):
+            for name in names:
+                if not name.endswith(".py"):
+                    continue
+                path = os.path.join(directory, name)
+                with open(path, encoding="utf-8") as f:
+                    tree = ast.parse(f.read(), path)
+                for node in ast.walk(tree):
+                    if (
+                        isinstance(node, ast.Call)
+                        and isinstance(node.func, ast.Attribute)
+                        and node.func.attr in self.LEVELS
+                        and isinstance(node.func.value, (ast.Name, ast.Attribute))
+                        and (
+                            getattr(node.func.value, "id", None) == "_log"
+                            or getattr(node.func.value, "attr", None) == "_log"
+                        )
+                    ):
+                        where = "%s:%d" % (os.path.relpath(path, root), node.lineno)
+                        found.append((where, node))
+        return found
+
+    def test_log_calls(self) -> None:
+        import ast
+        import string
+
+        problems = []
+        calls = self.calls()
+        self.assertGreater(len(calls), 50)
+        for where, node in calls:
+            if not node.args or not isinstance(node.args[0], ast.Constant) or not isinstance(
+                node.args[0].value, str
+            ):
+                problems.append(f"{where}: the format is not a string literal")
+                continue
+            keywords = {k.arg for k in node.keywords}
+            if "event" not in keywords:
+                problems.append(f"{where}: no event= field (a stable name for this event)")
+            if None in keywords:  # **fields: the names are checked at run time
+                continue
+            for _, name, _, _ in string.Formatter().parse(node.args[0].value):
+                if name is not None and name.split(".")[0].split("[")[0] not in keywords:
+                    problems.append(f"{where}: {{{name}}} is not given as a keyword")
+        self.assertEqual(problems, [])

@@ -14,7 +14,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import capturedLogs
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
@@ -199,7 +199,8 @@ class PostTests(WebCase):
             with capturedLogs() as events:
                 status, _, answer = self.request("POST", "/log", data, headers)
             self.assertEqual((status, answer["error"]), (500, "internal error; " + kept))
-            logged = [e for e in events if e.get("log_format") == failed]
+            logged = [e for e in events if e.get("event") == "request_failed"]
+            self.assertEqual([formatEvent(e) for e in logged], [failed])
             self.assertEqual(len(logged), 1)
             self.assertIsInstance(logged[0]["log_failure"].value, RuntimeError)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)

@@ -330,6 +330,7 @@ class AzureObjectWriter:
             self._log.info(
                 "{key}: block at {position} of {blob} was ours: an earlier attempt"
                 " landed and its answer was lost",
+                event="block_landed_already",
                 key=self.key,
                 position=position,
                 blob=name,
@@ -346,6 +347,7 @@ class AzureObjectWriter:
             self._log.error(
                 "{key}: blob {blob} was deleted by someone else ({code}); what it held"
                 " is gone; creating it again",
+                event="blob_deleted",
                 key=self.key,
                 blob=name,
                 code=code,
@@ -361,6 +363,7 @@ class AzureObjectWriter:
         if log:
             self._log.info(
                 "{key}: {blob} takes no more blocks ({reason}); going on in {next_blob}",
+                event="blob_rollover",
                 key=self.key,
                 blob=name,
                 reason=reason,
@@ -403,6 +406,7 @@ class AzureObjectWriter:
                 self._log.info(
                     "{key}: skipped {count} blobs that take no more blocks: {skipped};"
                     " appending to {blob}",
+                    event="blobs_skipped",
                     key=self.key,
                     count=len(skipped),
                     skipped=", ".join(

@@ -41,21 +41,31 @@ async def check_bucket(client: IS3Client, writer_id: str) -> None:
             _log.warn(
                 "the bucket is versioned: every merge keeps the object it replaced as a"
                 " noncurrent version, so storage grows with the square of the merges;"
-                " add a lifecycle rule with NoncurrentVersionExpiration"
+                " add a lifecycle rule with NoncurrentVersionExpiration",
+                event="bucket_versioned",
             )
     except Exception as e:
-        _log.info("could not read the bucket's versioning ({error})", error=str(e))
+        _log.info(
+            "could not read the bucket's versioning ({error})",
+            event="bucket_versioning_unknown",
+            error=str(e),
+        )
     try:
         enforced = await conditional_complete_enforced(client, "_loghandler/probe/" + writer_id)
     except Exception as e:
-        _log.info("could not probe conditional CompleteMultipartUpload ({error})", error=str(e))
+        _log.info(
+            "could not probe conditional CompleteMultipartUpload ({error})",
+            event="conditional_complete_unknown",
+            error=str(e),
+        )
         return
     if not enforced:
         _log.warn(
             "this store does not enforce If-Match on CompleteMultipartUpload (moto does"
             " not; AWS S3 does): run only one daemon per bucket with it, since two"
             " daemons merging into one object of 5 MiB or more at once can overwrite"
-            " each other's lines"
+            " each other's lines",
+            event="conditional_complete_not_enforced",
         )
 
 

@@ -144,7 +144,12 @@ class KeyMerges:
                 raise StagedDataGone(staged.key)
             if any(s.key == staged.key for s in merged.merged):
                 return Finished("merged", key=merged.target)
-        _log.info("{key}: {staged} queued for the key's merger", key=key, staged=staged.key)
+        _log.info(
+            "{key}: {staged} queued for the key's merger",
+            event="merge_queued",
+            key=key,
+            staged=staged.key,
+        )
         return Finished("queued", staged_key=staged.key)
 
     async def drain(
@@ -219,7 +224,9 @@ class KeyMerges:
                 continue
             if not info.writes:
                 _log.error(
-                    "{staging} has no write ID in its metadata; left as it is", staging=staging
+                    "{staging} has no write ID in its metadata; left as it is",
+                    event="staging_without_write_id",
+                    staging=staging,
                 )
                 continue
             staged = Staged(staging, info.size, info.etag, info.writes[-1])
@@ -233,6 +240,7 @@ class KeyMerges:
         for s in merged.vanished:
             _log.warn(
                 "{staging} (write {write_id}) vanished before {key} listed it",
+                event="staging_vanished",
                 staging=s.key,
                 write_id=s.write_id,
                 key=key,
@@ -313,6 +321,11 @@ class KeyMerges:
         try:
             await self._retry.call("DeleteObject", lock, lambda: self._client.delete(lock))
         except Exception as e:
-            _log.warn("{lock}: merge lock not released ({error})", lock=lock, error=str(e))
+            _log.warn(
+                "{lock}: merge lock not released ({error})",
+                event="merge_lock_not_released",
+                lock=lock,
+                error=str(e),
+            )
         finally:
             self.holding.discard(key)

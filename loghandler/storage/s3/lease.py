@@ -178,7 +178,9 @@ class Lease:
         self._loop = LoopingCall(self._tick)
         self._loop.clock = self._clock
         self._loop.start(self.lease_s, now=True).addErrback(
-            lambda f: self._log.failure("{key}: lease renewals stopped", f, key=self.key)
+            lambda f: self._log.failure(
+                "{key}: lease renewals stopped", f, event="lease_renewals_stopped", key=self.key
+            )
         )
 
     def stop(self) -> None:
@@ -206,13 +208,14 @@ class Lease:
         def failed(failure: Failure) -> None:
             self._log.warn(
                 "{key}: lease not deleted ({error}); it expires in {expiry:g} s",
+                event="lease_not_deleted",
                 key=self.key,
                 error=str(failure.value),
                 expiry=3 * self.lease_s,
             )
 
         def deleted(result: object) -> None:
-            self._log.info("{key}: lease released", key=self.key)
+            self._log.info("{key}: lease released", event="lease_released", key=self.key)
 
         return d.addCallbacks(deleted, failed)
 
@@ -250,12 +253,14 @@ class Lease:
             if self._state is _State.RUNNING:
                 self._log.info(
                     "{key}: lease renewal abandoned ({error})",
+                    event="lease_renewal_abandoned",
                     key=self.key,
                     error=str(failure.value),
                 )
             return
         self._log.error(
             "{key}: lease renewal failed ({error}); trying again in {lease_s:g} s",
+            event="lease_renewal_failed",
             key=self.key,
             error=str(failure.value),
             lease_s=self.lease_s,
@@ -308,6 +313,7 @@ class Lease:
                 return
             self._log.info(
                 "{key}: lease write {counter} had landed (its answer was lost)",
+                event="lease_write_landed",
                 key=self.key,
                 counter=self._counter,
             )
@@ -380,6 +386,7 @@ class Lease:
             if self._sent is not None:
                 self._log.warn(
                     "{key}: lease renewed after {gap:.1f} s without one",
+                    event="lease_renewed_late",
                     key=self.key,
                     gap=now - self._sent,
                 )
@@ -398,6 +405,7 @@ class Lease:
         self._log.critical(
             "{key}: the lease was taken over ({error}): a recoverer judged this writer"
             " gone and recovers what it staged; this process stages nothing more",
+            event="lease_taken_over",
             key=self.key,
             error=str(error),
         )
@@ -405,4 +413,6 @@ class Lease:
         try:
             self._on_taken_over()
         except Exception:
-            self._log.failure("{key}: on_taken_over failed", key=self.key)
+            self._log.failure(
+                "{key}: on_taken_over failed", event="lease_taken_over_failed", key=self.key
+            )

@@ -203,7 +203,10 @@ class Merger:
             landed = [s for s in pending if s.write_id in listed]
             for s in landed:
                 _log.info(
-                    "{key}: the merge of {staged} had landed already", key=target, staged=s.key
+                    "{key}: the merge of {staged} had landed already",
+                    event="merge_landed_already",
+                    key=target,
+                    staged=s.key,
                 )
                 await self._delete(s, result, cancelled)
             pending = [s for s in pending if s.write_id not in listed]
@@ -221,6 +224,7 @@ class Merger:
                         result.vanished.append(s)
                 _log.info(
                     "{key}: merging {staged} again: {operation} answered {fault}",
+                    event="merge_retried",
                     key=target,
                     staged=", ".join(s.key for s in chunk),
                     operation=e.operation,
@@ -326,7 +330,9 @@ class Merger:
             raise
         self.retry.metrics.merges.labels(method="copy").inc()
         _log.info(
-            "{key}: merged {staged} ({size} bytes) by multipart upload",
+            "{key}: merged {staged} ({size} bytes) by {method}",
+            event="merged",
+            method="multipart upload",
             key=target,
             staged=", ".join(s.key for s in batch),
             size=staged_bytes,
@@ -348,6 +354,7 @@ class Merger:
             if other.key == key and other.upload_id != upload_id:
                 _log.info(
                     "{key}: aborting upload {upload_id}, perhaps left by a retried create",
+                    event="merge_upload_aborted",
                     key=key,
                     upload_id=other.upload_id,
                 )
@@ -363,6 +370,7 @@ class Merger:
             if e.fault is not Fault.GONE:
                 _log.warn(
                     "{key}: could not abort merge upload {upload_id}: {error}",
+                    event="merge_upload_not_aborted",
                     key=key,
                     upload_id=upload_id,
                     error=str(e),
@@ -370,6 +378,7 @@ class Merger:
         except Exception as e:  # the deadline: listed for recovery by its key
             _log.warn(
                 "{key}: merge upload {upload_id} not aborted ({error})",
+                event="merge_upload_not_aborted",
                 key=key,
                 upload_id=upload_id,
                 error=str(e),
@@ -413,7 +422,9 @@ class Merger:
             self._hold(-held)
         self.retry.metrics.merges.labels(method="put").inc()
         _log.info(
-            "{key}: merged {staged} ({size} bytes) by PutObject",
+            "{key}: merged {staged} ({size} bytes) by {method}",
+            event="merged",
+            method="PutObject",
             key=target,
             staged=", ".join(s.key for s in batch),
             size=held - (info.size if info else 0),

@@ -255,6 +255,7 @@ class Recoverer:
                 report.problems += 1
                 self._log.error(
                     "recovery: writer {writer} left for the next pass: {error}",
+                    event="recovery_writer_deferred",
                     writer=writer,
                     error=str(e),
                 )
@@ -286,6 +287,7 @@ class Recoverer:
                 "recovery: writers {writers}: {uploads_completed} staging uploads completed,"
                 " {objects_merged} staging objects merged, {uploads_aborted} uploads aborted,"
                 " {garbage_deleted} leftovers deleted, {problems} left after errors",
+                event="recovery_pass_done",
                 writers=",".join(report.writers) or "-",
                 uploads_completed=report.uploads_completed,
                 objects_merged=report.objects_merged,
@@ -349,7 +351,11 @@ class Recoverer:
             if parsed is None:
                 if key not in self._unparseable:
                     self._unparseable.add(key)
-                    self._log.warn("recovery: ignoring {key}: not a staging key", key=key)
+                    self._log.warn(
+                        "recovery: ignoring {key}: not a staging key",
+                        event="recovery_key_ignored",
+                        key=key,
+                    )
                 return None
             keys = staged.setdefault(parsed.writer_id, {})
             return keys.setdefault(key, _Staging(key, parsed))
@@ -378,7 +384,9 @@ class Recoverer:
         now, leases = await self._list_leases(cancelled)
         if now is None or not self._gone(writer, now, leases):
             self._log.info(
-                "recovery: writer {writer} is back; its data are left to it", writer=writer
+                "recovery: writer {writer} is back; its data are left to it",
+                event="recovery_writer_back",
+                writer=writer,
             )
             return False
         lease = leases.get(writer)
@@ -410,6 +418,7 @@ class Recoverer:
             return True
         self._log.info(
             "recovery: writer {writer} renewed its lease meanwhile; its data are left to it",
+            event="recovery_writer_back",
             writer=lease_writer(key),
         )
         return False
@@ -445,6 +454,7 @@ class Recoverer:
             report.problems += 1
             self._log.error(
                 "recovery: {staging} left for the next pass: {error}",
+                event="recovery_staging_deferred",
                 staging=item.key,
                 error=str(e),
             )
@@ -463,6 +473,7 @@ class Recoverer:
             report.problems += 1
             self._log.error(
                 "recovery: {staging} has no write ID in its metadata; left as it is",
+                event="staging_without_write_id",
                 staging=item.key,
             )
             return
@@ -474,6 +485,7 @@ class Recoverer:
             # Deleted while we merged, and the key does not list its write ID.
             self._log.warn(
                 "recovery: {staging} (write {write_id}) vanished before {key} listed it",
+                event="staging_vanished",
                 staging=item.key,
                 write_id=staged.write_id,
                 key=item.parsed.key,
@@ -542,6 +554,7 @@ class Recoverer:
             self._log.error(
                 "recovery: {staging} upload {upload_id} cannot be completed ({error});"
                 " parts (number:bytes): {parts}; chosen: {chosen}; left as it is",
+                event="recovery_upload_stuck",
                 staging=key,
                 upload_id=upload_id,
                 error=str(e),
@@ -590,6 +603,7 @@ class Recoverer:
                 continue
             self._log.info(
                 "recovery: {lock} was held by writer {writer}, gone; deleted",
+                event="recovery_lock_deleted",
                 lock=listed.key,
                 writer=holder or "-",
             )
@@ -612,6 +626,7 @@ class Recoverer:
                 report.problems += 1
                 self._log.error(
                     "recovery: the queue of {key} left for the next pass: {error}",
+                    event="recovery_queue_deferred",
                     key=key,
                     error=str(e),
                 )
@@ -775,9 +790,15 @@ class RecoveryService(TimerService):
 
     def _failed(self, failure: Failure) -> None:
         if failure.check(Abandoned, CancelledError):
-            self._log.info("recovery pass stopped ({error})", error=str(failure.value))
+            self._log.info(
+                "recovery pass stopped ({error})",
+                event="recovery_pass_stopped",
+                error=str(failure.value),
+            )
         else:
-            self._log.failure("recovery pass failed; the next pass goes on", failure)
+            self._log.failure(
+                "recovery pass failed; the next pass goes on", failure, event="recovery_pass_failed"
+            )
 
     def _ended(self, result: None) -> None:
         self._pass = None

@@ -368,6 +368,7 @@ class S3ObjectWriter:
                 self._log.warn(
                     "{key}: no part number left for checkpoints of segment {segment};"
                     " its lines are stored with its final upload",
+                    event="checkpoints_exhausted",
                     key=self.key,
                     segment=segment,
                 )
@@ -442,6 +443,7 @@ class S3ObjectWriter:
             "{key}: staging upload {upload_id} of {old_key} was aborted by someone else:"
             " {parts} parts ({lost} gzip bytes) in it are lost; going on in a new upload"
             " on {staging_key}",
+            event="staging_upload_lost",
             key=self.key,
             upload_id=upload_id,
             old_key=old_key,
@@ -522,7 +524,9 @@ class S3ObjectWriter:
         def done(outcome: Any) -> None:
             if isinstance(outcome, Failure) and self._staged is not None:
                 if not outcome.check(Abandoned, CancelledError):  # the deadline
-                    self._log.failure("{key}: merge failed", outcome, key=self.key)
+                    self._log.failure(
+                        "{key}: merge failed", outcome, event="merge_failed", key=self.key
+                    )
                 outcome = Finished("staged", staged_key=self._staged.key)
             if isinstance(outcome, Failure):
                 result.errback(outcome)
@@ -576,6 +580,7 @@ class S3ObjectWriter:
                 # A replaced upload lost parts: complete with what it holds.
                 self._log.warn(
                     "{key}: completing staging upload {upload_id} with segments {segments}",
+                    event="staging_upload_completing",
                     key=self.key,
                     upload_id=upload_id,
                     segments=segments,
