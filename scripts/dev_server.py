@@ -10,11 +10,19 @@ POST and how to read what was stored.  On S3 an object is completed
 ``QUEUE_TIMEOUT_MIN`` after its first message (1 minute here unless set) and when
 loghandler stops; on Azure the lines are appended to their blob at every checkpoint
 (``CHECKPOINT_S``, 30 s by default there) and when loghandler stops.
+
+One dev-server runs per clone: it holds an exclusive ``flock`` on
+``.dev/dev-server.lock`` for as long as it runs (the kernel releases it when the
+process ends, however it ends) and writes there its pid and where loghandler and the
+emulator listen.  A second start finds the lock held, prints that in one line and
+exits 1, leaving the running one's emulator and ``.dev/emulator.env`` alone; a lock
+file left by a dead run is not locked, and is taken and rewritten.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import signal
 import subprocess
@@ -22,6 +30,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+#: Where the dev-server keeps its lock and its emulator's settings.
+DEV_DIR = os.path.join(ROOT, ".dev")
 
 from tests.integration.azurite import AzuriteServer  # noqa: E402
 from tests.integration.moto import MotoServer  # noqa: E402
@@ -42,6 +52,49 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--azure", action="store_true",
                         help="use Azurite (Azure Blob Storage) instead of moto (S3)")
     return parser.parse_args(argv)
+
+
+class AlreadyRunning(Exception):
+    """
+    Another dev-server of this clone holds the lock; ``str()`` is the one line to
+    print: its pid and where it serves.
+    """
+
+
+def take_lock(dev_dir: str = DEV_DIR) -> int:
+    """
+    Lock ``{dev_dir}/dev-server.lock`` (exclusive ``flock``, without waiting) for the
+    rest of this process's life; the file descriptor, which must stay open.
+
+    :raises AlreadyRunning: a live dev-server holds it (a file left by a dead run is
+        not locked: it is taken, and :func:`record` rewrites it).
+    """
+    os.makedirs(dev_dir, exist_ok=True)
+    path = os.path.join(dev_dir, "dev-server.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        with os.fdopen(fd) as f:
+            held = dict(line.rstrip("\n").split("=", 1) for line in f if "=" in line)
+        raise AlreadyRunning(running_message(held)) from None
+    return fd
+
+
+def record(fd: int, info: dict[str, str]) -> None:
+    """Replace the lock file's content with ``info``, one ``name=value`` a line."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, "".join(f"{name}={value}\n" for name, value in info.items()).encode(), 0)
+
+
+def running_message(held: dict[str, str]) -> str:
+    """The one line a second start prints, from what the running one recorded."""
+    where = held.get("emulator") or "its emulator still starting"
+    return (
+        f"scripts/dev-server is already running in this clone (pid {held.get('pid', '?')}):"
+        f" loghandler on {held.get('loghandler', '?')}, {where}; stop it (Ctrl-C there)"
+        " or use scripts/read-objects"
+    )
 
 
 def start_emulator(azure: bool) -> MotoServer | AzuriteServer:
@@ -84,17 +137,36 @@ POST a message (timestamp: now, in ms):
 """
 
 
-def main(argv: list[str]) -> int:
-    """Run until Ctrl-C twice; 0 when loghandler stopped cleanly."""
-    emulator = start_emulator(parse_args(argv).azure)
+def emulator_label(emulator: MotoServer | AzuriteServer) -> str:
+    """Which emulator it is and where it listens, for the lock file."""
+    if isinstance(emulator, AzuriteServer):
+        return f"Azurite on {emulator.endpoint_url}"
+    return f"moto (S3) on {emulator.endpoint_url}"
+
+
+def main(argv: list[str], dev_dir: str = DEV_DIR) -> int:
+    """
+    Run until Ctrl-C twice; 0 when loghandler stopped cleanly.  Exits 1 with one
+    line when another dev-server runs in this clone (:func:`take_lock`).
+    """
+    azure = parse_args(argv).azure
     try:
-        os.makedirs(os.path.join(ROOT, ".dev"), exist_ok=True)
-        with open(os.path.join(ROOT, ".dev", "emulator.env"), "w") as f:
+        lock = take_lock(dev_dir)
+    except AlreadyRunning as running:
+        sys.exit(str(running))
+    addr = os.environ.get("ADDR", "127.0.0.1")
+    port = os.environ.get("PORT", "8902")
+    held = {"pid": str(os.getpid()), "loghandler": f"http://{addr}:{port}/log"}
+    record(lock, held)
+    emulator = start_emulator(azure)
+    try:
+        record(lock, {**held, "emulator": emulator_label(emulator)})
+        with open(os.path.join(dev_dir, "emulator.env"), "w") as f:
             f.writelines("%s=%s\n" % item for item in emulator.env().items())
         env = {
             **emulator.env(),
-            "ADDR": os.environ.get("ADDR", "127.0.0.1"),
-            "PORT": os.environ.get("PORT", "8902"),
+            "ADDR": addr,
+            "PORT": port,
             "QUEUE_TIMEOUT_MIN": os.environ.get("QUEUE_TIMEOUT_MIN", "1"),
         }
         print(banner(emulator, env), flush=True)

@@ -1,7 +1,7 @@
 """
 Tests for the development scripts: ``scripts/read_objects.py`` choosing S3 or Azure
 from ``.dev/emulator.env`` and reading blobs, and ``scripts/dev_server.py``'s command
-line.
+line and its one-per-clone lock.
 """
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ import gzip
 import importlib.util
 import io
 import os
+import signal
+import subprocess
+import sys
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
@@ -121,3 +124,119 @@ class DevServerArgsTests(SynchronousTestCase):
         with contextlib.redirect_stderr(io.StringIO()), self.assertRaises(SystemExit) as caught:
             dev_server.parse_args(["--nope"])
         self.assertEqual(caught.exception.code, 2)
+
+
+class DevServerLockTests(SynchronousTestCase):
+    """
+    One ``scripts/dev-server`` per clone: a second start says in one line where the
+    running one serves and exits 1, without starting an emulator or touching
+    ``.dev/emulator.env``; the lock of a dead run is taken over.
+    """
+
+    def setUp(self) -> None:
+        self.dev_dir = self.mktemp()
+        self.lock_path = os.path.join(self.dev_dir, "dev-server.lock")
+
+    def hold(self, info: dict[str, str]) -> int:
+        """Take the lock in this process, as a running dev-server holds it."""
+        fd = dev_server.take_lock(self.dev_dir)
+        self.addCleanup(os.close, fd)
+        dev_server.record(fd, info)
+        return fd
+
+    def no_emulator(self, azure: bool) -> Any:
+        """Stands in for start_emulator: a refused start must not get there."""
+        self.fail("a second dev-server started an emulator")
+
+    def test_second_start_refused(self) -> None:
+        """
+        With the lock held, main() exits with one line naming the running pid,
+        loghandler's and the emulator's addresses; the emulator settings stay.
+        """
+        self.hold(
+            {
+                "pid": "4242",
+                "loghandler": "http://127.0.0.1:8902/log",
+                "emulator": "moto (S3) on http://127.0.0.1:40000",
+            }
+        )
+        env_file = os.path.join(self.dev_dir, "emulator.env")
+        with open(env_file, "w") as f:
+            f.write("AWS_ENDPOINT_URL=http://127.0.0.1:40000\n")
+        self.patch(dev_server, "start_emulator", self.no_emulator)
+        with self.assertRaises(SystemExit) as caught:
+            dev_server.main([], self.dev_dir)
+        message = caught.exception.code
+        assert isinstance(message, str)  # sys.exit(text): printed to stderr, status 1
+        self.assertEqual(message.splitlines(), [message])
+        self.assertEqual(
+            message,
+            "scripts/dev-server is already running in this clone (pid 4242): loghandler on"
+            " http://127.0.0.1:8902/log, moto (S3) on http://127.0.0.1:40000; stop it"
+            " (Ctrl-C there) or use scripts/read-objects",
+        )
+        with open(env_file) as f:
+            self.assertEqual(f.read(), "AWS_ENDPOINT_URL=http://127.0.0.1:40000\n")
+
+    def test_second_start_while_first_starts(self) -> None:
+        """Before the first one's emulator is up, the line says it is starting."""
+        self.hold({"pid": "7", "loghandler": "http://127.0.0.1:9000/log"})
+        with self.assertRaises(dev_server.AlreadyRunning) as caught:
+            dev_server.take_lock(self.dev_dir)
+        self.assertIn(
+            "(pid 7): loghandler on http://127.0.0.1:9000/log, its emulator still starting",
+            str(caught.exception),
+        )
+
+    def test_stale_file_replaced(self) -> None:
+        """
+        A lock file left by a dead run (nobody holds the lock) is taken, and its
+        content replaced whole by the new run's.
+        """
+        os.makedirs(self.dev_dir)
+        with open(self.lock_path, "w") as f:
+            f.write("pid=999999\nloghandler=http://127.0.0.1:8902/log\nemulator=moto (S3) on x\n")
+        fd = self.hold({"pid": "1"})
+        with open(self.lock_path) as f:
+            self.assertEqual(f.read(), "pid=1\n")
+        self.assertIsInstance(fd, int)
+
+    def test_lock_released_when_the_holder_dies(self) -> None:
+        """
+        A dev-server process that holds the lock refuses the next start; once it is
+        killed (SIGKILL: no cleanup of its own), the next start takes the lock.
+        """
+        holder = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import os, sys, time\n"
+                f"sys.path.insert(0, {SCRIPTS!r})\n"
+                "import dev_server\n"
+                f"fd = dev_server.take_lock({self.dev_dir!r})\n"
+                "dev_server.record(fd, {'pid': str(os.getpid()), 'loghandler': 'http://h:1/log'})\n"
+                "print('locked', flush=True)\n"
+                "time.sleep(60)\n",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+        def reap() -> None:
+            if holder.poll() is None:
+                holder.kill()
+            holder.wait()
+            assert holder.stdout is not None
+            holder.stdout.close()
+
+        self.addCleanup(reap)
+        assert holder.stdout is not None
+        self.assertEqual(holder.stdout.readline(), "locked\n")
+        with self.assertRaises(dev_server.AlreadyRunning) as caught:
+            dev_server.take_lock(self.dev_dir)
+        self.assertIn(f"(pid {holder.pid}): loghandler on http://h:1/log", str(caught.exception))
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+        self.hold({"pid": str(os.getpid())})
+        with open(self.lock_path) as f:
+            self.assertEqual(f.read(), f"pid={os.getpid()}\n")
