@@ -20,7 +20,8 @@ setup(
         "twisted.plugins",
     ],
     install_requires=[
-        "twisted>=23.10",
+        # tls: LISTEN=ssl:... (pyOpenSSL, service-identity).
+        "twisted[tls]>=23.10",
         "treq>=23.11",
         "botocore>=1.31",
         "attrs>=23.1",

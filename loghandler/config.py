@@ -99,6 +99,8 @@ class Config:
     azure_connection_string: Optional[str] = attrs.field(default=None, repr=_hidden)
     azure_max_blocks: int = 50_000
     workers: int = 1
+    listen: Optional[str] = None
+    auth_tokens_file: Optional[str] = None
 
 
 @attrs.frozen
@@ -396,6 +398,20 @@ def _endpoint(env: str, value: str) -> str:
 SETTINGS: tuple[Setting, ...] = (
     Setting("ADDR", "addr", _address, "IP address to listen on"),
     Setting("PORT", "port", _integer(0, 65535), "TCP port to listen on (0: any free port)"),
+    Setting(
+        "LISTEN",
+        "listen",
+        _text,
+        "Twisted server endpoint string in place of ADDR/PORT:"
+        " ssl:8443:privateKey=key.pem:certKey=cert.pem, unix:/run/loghandler.sock",
+    ),
+    Setting(
+        "AUTH_TOKENS_FILE",
+        "auth_tokens_file",
+        _text,
+        "file of bearer tokens and the client IDs each may write; POST /log then"
+        " needs one (reloaded on SIGHUP and when it changes)",
+    ),
     Setting("STORAGE", "storage", _storage, "object store: aws or azure"),
     Setting(
         "QUEUE_TIMEOUT_MIN",

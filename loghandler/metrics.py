@@ -43,6 +43,8 @@ MESSAGE_RESULTS = (
     "error",  # 500: an unexpected error (logged with its traceback)
     "method",  # 405: not a POST
     "not_found",  # 404: a path below /log
+    "unauthorized",  # 401: AUTH_TOKENS_FILE, no known bearer token
+    "forbidden",  # 403: AUTH_TOKENS_FILE, a client_id the token may not write
 )
 
 #: ``loghandler_storage_calls_total``'s outcome of an attempt that was cut because the

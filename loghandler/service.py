@@ -11,21 +11,20 @@ returns when all are done or ``SHUTDOWN_TIMEOUT_S`` has passed.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Callable, Optional, Sequence
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, TimeoutError
-from twisted.internet.endpoints import quoteStringArgument, serverFromString
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from loghandler.auth import TokenFile
 from loghandler.budget import MemoryBudget
 from loghandler.config import Config
 from loghandler.interfaces import IObjectStore
+from loghandler.listen import listener
 from loghandler.message import Limits
 from loghandler.metrics import Metrics
 from loghandler.registry import StreamRegistry, StreamSettings
@@ -144,11 +143,6 @@ class StreamService(Service):
         )
 
 
-def listen_description(addr: str, port: int) -> str:
-    """The endpoint string for ``ADDR`` and ``PORT``: ``tcp:8902:interface=0.0.0.0``."""
-    return "tcp:%d:interface=%s" % (port, quoteStringArgument(addr))
-
-
 def build_service(
     config: Config,
     store: IObjectStore,
@@ -159,23 +153,27 @@ def build_service(
     adopt: Optional[tuple[int, int]] = None,
     health: Optional[Callable[[], dict[str, Any]]] = None,
     metrics: Optional[Metrics] = None,
+    auth: Optional[TokenFile] = None,
 ) -> MultiService:
     """
     The root service for ``config`` writing to ``store`` (an ``IObjectStore``).
 
-    :param reactor: the reactor (clock and TCP listener).
+    :param reactor: the reactor (clock and listener).
     :param now_ms: the wall clock in Unix epoch milliseconds, for the timestamp window.
     :param budget: the memory budget the store's merges also count in; by default
         a new one of ``BUFFER_BUDGET_BYTES``.
     :param background: services of the store (recovery), started after the stream
         service and stopped before its flush.
     :param adopt: ``(fd, family)`` of a listening socket inherited from the
-        supervisor (a worker of ``WORKERS``), served in place of ``ADDR``/``PORT``.
+        supervisor (a worker of ``WORKERS``), served through the same ``LISTEN``
+        (or ``ADDR``/``PORT``) endpoint string (:func:`loghandler.listen.listener`).
     :param health: what ``/healthz`` answers in place of this process's own state.
     :param metrics: the process's metrics, which the store given counts on too
         (:func:`loghandler.tap.build_root` makes one for both); by default a new
         one.  The stream service (named :data:`STREAM_SERVICE_NAME`) holds it as
         ``metrics``.
+    :param auth: ``AUTH_TOKENS_FILE``'s credentials, for ``POST /log``; started and
+        stopped (its looks for changes) with the root.
     """
     if metrics is None:
         metrics = Metrics()
@@ -210,6 +208,7 @@ def build_service(
         batch_max_lines=config.batch_max_lines,
         health=health,
         metrics=metrics,
+        auth=auth,
     )
     root = MultiService()
     streams = StreamService(registry, store, reactor, config.shutdown_timeout_s, metrics)
@@ -217,45 +216,7 @@ def build_service(
     streams.setServiceParent(root)
     for service in background:
         service.setServiceParent(root)
-    listener: IService
-    if adopt is None:
-        endpoint = serverFromString(reactor, listen_description(config.addr, config.port))
-        listener = StreamServerEndpointService(endpoint, site)
-        listener._raiseSynchronously = True
-    else:
-        listener = AdoptedPortService(reactor, adopt[0], adopt[1], site)
-    listener.setServiceParent(root)
+    if auth is not None:
+        auth.setServiceParent(root)
+    listener(config, reactor, site, adopt).setServiceParent(root)
     return root
-
-
-class AdoptedPortService(Service):
-    """
-    Serves ``factory`` on a listening socket opened by another process (the
-    supervisor of ``WORKERS``) and inherited as file descriptor ``fd``
-    (``IReactorSocket.adoptStreamPort``; the reactor takes its own copy, so ``fd``
-    is closed once adopted).
-
-    :param fd: the inherited listening socket.
-    :param family: its address family (``socket.AF_INET`` or ``AF_INET6``).
-    """
-
-    def __init__(self, reactor: Any, fd: int, family: int, factory: Any) -> None:
-        self._reactor = reactor
-        self._fd = fd
-        self._family = family
-        self._factory = factory
-        self._port: Any = None
-
-    def startService(self) -> None:
-        """Start accepting on the inherited socket."""
-        Service.startService(self)
-        self._port = self._reactor.adoptStreamPort(self._fd, self._family, self._factory)
-        os.close(self._fd)
-
-    def stopService(self) -> Optional[Deferred[None]]:
-        """Stop accepting (the socket stays open in the supervisor and other workers)."""
-        Service.stopService(self)
-        if self._port is None:
-            return None
-        port, self._port = self._port, None
-        return port.stopListening()  # type: ignore[no-any-return]

@@ -1,8 +1,10 @@
 """
 ``WORKERS`` above 1: the supervisor process.  ``twistd loghandler`` opens the
-listening socket itself and starts that many worker processes
+listening socket of ``LISTEN`` (or ``ADDR``/``PORT``) itself
+(:func:`loghandler.listen.open_shared`) and starts that many worker processes
 (:mod:`loghandler.worker`, each a whole loghandler with its own streams, writer ID and
-share of the budget) that accept on it (``IReactorSocket.adoptStreamPort``); the
+share of the budget) that accept on it (``IReactorSocket.adoptStreamPort``, with TLS
+for ``ssl:``); the
 kernel hands each new connection to one of them.  Workers are started fresh
 (``spawnProcess`` of ``python -m loghandler.worker``), never forked from a process
 that already built a reactor.
@@ -17,6 +19,7 @@ The supervisor:
   ``worker`` field in JSON logs: :mod:`loghandler.logs`);
 - combines the workers' health reports (:func:`combine_health`) and hands the result
   to every worker, so that ``/healthz`` on the shared port answers for all;
+- passes SIGHUP on to every worker (each reloads ``AUTH_TOKENS_FILE``);
 - on stop (SIGTERM, SIGINT), sends each worker SIGTERM and returns only once every
   worker has flushed and exited, or kills the ones still running
   :data:`KILL_GRACE_S` seconds after ``SHUTDOWN_TIMEOUT_S``.
@@ -39,8 +42,9 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 
-from loghandler.config import Config
+from loghandler.config import Config, ConfigError
 from loghandler.health import combine_health
+from loghandler.listen import ListeningSocket, listen_on, open_shared
 from loghandler.worker import FD_LISTEN, FD_REPORTS
 
 #: Seconds before the first restart of a worker that exited; doubled each time it
@@ -56,26 +60,6 @@ KILL_GRACE_S = 5.0
 LISTEN_BACKLOG = 1024
 #: Exit status of a worker that refused its configuration (as ``twistd loghandler``).
 EXIT_CONFIG = 2
-
-
-def open_listening_socket(addr: str, port: int) -> socket.socket:
-    """
-    A non-blocking TCP socket listening on ``addr`` (IPv4 or IPv6) and ``port`` (0:
-    any free port), with ``SO_REUSEADDR`` as Twisted's own listeners set it.
-
-    :raises OSError: the address cannot be bound (in use, not local, no permission).
-    """
-    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
-    listening = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listening.bind((addr, port))
-        listening.listen(LISTEN_BACKLOG)
-        listening.setblocking(False)
-    except OSError:
-        listening.close()
-        raise
-    return listening
 
 
 class _Lines:
@@ -175,8 +159,8 @@ class WorkerSupervisor(Service):
     Starts, restarts and stops ``config.workers`` worker processes on one
     listening socket.
 
-    :param config: the whole server's configuration (``WORKERS``, ``ADDR``, ``PORT``,
-        ``SHUTDOWN_TIMEOUT_S``).
+    :param config: the whole server's configuration (``WORKERS``, ``LISTEN`` or
+        ``ADDR`` and ``PORT``, ``SHUTDOWN_TIMEOUT_S``).
     :param reactor: an ``IReactorProcess`` and ``IReactorTime``.
     :param environ: the workers' environment: the variables, options included.
     :param executable: the Python interpreter that runs the workers.
@@ -195,6 +179,7 @@ class WorkerSupervisor(Service):
         self._reactor = reactor
         self._environ = dict(environ)
         self._executable = executable
+        self._listening: Optional[ListeningSocket] = None
         self._socket: Optional[socket.socket] = None
         self._workers: dict[int, WorkerProcess] = {}
         self._started_at: dict[int, float] = {}
@@ -207,7 +192,7 @@ class WorkerSupervisor(Service):
 
     @property
     def port(self) -> int:
-        """The port listened on (``PORT``, or the one chosen for ``PORT=0``)."""
+        """The TCP port listened on (``PORT``, or the one chosen for ``PORT=0``)."""
         assert self._socket is not None
         return int(self._socket.getsockname()[1])
 
@@ -217,15 +202,17 @@ class WorkerSupervisor(Service):
         return {number: worker.pid for number, worker in self._workers.items()}
 
     def privilegedStartService(self) -> None:
-        """Open the listening socket (before twistd drops privileges)."""
+        """
+        Open the listening socket of ``LISTEN`` (or ``ADDR``/``PORT``) before twistd
+        drops privileges (:func:`loghandler.listen.open_shared`); a string or socket
+        refused is one line on stderr and exit status 2.
+        """
         try:
-            self._socket = open_listening_socket(self._config.addr, self._config.port)
-        except OSError as e:
-            sys.stderr.write(
-                "loghandler: ADDR/PORT: cannot listen on %s:%d: %s\n"
-                % (self._config.addr, self._config.port, e.strerror or e)
-            )
+            self._listening = open_shared(listen_on(self._config, LISTEN_BACKLOG))
+        except ConfigError as e:
+            sys.stderr.write("loghandler: %s\n" % e)
             raise SystemExit(EXIT_CONFIG) from None
+        self._socket = self._listening.socket
         Service.privilegedStartService(self)
 
     def startService(self) -> None:
@@ -235,9 +222,10 @@ class WorkerSupervisor(Service):
         Service.startService(self)
         self._reactor.callWhenRunning(self._stop_once_on_signals)
         self._log.info(
-            "loghandler supervisor on {addr}:{port}: {workers} workers, each with"
+            "loghandler supervisor on {where}: {workers} workers, each with"
             " BUFFER_BUDGET_BYTES / {workers} = {share} bytes",
             event="supervisor_started",
+            where=self._config.listen or "%s:%d" % (self._config.addr, self.port),
             addr=self._config.addr,
             port=self.port,
             workers=self._config.workers,
@@ -250,8 +238,8 @@ class WorkerSupervisor(Service):
         """
         SIGTERM and SIGINT stop the server once; a second signal (systemd and a
         shell both signalling, Ctrl-C twice) changes nothing, where twistd's own
-        handlers would log ReactorNotRunning.  SIGHUP (a closed terminal) is
-        ignored, by the workers too.
+        handlers would log ReactorNotRunning.  SIGHUP is passed on to the workers,
+        which reload ``AUTH_TOKENS_FILE``; it stops nothing (a closed terminal).
         """
         stopping: list[bool] = []
 
@@ -263,7 +251,15 @@ class WorkerSupervisor(Service):
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: self._reactor.callFromThread(stop_once))
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, lambda *_: self._reactor.callFromThread(self._hangup))
+
+    def _hangup(self) -> None:
+        """SIGHUP: each worker reloads ``AUTH_TOKENS_FILE`` (it stops nothing)."""
+        self._log.info(
+            "SIGHUP: passed on to the workers (they reload AUTH_TOKENS_FILE)", event="sighup"
+        )
+        for worker in self._workers.values():
+            self._signal(worker, "HUP")
 
     def _start(self, number: int) -> None:
         self._restarts.pop(number, None)
@@ -407,8 +403,9 @@ class WorkerSupervisor(Service):
         if self._kill is not None and self._kill.active():
             self._kill.cancel()
         self._kill = None
-        if self._socket is not None:
-            self._socket.close()
+        if self._listening is not None:
+            self._listening.close()
+            self._listening = None
             self._socket = None
         self._log.info("all workers stopped", event="workers_stopped")
         self._all_ended.callback(None)

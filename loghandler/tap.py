@@ -17,6 +17,7 @@ from twisted.application.service import IService
 from twisted.logger import Logger
 from twisted.python import usage
 
+from loghandler.auth import TokenFile, reload_on_sighup
 from loghandler.budget import MemoryBudget
 from loghandler.config import SETTINGS, Config, ConfigError, from_environ
 from loghandler.interfaces import IObjectStore
@@ -193,13 +194,33 @@ def makeService(options: Mapping[str, Any], reactor: Optional[Any] = None) -> IS
 
         reactor = global_reactor
     config = load_config(options, os.environ)
-    if config.workers > 1:
-        from loghandler.supervisor import WorkerSupervisor
+    try:
+        if config.workers > 1:
+            from loghandler.listen import listen_on, shared_endpoint
+            from loghandler.supervisor import WorkerSupervisor
 
-        check_store_settings(config)
-        overrides = options.overrides() if isinstance(options, Options) else {}
-        return WorkerSupervisor(config, reactor, {**os.environ, **overrides})
-    return build_root(config, reactor)
+            check_store_settings(config)
+            # Refused here with one line, before twistd starts its log; each worker
+            # reads the key and the tokens again.
+            shared_endpoint(listen_on(config))
+            load_tokens(config, reactor)
+            overrides = options.overrides() if isinstance(options, Options) else {}
+            return WorkerSupervisor(config, reactor, {**os.environ, **overrides})
+        return build_root(config, reactor)
+    except ConfigError as e:
+        _exit(str(e))
+        raise
+
+
+def load_tokens(config: Config, reactor: Any) -> Optional[TokenFile]:
+    """
+    ``AUTH_TOKENS_FILE``'s credentials, or None without the setting.
+
+    :raises ConfigError: the file cannot be read or parsed.
+    """
+    if config.auth_tokens_file is None:
+        return None
+    return TokenFile(config.auth_tokens_file, reactor)
 
 
 def check_store_settings(config: Config) -> None:
@@ -246,11 +267,14 @@ def build_root(
 ) -> IService:
     """
     The service of one process: its store (and the store's lease and recovery), its
-    streams and its listener, logged in one start line.
+    streams, its ``AUTH_TOKENS_FILE`` credentials (reloaded on SIGHUP once the
+    reactor runs) and its listener, logged in one start line.
 
     :param adopt: ``(fd, family)`` of an inherited listening socket (a worker).
     :param health: what ``/healthz`` answers in place of this process's own state.
+    :raises ConfigError: ``LISTEN`` or ``AUTH_TOKENS_FILE`` is refused.
     """
+    tokens = load_tokens(config, reactor)
     budget = MemoryBudget(config.buffer_budget_bytes)
     metrics = Metrics()
     store, background = make_store(config, reactor, budget, metrics)
@@ -269,9 +293,10 @@ def build_root(
     else:
         store_settings = ""
     _log.info(
-        "loghandler on {addr}:{port}, storage {store}, objects completed after {lifetime:g} s,"
-        " ACK={ack}, CHECKPOINT_S={checkpoint_s:g}{store_settings}",
+        "loghandler on {where}, storage {store}, objects completed after {lifetime:g} s,"
+        " ACK={ack}, CHECKPOINT_S={checkpoint_s:g}{store_settings}{auth}",
         event="started",
+        where=config.listen or "%s:%d" % (config.addr, config.port),
         addr=config.addr,
         port=config.port,
         store=store,
@@ -279,6 +304,9 @@ def build_root(
         ack=config.ack,
         checkpoint_s=config.checkpoint_s,
         store_settings=store_settings,
+        auth=""
+        if tokens is None
+        else ", %d credentials from AUTH_TOKENS_FILE" % len(tokens.credentials),
     )
     if config.checkpoint_s == 0 and config.ack == "accepted" and not config.no_upload:
         _log.warn(
@@ -286,7 +314,7 @@ def build_root(
             " object's last rotation (up to QUEUE_TIMEOUT_MIN)",
             event="checkpoints_off",
         )
-    return build_service(
+    root = build_service(
         config,
         store,
         reactor,
@@ -295,4 +323,7 @@ def build_root(
         adopt=adopt,
         health=health,
         metrics=metrics,
+        auth=tokens,
     )
+    reactor.callWhenRunning(reload_on_sighup, reactor, tokens)
+    return root

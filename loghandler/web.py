@@ -24,6 +24,7 @@ from twisted.web import http
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from loghandler.auth import FORBIDDEN_CHALLENGE, Credential, Refusal, TokenFile, forbidden_reason
 from loghandler.health import local_health
 from loghandler.message import Limits, Rejection, batch_too_large, parse_message, too_large
 from loghandler.metrics import Metrics
@@ -62,6 +63,17 @@ def _error(request: Request, status: int, error: str) -> bytes:
 def _refuse_line(request: Request, rejection: Rejection, line: int) -> bytes:
     body = {"error": rejection.error, "field": rejection.field, "line": line}
     return _respond(request, rejection.status, json.dumps(body).encode("ascii"))
+
+
+def _unauthorized(request: Request, refusal: Refusal) -> bytes:
+    request.responseHeaders.setRawHeaders(b"www-authenticate", [refusal.challenge])
+    return _error(request, 401, refusal.reason)
+
+
+def _forbidden(request: Request, client_id: int) -> Rejection:
+    """The 403 for a message the request's token may not write; sets its challenge."""
+    request.responseHeaders.setRawHeaders(b"www-authenticate", [FORBIDDEN_CHALLENGE])
+    return Rejection(403, forbidden_reason(client_id), "client_id")
 
 
 def _all_durable(waits: "list[Deferred[bool]]") -> "Deferred[bool]":
@@ -138,6 +150,8 @@ class LogResource(Resource):
     :param batch_max_lines: the most messages in a batch (413 above).
     :param metrics: counts messages by result (``loghandler_messages_total``) and
         the bytes of accepted bodies; a new one by default.
+    :param auth: with ``AUTH_TOKENS_FILE``, the credentials: a POST needs a bearer
+        token among them (401) that may write each message's ``client_id`` (403).
     """
 
     isLeaf = True
@@ -154,8 +168,10 @@ class LogResource(Resource):
         batch_max_bytes: int = 1024 * 1024,
         batch_max_lines: int = 1000,
         metrics: Optional[Metrics] = None,
+        auth: Optional[TokenFile] = None,
     ) -> None:
         super().__init__()
+        self._auth = auth
         metrics = metrics if metrics is not None else Metrics()
         self._messages = metrics.messages
         self._accepted = metrics.accepted
@@ -189,14 +205,22 @@ class LogResource(Resource):
         self._refused("too_large" if rejection.status == 413 else "invalid", messages)
 
     def render_POST(self, request: Request) -> Union[bytes, int]:
-        """Validate the body and hand the message to its stream."""
+        """Check the token, validate the body and hand the message to its stream."""
+        credential = None
+        if self._auth is not None:
+            found = self._auth.authenticate(request.requestHeaders.getRawHeaders(b"authorization"))
+            if isinstance(found, Refusal):
+                self._refused("unauthorized")
+                return _unauthorized(request, found)
+            credential = found
         content = request.content
         if isinstance(content, io.BytesIO):
             body = content.getvalue()
         else:
             body = content.read() if content is not None else b""
         if request.batch if isinstance(request, LogRequest) else is_batch(request):
-            return self._render_batch(request, body, getattr(content, "overflowed", False))
+            overflowed = getattr(content, "overflowed", False)
+            return self._render_batch(request, body, overflowed, credential)
         if getattr(content, "overflowed", False) or len(body) > self._max_body_bytes:
             self._refused("too_large")
             return _refuse(request, too_large(self._max_body_bytes))
@@ -205,6 +229,9 @@ class LogResource(Resource):
         except Rejection as rejection:
             self._rejected(rejection)
             return _refuse(request, rejection)
+        if credential is not None and not credential.allows(message.client_id):
+            self._refused("forbidden")
+            return _refuse(request, _forbidden(request, message.client_id))
         try:
             accepted = self._registry.accept(message)
         except Exception as e:
@@ -217,8 +244,13 @@ class LogResource(Resource):
             return _respond(request, 200, _OK)
         return self._answer_when_durable(request, accepted.durable())
 
-    def _render_batch(self, request: Request, body: bytes, overflowed: bool) -> Union[bytes, int]:
-        """Validate every line, then hand all the messages to their streams, or none."""
+    def _render_batch(
+        self, request: Request, body: bytes, overflowed: bool, credential: Optional[Credential]
+    ) -> Union[bytes, int]:
+        """
+        Validate every line (and that ``credential``, if any, may write its
+        ``client_id``), then hand all the messages to their streams, or none.
+        """
         if overflowed or len(body) > self._batch_max_bytes:
             self._refused("too_large")
             return _refuse(request, batch_too_large(self._batch_max_bytes))
@@ -246,10 +278,14 @@ class LogResource(Resource):
                 error = f"line is larger than {self._max_body_bytes} bytes (MAX_BODY_BYTES)"
                 return _refuse_line(request, Rejection(413, error), number)
             try:
-                messages.append(parse_message(line, now_ms, self._limits))
+                message = parse_message(line, now_ms, self._limits)
             except Rejection as rejection:
                 self._rejected(rejection, len(lines))
                 return _refuse_line(request, rejection, number)
+            if credential is not None and not credential.allows(message.client_id):
+                self._refused("forbidden", len(lines))
+                return _refuse_line(request, _forbidden(request, message.client_id), number)
+            messages.append(message)
         try:
             accepted = self._registry.accept_batch(messages)
         except Exception as e:
@@ -605,12 +641,14 @@ def make_site(
     batch_max_lines: int = 1000,
     health: Optional[Callable[[], dict[str, Any]]] = None,
     metrics: Optional[Metrics] = None,
+    auth: Optional[TokenFile] = None,
 ) -> LogSite:
     """
     The whole HTTP side: root, ``/log``, ``/healthz`` and the site.
     ``durable_timeout_s`` (with ``clock``) turns on ``ACK=durable``; ``health``
     replaces this process's own state in ``/healthz`` (a worker of ``WORKERS``);
-    ``metrics`` counts the messages (a new one by default).
+    ``metrics`` counts the messages (a new one by default);
+    ``auth`` (``AUTH_TOKENS_FILE``) guards ``POST /log`` only, never the probes.
     """
     if metrics is None:
         metrics = Metrics()
@@ -625,6 +663,7 @@ def make_site(
         batch_max_bytes,
         batch_max_lines,
         metrics,
+        auth,
     )
     root.putChild(b"log", log)
     if health is None:

@@ -17,7 +17,8 @@ socket the supervisor opened.  Its file descriptors:
   :data:`REPORT_INTERVAL_S`, one JSON object per line (:data:`FD_REPORTS`).
 
 SIGTERM and SIGINT stop it once (a second signal changes nothing): the flush of
-``SHUTDOWN_TIMEOUT_S``, then exit status 0.
+``SHUTDOWN_TIMEOUT_S``, then exit status 0.  SIGHUP reloads ``AUTH_TOKENS_FILE``
+(:func:`loghandler.auth.reload_on_sighup`); it never stops a worker.
 """
 
 from __future__ import annotations
@@ -197,17 +198,22 @@ def run(number: int, family: int) -> int:
             reactor.stop()
 
     holder: list[SupervisorChannel] = []
-    root = build_root(
-        config, reactor, adopt=(FD_LISTEN, family), health=lambda: holder[0].health()
-    )
+    try:
+        root = build_root(
+            config, reactor, adopt=(FD_LISTEN, family), health=lambda: holder[0].health()
+        )
+    except ConfigError as e:
+        sys.stderr.write("loghandler: %s\n" % e)
+        return 2
     streams = root.getServiceNamed(STREAM_SERVICE_NAME)  # type: ignore[attr-defined]
     registry = streams.registry
     channel = SupervisorChannel(number, lambda: local_health(registry), reactor, stop)
     holder.append(channel)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: reactor.callFromThread(stop))
-    # A supervisor that was its terminal's session leader and dies takes SIGHUP to
-    # its workers with it: they stop when its pipe closes instead, with a flush.
+    # SIGHUP never stops a worker (a supervisor that led its terminal's session and
+    # dies sends it to its workers: they stop when its pipe closes, with a flush);
+    # once the reactor runs it reloads AUTH_TOKENS_FILE (build_root).
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     reactor.addSystemEventTrigger("before", "shutdown", root.stopService)
 

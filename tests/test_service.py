@@ -19,10 +19,11 @@ from loghandler.budget import MemoryBudget
 from loghandler.config import Config
 from loghandler.interfaces import StorageError
 from loghandler.keys import key_for
+from loghandler.listen import listen_description
 from loghandler.message import Message
 from loghandler.registry import Busy
 from loghandler.retry import RetryLayer
-from loghandler.service import CHECK_INTERVAL_S, StreamService, build_service, listen_description
+from loghandler.service import CHECK_INTERVAL_S, StreamService, build_service
 from loghandler.storage.memory import MemoryStore
 from loghandler.storage.s3.writer import S3ObjectStore
 from tests.helpers import DAY_START_MS, message, read_lines

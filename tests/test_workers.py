@@ -28,13 +28,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from loghandler.config import ConfigError, MiB, from_environ, worker_share
 from loghandler.cpus import cgroup_cpu_limit, usable_cpus
 from loghandler.health import combine_health
-from loghandler.supervisor import (
-    KILL_GRACE_S,
-    WorkerProcess,
-    WorkerSupervisor,
-    describe_exit,
-    open_listening_socket,
-)
+from loghandler.listen import open_listening_socket
+from loghandler.supervisor import KILL_GRACE_S, WorkerProcess, WorkerSupervisor, describe_exit
 from loghandler.worker import FD_LISTEN, FD_REPORTS, REPORT_INTERVAL_S, SupervisorChannel
 
 BASE = {"NO_UPLOAD": "1"}
@@ -401,7 +396,10 @@ class SupervisorTests(SynchronousTestCase):
         )
 
     def test_stop_signals_act_once(self) -> None:
-        """SIGTERM twice stops the reactor once; SIGHUP is ignored."""
+        """
+        SIGTERM twice stops the reactor once; SIGHUP is passed on to every worker
+        (which reloads AUTH_TOKENS_FILE) and stops nothing.
+        """
         f, args = self.reactor.when_running
         previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         for signum, handler in previous.items():
@@ -409,7 +407,15 @@ class SupervisorTests(SynchronousTestCase):
         calls: list[Any] = []
         self.reactor.callFromThread = lambda g, *a: calls.append((g, a))  # type: ignore[attr-defined]
         f(*args)
-        self.assertEqual(signal.getsignal(signal.SIGHUP), signal.SIG_IGN)
+        hangup = signal.getsignal(signal.SIGHUP)
+        assert callable(hangup)
+        hangup(signal.SIGHUP, None)
+        for g, a in calls:
+            g(*a)
+        calls.clear()
+        self.assertEqual([p.signals for _, _, _, p in self.reactor.spawned], [["HUP"], ["HUP"]])
+        self.assertEqual(self.reactor.stopped, 0)
+        self.assertIn("SIGHUP: passed on to the workers", self.logged())
         handler = signal.getsignal(signal.SIGTERM)
         assert callable(handler)
         handler(signal.SIGTERM, None)
