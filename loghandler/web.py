@@ -29,6 +29,7 @@ from loghandler.health import local_health
 from loghandler.message import Limits, Rejection, batch_too_large, parse_message, too_large
 from loghandler.metrics import Metrics
 from loghandler.registry import Accepted, Busy, StreamRegistry
+from loghandler.rejections import RejectionLog
 from loghandler.stream import ObjectStream
 
 _OK = b'{"ok":true}'
@@ -52,7 +53,27 @@ def _respond(request: Request, status: int, body: bytes) -> bytes:
     return body
 
 
+def _peer_host(address: Any) -> str:
+    """The host of a peer's address (``IPv4Address``...), or its text."""
+    return str(getattr(address, "host", address))
+
+
+def _note_rejection(request: Request, rejection: Rejection, line: Optional[int] = None) -> None:
+    """A 4xx answer, for the site's :class:`~loghandler.rejections.RejectionLog`."""
+    site = getattr(request.channel, "site", None)
+    if isinstance(site, LogSite) and 400 <= rejection.status < 500:
+        site.rejections.rejected(
+            rejection.status,
+            rejection.error,
+            _peer_host(request.getClientAddress()),
+            request.method,
+            request.path,
+            line,
+        )
+
+
 def _refuse(request: Request, rejection: Rejection) -> bytes:
+    _note_rejection(request, rejection)
     return _respond(request, rejection.status, rejection.to_json())
 
 
@@ -61,6 +82,7 @@ def _error(request: Request, status: int, error: str) -> bytes:
 
 
 def _refuse_line(request: Request, rejection: Rejection, line: int) -> bytes:
+    _note_rejection(request, rejection, line)
     body = {"error": rejection.error, "field": rejection.field, "line": line}
     return _respond(request, rejection.status, json.dumps(body).encode("ascii"))
 
@@ -512,8 +534,19 @@ class LogChannel(http.HTTPChannel):
         """
         Answer ``rejection`` (its status and JSON body) outside the request
         machinery, with ``Connection: close``, and close the connection once it is
-        written: for a request whose body or head will not be read.
+        written: for a request whose body or head will not be read.  Logged by the
+        site's :class:`~loghandler.rejections.RejectionLog`, with the method and
+        path when the request line was read.
         """
+        site = getattr(self, "site", None)
+        if isinstance(site, LogSite):
+            site.rejections.rejected(
+                rejection.status,
+                rejection.error,
+                _peer_host(self.getPeer()),
+                getattr(self, "_command", None) or b"",  # twisted.web's, once read
+                getattr(self, "_path", None) or b"",
+            )
         body = rejection.to_json()
         assert self.transport is not None
         self.transport.write(
@@ -576,6 +609,9 @@ class LogSite(Site):
     :param metrics: counts the bodies refused before they are read (413 to
         ``Expect: 100-continue``) in ``loghandler_messages_total``; a new one by
         default.
+    :param clock: for the :class:`~loghandler.rejections.RejectionLog` of its 4xx
+        answers, :attr:`rejections` (the global reactor by default; its windows
+        end on a timer only while the site listens).
     """
 
     requestFactory = LogRequest
@@ -588,10 +624,13 @@ class LogSite(Site):
         access_log: bool = False,
         batch_max_bytes: int = 1024 * 1024,
         metrics: Optional[Metrics] = None,
+        clock: Optional[IReactorTime] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
         self.metrics = metrics if metrics is not None else Metrics()
+        #: Logs the 4xx answers at a bounded pace.
+        self.rejections = RejectionLog(clock if clock is not None else _global_clock())
         #: Exact request paths served without resource traversal.
         self.routes: dict[bytes, IResource] = {}
         self._date = b""
@@ -622,6 +661,16 @@ class LogSite(Site):
     def getContentFile(self, length: Optional[int], batch: bool = False) -> BoundedBody:
         """Called (by :class:`LogRequest`) for each request body."""
         return BoundedBody(self._batch_max_bytes if batch else self._max_body_bytes, length)
+
+    def startFactory(self) -> None:
+        """The site listens: rejection windows end on time."""
+        super().startFactory()
+        self.rejections.start()
+
+    def stopFactory(self) -> None:
+        """The site stops listening: the last window's suppressed rejections are logged."""
+        self.rejections.stop()
+        super().stopFactory()
 
     def log(self, request: http.Request) -> None:
         """Write an access-log line only when ``ACCESS_LOG=1``."""
@@ -670,7 +719,7 @@ def make_site(
         health = lambda: local_health(registry)  # noqa: E731
     healthz = HealthResource(health)
     root.putChild(b"healthz", healthz)
-    site = LogSite(root, max_body_bytes, access_log, batch_max_bytes, metrics)
+    site = LogSite(root, max_body_bytes, access_log, batch_max_bytes, metrics, clock)
     site.route(b"/log", log)
     site.route(b"/healthz", healthz)
     return site

@@ -160,9 +160,7 @@ class JSONLineTests(SynchronousTestCase):
         self.assertEqual(line["message"], "Site starting on 8902")
         self.assertEqual(line["level"], "info")
         self.assertEqual(line["system"], "ctx")
-        self.assertEqual(
-            set(line), {"time", "level", "namespace", "system", "message"}, line
-        )
+        self.assertEqual(set(line), {"time", "level", "namespace", "system", "message"}, line)
 
     def test_event_that_cannot_be_written(self) -> None:
         """An event whose keys JSON refuses still gives one error line."""
@@ -248,7 +246,8 @@ class WorkerEventTests(SynchronousTestCase):
 
         pipe: list[str] = []
         worker_log = Logger(
-            namespace="w", observer=preformatted(lambda e: pipe.append(eventAsJSON(e)))  # type: ignore[arg-type]
+            namespace="w",
+            observer=preformatted(lambda e: pipe.append(eventAsJSON(e))),  # type: ignore[arg-type]
         )
         try:
             {}["x"]
@@ -337,8 +336,10 @@ class LogCallAuditTests(SynchronousTestCase):
         calls = self.calls()
         self.assertGreater(len(calls), 50)
         for where, node in calls:
-            if not node.args or not isinstance(node.args[0], ast.Constant) or not isinstance(
-                node.args[0].value, str
+            if (
+                not node.args
+                or not isinstance(node.args[0], ast.Constant)
+                or not isinstance(node.args[0].value, str)
             ):
                 problems.append(f"{where}: the format is not a string literal")
                 continue
