@@ -49,9 +49,9 @@ class WorkersSettingTests(SynchronousTestCase):
 
     def test_bad_values(self) -> None:
         for value, message in [
-            ("0", "WORKERS: must be 'auto' or from 1 to 64, got 0"),
-            ("65", "WORKERS: must be 'auto' or from 1 to 64, got 65"),
-            ("two", "WORKERS: must be 'auto' or a number of processes, got 'two'"),
+            ("0", "WORKERS: must be 'auto' or an integer from 1 to 64, got '0'"),
+            ("65", "WORKERS: must be 'auto' or an integer from 1 to 64, got '65'"),
+            ("two", "WORKERS: must be 'auto' or an integer from 1 to 64, got 'two'"),
         ]:
             with self.assertRaises(ConfigError) as caught:
                 from_environ({**BASE, "WORKERS": value})
