@@ -144,9 +144,7 @@ def parse_tokens(text: str) -> tuple[Credential, ...]:
         elif token.lower().startswith("sha256:"):
             raise ValueError("line %d: sha256: must be followed by 64 hex digits" % number)
         elif not _TOKEN.match(token):
-            raise ValueError(
-                "line %d: a token is letters, digits and -._~+/ (then any =)" % number
-            )
+            raise ValueError("line %d: a token is letters, digits and -._~+/ (then any =)" % number)
         elif len(token) < MIN_TOKEN_LENGTH:
             raise ValueError(
                 "line %d: the token is shorter than %d characters" % (number, MIN_TOKEN_LENGTH)
@@ -261,8 +259,7 @@ class TokenFile(Service):
             credentials = self._read()
         except ValueError as e:
             self._log.error(
-                "{setting} {path} ({why}): {error}; keeping the {count} credentials"
-                " loaded before",
+                "{setting} {path} ({why}): {error}; keeping the {count} credentials loaded before",
                 event="tokens_refused",
                 setting=SETTING,
                 path=self.path,

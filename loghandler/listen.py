@@ -27,8 +27,8 @@ import sys
 from typing import Any, Optional, Union
 
 import attrs
-
 from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import tcp, unix
 from twisted.internet.endpoints import (
     SSL4ServerEndpoint,
     TCP4ServerEndpoint,
@@ -38,7 +38,6 @@ from twisted.internet.endpoints import (
     serverFromString,
 )
 from twisted.internet.error import CannotListenError
-from twisted.internet import tcp, unix
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.lockfile import FilesystemLock
@@ -101,12 +100,11 @@ def server_endpoint(reactor: Any, text: str, setting: str = "LISTEN") -> IStream
         raise ConfigError(
             f"{setting}: cannot read{where}: {e.strerror or e} (in {text!r})"
         ) from None
-    except Exception as e:  # noqa: BLE001 -- the parsers raise ValueError, TypeError, OpenSSL's Error...
+    except Exception as e:  # the parsers raise ValueError, TypeError, OpenSSL's Error...
         why = str(e) or type(e).__name__
         if type(e).__module__.startswith("OpenSSL"):
             raise ConfigError(
-                f"{setting}: cannot load the private key and certificate (PEM): {why};"
-                f" got {text!r}"
+                f"{setting}: cannot load the private key and certificate (PEM): {why}; got {text!r}"
             ) from None
         raise ConfigError(
             f"{setting}: not a usable Twisted server endpoint string (tcp:PORT,"
@@ -147,7 +145,9 @@ class ListenerService(StreamServerEndpointService):
             raise _cannot_listen(self._on, e) from None
 
 
-def listener(config: Config, reactor: Any, factory: Any, adopt: Optional[tuple[int, int]] = None) -> ListenerService:
+def listener(
+    config: Config, reactor: Any, factory: Any, adopt: Optional[tuple[int, int]] = None
+) -> ListenerService:
     """
     The listening service for ``factory``: on ``LISTEN`` (or ``ADDR``/``PORT``), or
     with ``adopt`` (a worker of ``WORKERS``), on the inherited listening socket

@@ -226,8 +226,6 @@ class WorkerSupervisor(Service):
             " BUFFER_BUDGET_BYTES / {workers} = {share} bytes",
             event="supervisor_started",
             where=self._config.listen or "%s:%d" % (self._config.addr, self.port),
-            addr=self._config.addr,
-            port=self.port,
             workers=self._config.workers,
             share=self._config.buffer_budget_bytes // self._config.workers,
         )

@@ -81,11 +81,17 @@ class ParseTests(SynchronousTestCase):
         secret = "s3cret-token-value-0123456789"
         cases = [
             ("%s\n" % secret, "line 1: expected a token and its client IDs (3,4 or *), 1 fields"),
-            ("%s 3 4\n" % secret, "line 1: expected a token and its client IDs (3,4 or *), 3 fields"),
+            (
+                "%s 3 4\n" % secret,
+                "line 1: expected a token and its client IDs (3,4 or *), 3 fields",
+            ),
             ("# c\nshort-secret 3\n", "line 2: the token is shorter than 16 characters"),
             ("%s! 3\n" % secret, "line 1: a token is letters, digits and -._~+/ (then any =)"),
             ("sha256:%s 3\n" % secret, "line 1: sha256: must be followed by 64 hex digits"),
-            ("%s 3,x\n" % secret, "line 1: client IDs are integers from 1 separated by commas, or *"),
+            (
+                "%s 3,x\n" % secret,
+                "line 1: client IDs are integers from 1 separated by commas, or *",
+            ),
             ("%s 0\n" % secret, "line 1: client IDs are integers from 1 separated by commas, or *"),
             ("%s 3\n%s 4\n" % (secret, secret), "line 2: the same token as line 1"),
             (
@@ -193,7 +199,9 @@ class TokenFileTests(TokenFileCase):
     def test_setting(self) -> None:
         """AUTH_TOKENS_FILE is optional; blank is unset."""
         self.assertIsNone(from_environ({"NO_UPLOAD": "1"}).auth_tokens_file)
-        self.assertIsNone(from_environ({"NO_UPLOAD": "1", "AUTH_TOKENS_FILE": " "}).auth_tokens_file)
+        self.assertIsNone(
+            from_environ({"NO_UPLOAD": "1", "AUTH_TOKENS_FILE": " "}).auth_tokens_file
+        )
         config = from_environ({"NO_UPLOAD": "1", "AUTH_TOKENS_FILE": self.path})
         self.assertEqual(config.auth_tokens_file, self.path)
 
@@ -305,7 +313,9 @@ class TokenFileTests(TokenFileCase):
         with capturedLogs() as events:
             for f, args in calls:
                 f(*args)
-        self.assertEqual([formatEvent(e) for e in events], ["SIGHUP: no AUTH_TOKENS_FILE to reload"])
+        self.assertEqual(
+            [formatEvent(e) for e in events], ["SIGHUP: no AUTH_TOKENS_FILE to reload"]
+        )
 
 
 class PostWithTokensTests(WebCase, TokenFileCase):
@@ -326,7 +336,9 @@ class PostWithTokensTests(WebCase, TokenFileCase):
             )
         )
 
-    def post(self, client: int, authorization: Any = None, batch: Optional[list[int]] = None) -> Any:
+    def post(
+        self, client: int, authorization: Any = None, batch: Optional[list[int]] = None
+    ) -> Any:
         """POST a message for ``client`` (or a batch for those IDs); (status, challenge, body)."""
         headers: dict[bytes, list[bytes]] = {}
         if authorization is not None:

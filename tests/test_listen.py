@@ -36,7 +36,9 @@ class DescriptionTests(SynchronousTestCase):
 
     def test_listen_wins(self) -> None:
         config = from_environ({"NO_UPLOAD": "1", "LISTEN": " unix:/run/x.sock ", "PORT": "80"})
-        self.assertEqual(listen_on(config), ListenOn("unix:/run/x.sock", "LISTEN", "unix:/run/x.sock"))
+        self.assertEqual(
+            listen_on(config), ListenOn("unix:/run/x.sock", "LISTEN", "unix:/run/x.sock")
+        )
 
     def test_addr_port(self) -> None:
         config = Config(addr="::1", port=8902)
@@ -67,7 +69,9 @@ class EndpointErrorTests(SynchronousTestCase):
             "LISTEN: not a usable Twisted server endpoint string (tcp:PORT,"
             " ssl:PORT:privateKey=KEY.pem:certKey=CERT.pem, unix:PATH): "
         )
-        self.assertEqual(self.error("foo:443"), usage + "Unknown endpoint type: 'foo'; got 'foo:443'")
+        self.assertEqual(
+            self.error("foo:443"), usage + "Unknown endpoint type: 'foo'; got 'foo:443'"
+        )
         self.assertEqual(
             self.error("tcp:http"),
             usage + "invalid literal for int() with base 10: 'http'; got 'tcp:http'",
@@ -145,7 +149,7 @@ class SharedSocketTests(SynchronousTestCase):
         stale.bind(path)
         stale.close()
         os.symlink("999999999", path + ".lock")  # no such process
-        opened = self.open("unix:" + path)
+        self.open("unix:" + path)
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o666)
         client = socket.socket(socket.AF_UNIX)
         client.connect(path)
@@ -167,7 +171,8 @@ class SharedSocketTests(SynchronousTestCase):
         with self.assertRaises(SystemExit):
             open_shared(ListenOn("tcp:%d:interface=127.0.0.1" % port, "LISTEN", "L"))
         self.assertEqual(
-            self.stderr.getvalue(), "loghandler: LISTEN: cannot listen on L: Address already in use\n"
+            self.stderr.getvalue(),
+            "loghandler: LISTEN: cannot listen on L: Address already in use\n",
         )
 
 
@@ -224,9 +229,13 @@ class ListenerServiceTests(SynchronousTestCase):
 
         busy = open_listening_socket("127.0.0.1", 0)
         self.addCleanup(busy.close)
-        config = from_environ({"NO_UPLOAD": "1", "ADDR": "127.0.0.1", "PORT": str(busy.getsockname()[1])})
+        config = from_environ(
+            {"NO_UPLOAD": "1", "ADDR": "127.0.0.1", "PORT": str(busy.getsockname()[1])}
+        )
         on = listen_on(config)
-        service = ListenerService(server_endpoint(reactor, on.text), Factory.forProtocol(Protocol), on)
+        service = ListenerService(
+            server_endpoint(reactor, on.text), Factory.forProtocol(Protocol), on
+        )
         stderr = io.StringIO()
         self.patch(sys, "stderr", stderr)
         with self.assertRaises(SystemExit) as caught:

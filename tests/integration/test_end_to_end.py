@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from collections import Counter, defaultdict
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -45,15 +45,28 @@ class Daemon:
     One ``twistd -n loghandler`` child process.
 
     :param env: extra environment (the moto settings, timeouts).
+    :param port: ``PORT`` (by default a free one), which ``env`` may use in ``LISTEN``.
+    :param connect: a new connection to the daemon (by default HTTP to ``port``).
+    :param args: twistd's own options (``--logger=...``).
     """
 
-    def __init__(self, env: dict[str, str], workdir: str) -> None:
-        self.port = free_port()
+    def __init__(
+        self,
+        env: dict[str, str],
+        workdir: str,
+        port: Optional[int] = None,
+        connect: Optional[Callable[[], http.client.HTTPConnection]] = None,
+        args: Sequence[str] = (),
+    ) -> None:
+        self.port = port if port is not None else free_port()
+        self.connect = connect or (
+            lambda: http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+        )
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
         self.log_path = os.path.join(workdir, "twistd-%d.log" % self.port)
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
-            [twistd, "-n", "--pidfile=", "loghandler"],
+            [twistd, "-n", "--pidfile=", *args, "loghandler"],
             env={**os.environ, **env, "ADDR": "127.0.0.1", "PORT": str(self.port)},
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -71,7 +84,7 @@ class Daemon:
             if self.process.poll() is not None:
                 raise AssertionError("twistd exited at start:\n" + self.log())
             try:
-                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+                connection = self.connect()
                 connection.request("GET", "/healthz")
                 if connection.getresponse().status == 200:
                     connection.close()
