@@ -36,26 +36,18 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.helpers import read_lines
 from tests.integration.moto import free_port, shared_moto
 from tests.integration.test_end_to_end import Daemon, canonical, key, message_body
-from tests.tls import make_certificate
-
-CLIENT_3 = "c3-Zk3mQ9vX2pL7rT5wY8nB4cF6"
-EVERY = "all-Gq2Wm8Zt4Yx7Cv1Bn5Lk3Jh6"
-HASHED = "c5-hashed-7yQm0v3JcW1n8sQ2fX"
-ROTATED = "c3-rotated-Pd0Sf9RaLr6tKz9aB"
-UNKNOWN = "unknown-d5E4Lr6tKz9aBd5E4Lr6"
-TOKENS = (CLIENT_3, EVERY, HASHED, ROTATED, UNKNOWN)
-
-TOKENS_FILE = "# test tokens\n%s 3\n%s *\nsha256:%s 5\n" % (
+from tests.integration.test_workers import wait_for
+from tests.test_auth import (
     CLIENT_3,
     EVERY,
-    hashlib.sha256(HASHED.encode()).hexdigest(),
-)
-#: After the rotation: client 3's new token; the old one is gone.
-ROTATED_FILE = "%s 3\n%s *\nsha256:%s 5\n" % (
+    FILE as TOKENS_FILE,
+    HASHED,
     ROTATED,
-    EVERY,
-    hashlib.sha256(HASHED.encode()).hexdigest(),
+    ROTATED_FILE,
+    TOKENS,
+    UNKNOWN,
 )
+from tests.tls import make_certificate
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -86,16 +78,6 @@ def request(
         return response.status, response.getheader("WWW-Authenticate"), json.loads(response.read())
     finally:
         connection.close()
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("timed out waiting for " + what)
 
 
 class TLSAndTokensTests(SynchronousTestCase):
@@ -305,7 +287,7 @@ class TLSAndTokensTests(SynchronousTestCase):
         )
         # A broken file: the credentials loaded before stay.
         self.write_tokens(ROTATED_FILE + "%s 6 7\n" % UNKNOWN)
-        wait_for("the broken file refused", lambda: "keeping the 3 credentials" in daemon.log())
+        wait_for("the broken file refused", lambda: "keeping the 2 credentials" in daemon.log())
         case(
             "broken file on reload",
             [4],
@@ -324,7 +306,7 @@ class TLSAndTokensTests(SynchronousTestCase):
         )
         daemon.stop()
         log = daemon.log()
-        self.assertIn("line 4: expected a token and its client IDs (3,4 or *), 3 fields", log)
+        self.assertIn("line 3: expected a token and its client IDs (3,4 or *), 3 fields", log)
         self.assertNotIn("Traceback", log)
         self.assert_no_token_logged(log)
         self.check_bucket()
