@@ -32,7 +32,8 @@ setup(
         "prometheus_client>=0.20",
     ],
     extras_require={
-        "test": ["hypothesis>=6.80", "moto[server]>=5.0"],
+        # sqlglot: parses README's Athena statement in tests/test_readme.py.
+        "test": ["hypothesis>=6.80", "moto[server]>=5.0", "sqlglot>=25.0"],
         # Static checks (scripts/check): ruff lints the tree, mypy checks the package.
         "dev": ["mypy>=1.8", "mypy-zope>=1.0", "ruff>=0.5"],
     },
