@@ -84,3 +84,29 @@ class StorageErrorTests(SynchronousTestCase):
         """Not the SDK's: returned as it is (the retry layer logs it as unexpected)."""
         error = TypeError("a bug")
         self.assertIs(storage_error("AppendBlock", error), error)
+
+    def test_no_secret_in_the_message(self) -> None:
+        """
+        A refused connection's message names the URL it asked for, SAS token and
+        all (requests: "Max retries exceeded with url: /acc/c/blob?sv=...&sig=...");
+        the store's error keeps the path, not the query, nor a key or signature
+        anywhere in the text.
+        """
+        sas = "sv=2021-08-06&ss=b&srt=sco&sp=rwdlac&se=2030-01-01T00%3A00%3A00Z&sig=SeCrEt%2Bsig%3D"
+        refused = ServiceRequestError(
+            "HTTPConnectionPool(host='127.0.0.1', port=1): Max retries exceeded with url:"
+            " /devstoreaccount1/logs/_loghandler/container-check?" + sas + " (Caused by"
+            " NewConnectionError(\"Failed to establish a new connection: [Errno 111]\"))"
+        )
+        converted = self.convert(refused)
+        self.assertNotIn("SeCrEt", str(converted))
+        self.assertNotIn("sig=", str(converted))
+        self.assertIn("/devstoreaccount1/logs/_loghandler/container-check?", str(converted))
+        self.assertIn("Errno 111", str(converted))
+        keyed = self.convert(
+            ServiceRequestError("bad: AccountKey=a2V5a2V5;SharedAccessSignature=sv=1&sig=abc")
+        )
+        self.assertNotIn("a2V5a2V5", str(keyed))
+        self.assertNotIn("abc", str(keyed))
+        token = self.convert(ClientAuthenticationError("refused: Authorization: Bearer eyJhbGciOi.x.y"))
+        self.assertNotIn("eyJhbGciOi", str(token))

@@ -11,7 +11,7 @@ flush (DESIGN.md section 7).
   (capped by the time left before the shutdown deadline): the connection and each
   read of the answer (``connection_timeout``, ``read_timeout``).
 - The SDK's errors become :class:`~loghandler.interfaces.StorageError` with Azure's
-  status and error code (a 412 :class:`~loghandler.interfaces.PreconditionFailed`);
+  status and error code and a message without secrets (:func:`redacted`) (a 412 :class:`~loghandler.interfaces.PreconditionFailed`);
   no usable answer (refused, timed out, cut inside the answer) is status 0; a credential that cannot get a
   token (azure-identity) is 401 ``CredentialUnavailable``.
 
@@ -21,6 +21,7 @@ Append Block, Get Blob; https://learn.microsoft.com/rest/api/storageservices/
 
 from __future__ import annotations
 
+import re
 import threading
 from typing import Any, Callable, Optional, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -69,6 +70,29 @@ def without_query(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
 
 
+#: A URL's query in a text: from ``?`` to the next space, quote or parenthesis.
+_QUERY = re.compile(r"\?[^\s'\"()<>]+")
+#: A secret written ``name=value`` (a connection string's, a SAS's, an AWS query's).
+_SECRET_SETTING = re.compile(
+    r"(?i)\b(accountkey|sharedaccesssignature|sig|signature|x-amz-signature"
+    r"|x-amz-security-token|x-amz-credential)=[^\s;&'\"()<>]+"
+)
+#: An ``Authorization`` header's credentials.
+_AUTHORIZATION = re.compile(r"(?i)\b(authorization:?\s*\w+)\s+[^\s'\"()<>,]+")
+
+
+def redacted(text: str) -> str:
+    """
+    ``text`` (an SDK's error message) without what may be secret: every URL query
+    becomes ``?<query hidden>`` (requests names the URL, SAS token and all, when a
+    connection is refused), a key, SAS or signature written ``name=value`` becomes
+    ``name=<hidden>``, and ``Authorization`` credentials ``<hidden>``.
+    """
+    text = _QUERY.sub("?<query hidden>", text)
+    text = _SECRET_SETTING.sub(lambda m: m.group(1) + "=<hidden>", text)
+    return _AUTHORIZATION.sub(lambda m: m.group(1) + " <hidden>", text)
+
+
 def storage_error(operation: str, error: BaseException) -> BaseException:
     """
     What the SDK raised, as the store's error (see the module docstring); an
@@ -86,7 +110,7 @@ def storage_error(operation: str, error: BaseException) -> BaseException:
         if not code and error.response is not None:
             code = getattr(error.response, "headers", {}).get("x-ms-error-code", "")
         code = str(getattr(code, "value", code))  # a StorageErrorCode member, or text
-        message = (error.reason or "").strip()
+        message = redacted((error.reason or "").strip())
         if error.status_code == 412:
             return PreconditionFailed(operation, message, code or "ConditionNotMet")
         return StorageError(operation, error.status_code, code, message)
@@ -100,8 +124,9 @@ def storage_error(operation: str, error: BaseException) -> BaseException:
 
 
 def _first_line(error: BaseException) -> str:
+    """The first line of the error's message, :func:`redacted`."""
     lines = str(error).splitlines()
-    return lines[0] if lines else ""
+    return redacted(lines[0]) if lines else ""
 
 
 @implementer(IAppendBlobClient)
