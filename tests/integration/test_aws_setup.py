@@ -23,15 +23,13 @@ from twisted.web.client import HTTPConnectionPool
 from loghandler.budget import MemoryBudget
 from loghandler.config import MiB
 from loghandler.interfaces import StorageError
-from loghandler.keys import key_for
-from loghandler.registry import StreamRegistry, StreamSettings
 from loghandler.retry import RetryLayer
 from loghandler.storage.s3.api import CompletedPart
 from loghandler.storage.s3.client import S3Client, build_s3_client
 from loghandler.storage.s3.lease import Lease
 from loghandler.storage.s3.writer import STAGING_PREFIX, S3ObjectStore
-from tests.helpers import DAY_START_MS, message, read_lines
 from tests.integration.moto import MotoServer, shared_moto
+from tests.integration.test_stream_moto import checkpoint_then_merge
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 AWS = os.path.join(ROOT, "contrib", "aws")
@@ -161,24 +159,9 @@ class IAMPolicyTests(TestCase):
             retry=retry, lease=lease,
         )
         await store.check()
-        settings = StreamSettings(part_size=5 * MiB, lifetime_s=60, checkpoint_s=60)
-        first = [message(n, timestamp=DAY_START_MS) for n in range(1, 21)]
-        registry = StreamRegistry(store, reactor, settings, budget)
-        accepted = [registry.accept(m) for m in first]
-        self.assertTrue(await accepted[-1].durable())
-        await registry.close_all()
-        second = [message(n, timestamp=DAY_START_MS) for n in range(21, 31)]
-        registry = StreamRegistry(store, reactor, settings, budget)
-        for m in second:
-            registry.accept(m)
-        await registry.close_all()
+        await checkpoint_then_merge(self, store, budget)
         await store.close()
         self.assertIsNone(store.problem)
-        key = key_for(DAY_START_MS, 3)
-        info = await self.client.head(key)
-        assert info is not None
-        body = await self.client.get(key, info.etag)
-        self.assertEqual(read_lines(body), [m.to_line() for m in first + second])
         self.assertEqual(await self.client.list_objects(STAGING_PREFIX), [])
         self.assertEqual(await self.client.list_objects("_loghandler/writers/"), [])
 
