@@ -55,8 +55,9 @@ def _hidden(value: Optional[str]) -> str:
 class Config:
     """
     Everything the daemon is told.  Times are seconds unless the name says otherwise;
-    sizes are bytes.  Its ``repr`` shows the secrets (``AWS_ACCESS_SECRET``,
-    ``AZURE_KEY``, ``AZURE_CONNECTION_STRING``) as ``'<hidden>'``.
+    sizes are bytes.  Its ``repr`` shows the settings marked secret
+    (``AWS_ACCESS_KEY``, ``AWS_ACCESS_SECRET``, ``AZURE_KEY``,
+    ``AZURE_CONNECTION_STRING``) as ``'<hidden>'``.
     """
 
     addr: str = "0.0.0.0"
@@ -64,7 +65,7 @@ class Config:
     storage: str = "aws"
     queue_timeout_s: float = 3600.0
     no_upload: bool = False
-    aws_access_key: Optional[str] = None
+    aws_access_key: Optional[str] = attrs.field(default=None, repr=_hidden)
     aws_access_secret: Optional[str] = attrs.field(default=None, repr=_hidden)
     aws_region: Optional[str] = None
     aws_bucket: Optional[str] = None

@@ -287,6 +287,19 @@ class ConfigReprTests(SynchronousTestCase):
         self.assertIn("aws_access_secret='<hidden>'", text)
         self.assertIn("azure_key=None", text)
 
+    def test_every_secret_setting_hidden(self) -> None:
+        """Each setting marked secret (the ones twistd takes from the environment only)."""
+        import attrs
+
+        from loghandler.config import SETTINGS, Config
+
+        secret = [s for s in SETTINGS if s.secret]
+        self.assertGreaterEqual(len(secret), 4)
+        for setting in secret:
+            config = attrs.evolve(Config(), **{setting.field: "s3cr3t-" + setting.env})
+            self.assertNotIn("s3cr3t", repr(config), setting.env)
+            self.assertIn("%s='<hidden>'" % setting.field, repr(config))
+
 
 class LogCallAuditTests(SynchronousTestCase):
     """
