@@ -40,6 +40,10 @@ class SystemdUnitTests(SynchronousTestCase):
         self.assertIn("--pidfile=", words)
         self.assertEqual(words[-1], "loghandler")
 
+    def test_reload(self) -> None:
+        """``systemctl reload`` sends SIGHUP (the daemon reads AUTH_TOKENS_FILE again)."""
+        self.assertEqual(files.unit_value("ExecReload"), "/bin/kill -HUP $MAINPID")
+
     def test_settings_from_the_defaults_file(self) -> None:
         """The settings come from /etc/default/loghandler, as for the init script."""
         self.assertEqual(files.unit_value("EnvironmentFile"), "/etc/default/loghandler")

@@ -4,7 +4,7 @@ tests give it a defaults file (``LOGHANDLER_DEFAULTS``) that puts the pidfile, t
 log and the working directory in a temporary directory, runs the daemon as the
 current user (``DAEMON_USER=``) from this virtualenv's twistd, against moto.  They
 check its output and exit status per LSB for start, stop, restart, try-restart,
-force-reload and status, the pidfile, and that stop waits for the flush: the object
+reload (SIGHUP: AUTH_TOKENS_FILE read again), force-reload and status, the pidfile, and that stop waits for the flush: the object
 is in the bucket once stop returns, and not before.
 """
 
@@ -245,13 +245,53 @@ class InitScriptTests(SynchronousTestCase):
         self.assertIn("no-such-twistd is not installed (set TWISTD in %s)" % self.defaults, err)
 
     def test_actions(self) -> None:
-        """An unknown action exits 2 with the usage; reload exits 3 (unimplemented)."""
+        """
+        An unknown action exits 2 with the usage; reload of a daemon that is not
+        running exits 7 (not running).
+        """
         status, out, err = self.script("frobnicate")
         self.assertEqual(status, 2)
         self.assertIn("Usage: ", err)
-        status, out, err = self.script("reload")
-        self.assertEqual(status, 3)
-        self.assertIn("reload is not supported", err)
+        self.assertEqual(self.script("reload"), (7, "", "loghandler is not running\n"))
+
+    def test_reload_reads_tokens(self) -> None:
+        """
+        reload sends SIGHUP: the same daemon reads AUTH_TOKENS_FILE again (its log
+        says so), and a token added to the file is taken at once.
+        """
+        tokens = os.path.join(self.dir, "tokens")
+        old, new = "OldToken-0123456789abcdef", "NewToken-0123456789abcdef"
+        with open(tokens, "w") as f:
+            f.write("%s 1\n" % old)
+        self.write_defaults(AUTH_TOKENS_FILE=tokens)
+        pid = self.start()
+        body = message_body(1, 1, int(time.time() * 1000))
+        self.assertEqual(self.post(body, old), 200)
+        self.assertEqual(self.post(body, new), 401)
+        with open(tokens, "w") as f:
+            f.write("%s 1\n%s 1\n" % (old, new))
+        self.assertEqual(
+            self.script("reload"),
+            (0, "loghandler: AUTH_TOKENS_FILE reloaded (pid %d); other settings take a restart\n" % pid, ""),
+        )
+        deadline = time.monotonic() + 10
+        while "reloaded (SIGHUP)" not in self.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.assertIn("AUTH_TOKENS_FILE %s reloaded (SIGHUP): 2 credentials" % tokens, self.log())
+        self.assertEqual(self.post(body, new), 200)
+        self.assertEqual(self.pid(), pid)
+        self.assertEqual(self.script("stop")[0], 0)
+
+    def post(self, body: bytes, token: str) -> int:
+        """POST ``body`` to /log with a bearer ``token``; the status."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        connection.request(
+            "POST", "/log", body,
+            {"Content-Type": "application/json", "Authorization": "Bearer " + token},
+        )
+        status = connection.getresponse().status
+        connection.close()
+        return status
 
     def test_stop_timeout(self) -> None:
         """
