@@ -151,6 +151,12 @@ class IObjectStore(Interface):
         "None while storage works; else a short text saying why it fails for good"
         " (access denied, no such bucket), for /healthz."
     )
+    failing = Attribute(
+        "None while storage calls succeed; else ``(since, reason)``: the clock's"
+        " seconds of the first call that failed for want of storage (refused, timed"
+        " out, 5xx, access denied) with none succeeding since, and the last such"
+        " failure (``'PutObject: 503 SlowDown'``), for the readiness probe."
+    )
 
     def open(key: str) -> IObjectWriter:
         """

@@ -222,6 +222,19 @@ class StreamRegistry:
         problem: Optional[str] = self._store.problem
         return problem
 
+    def seconds(self) -> float:
+        """The registry's clock, in seconds."""
+        return self._clock.seconds()
+
+    @property
+    def storage_failing(self) -> Optional[tuple[float, str]]:
+        """
+        ``(since, reason)`` while the store's calls fail with none succeeding (clock
+        seconds, the last failure), else None (the store's ``failing``).
+        """
+        failing: Optional[tuple[float, str]] = getattr(self._store, "failing", None)
+        return failing
+
     @property
     def completing(self) -> int:
         """How many streams are completing their objects."""

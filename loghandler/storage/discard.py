@@ -62,6 +62,7 @@ class DiscardStore:
 
     name = "discard"
     problem: Optional[str] = None
+    failing: Optional[tuple[float, str]] = None
 
     def __init__(self) -> None:
         self.bytes_discarded = 0

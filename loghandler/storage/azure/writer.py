@@ -134,6 +134,12 @@ class AzureObjectStore:
         """Why storage fails for good, or None (see :class:`RetryLayer`)."""
         return self.retry.problem
 
+    @property
+    def failing(self) -> Optional[tuple[float, str]]:
+        """``(since, reason)`` while storage calls fail, else None (``IObjectStore``)."""
+        since = self.retry.failing_since
+        return None if since is None else (since, self.retry.last_failure or "")
+
     def open(self, key: str) -> "AzureObjectWriter":
         """A writer for the next stream of ``key``; sends nothing yet."""
         return AzureObjectWriter(self, key, self._generations.get(key, 0))

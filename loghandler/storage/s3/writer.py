@@ -167,6 +167,12 @@ class S3ObjectStore:
         """Why storage fails for good, or None (see :class:`RetryLayer`)."""
         return self.retry.problem
 
+    @property
+    def failing(self) -> Optional[tuple[float, str]]:
+        """``(since, reason)`` while storage calls fail, else None (``IObjectStore``)."""
+        since = self.retry.failing_since
+        return None if since is None else (since, self.retry.last_failure or "")
+
     def open(self, key: str) -> "S3ObjectWriter":
         """A writer for the next stream of ``key``; sends nothing yet."""
         return S3ObjectWriter(self, key, self.next_staging_key(key))
