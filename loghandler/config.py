@@ -102,6 +102,10 @@ class Config:
     workers: int = 1
     listen: Optional[str] = None
     auth_tokens_file: Optional[str] = None
+    ready_fail_after_s: float = 30.0
+    admin_addr: str = "0.0.0.0"
+    #: None: the probes and metrics are served on the main listener.
+    admin_port: Optional[int] = None
 
 
 @attrs.frozen
@@ -573,6 +577,25 @@ SETTINGS: tuple[Setting, ...] = (
         _seconds(0.1, 3600.0),
         "ACK=durable: seconds before a message not yet stored is answered 202",
     ),
+    Setting(
+        "READY_FAIL_AFTER_S",
+        "ready_fail_after_s",
+        _seconds(0.0, 86400.0),
+        "seconds storage calls may fail, none succeeding, before /readyz answers 503",
+    ),
+    Setting(
+        "ADMIN_ADDR",
+        "admin_addr",
+        _address,
+        "IP address of the probes' and metrics' own listener (with ADMIN_PORT)",
+    ),
+    Setting(
+        "ADMIN_PORT",
+        "admin_port",
+        _integer(0, 65535),
+        "TCP port of a listener of its own for /livez, /readyz, /healthz and /metrics,"
+        " which the main port then does not serve (unset: the main port serves them)",
+    ),
 )
 
 
@@ -645,6 +668,11 @@ def from_environ(
         raise ConfigError(
             "S3_SSE_KMS_KEY_ID: only with S3_SSE=aws:kms, got S3_SSE=%s"
             % (config.s3_sse or "(unset)")
+        )
+    if config.admin_port is not None and config.admin_port == config.port != 0:
+        raise ConfigError(
+            "ADMIN_PORT: must differ from PORT (%d), or be unset to serve the probes"
+            " on PORT" % config.port
         )
     if (config.aws_access_key is None) != (config.aws_access_secret is None):
         missing = "AWS_ACCESS_SECRET" if config.aws_access_secret is None else "AWS_ACCESS_KEY"

@@ -1,7 +1,8 @@
 """
-What ``GET /healthz`` reports: one process's state (:func:`local_health`), and with
-``WORKERS`` above 1 the state of all workers together (:func:`combine_health`), which
-the supervisor computes from the workers' reports and hands back to every worker, so
+What the probes report (:mod:`loghandler.admin`): one process's readiness
+(:func:`local_health`), and with ``WORKERS`` above 1 the readiness and liveness of all
+workers together (:func:`combine_health`, :func:`combine_liveness`), which the
+supervisor computes from the workers' reports and hands back to every worker, so
 that whichever worker accepts the probe's connection answers for the whole server.
 """
 
@@ -15,21 +16,38 @@ from loghandler.registry import StreamRegistry
 _SUMMED = ("open_objects", "completing_objects", "buffered_bytes", "buffer_budget_bytes")
 
 
-def local_health(registry: StreamRegistry) -> dict[str, Any]:
+#: Seconds a running worker may go without a report before ``/livez`` calls the server
+#: stuck (a worker reports every second; a start takes a few).
+LIVE_STALE_S = 30.0
+
+#: The default of ``READY_FAIL_AFTER_S``: seconds storage calls may fail, with none
+#: succeeding, before the readiness probe answers 503.
+READY_FAIL_AFTER_S = 30.0
+
+
+def local_health(
+    registry: StreamRegistry, ready_fail_after_s: float = READY_FAIL_AFTER_S
+) -> dict[str, Any]:
     """
-    This process's state: ``{"status": ..., "open_objects": n, "completing_objects": n,
-    "buffered_bytes": n, "buffer_budget_bytes": n}``.  ``status`` is ``"ok"`` while
-    messages are taken, else the first reason they are not, in this order:
-    ``"stopping"``, ``"storage not reachable"`` (until the store was reached),
-    ``"storage failing: ..."`` (a failure only an operator can fix: access denied,
-    no such bucket), ``"buffers full"`` (the memory budget is spent).
+    This process's readiness: ``{"status": ..., "open_objects": n,
+    "completing_objects": n, "buffered_bytes": n, "buffer_budget_bytes": n,
+    "storage_failing_s": seconds}``.  ``status`` is ``"ok"`` while messages are
+    taken and stored, else the first reason, in this order: ``"stopping"``,
+    ``"storage not reachable"`` (starting: until the store was reached),
+    ``"storage failing for N s: ..."`` (every storage call failed for want of
+    storage, refused, timed out, 5xx, access denied, for more than
+    ``ready_fail_after_s`` seconds, with the last failure or the problem only an
+    operator can fix), ``"buffers full"`` (the memory budget is spent).
+    ``storage_failing_s`` is 0 while calls succeed.
     """
+    failing = registry.storage_failing
+    failing_s = 0.0 if failing is None else max(0.0, registry.seconds() - failing[0])
     if registry.stopping:
         state = "stopping"
     elif not registry.ready:
         state = "storage not reachable"
-    elif registry.storage_problem is not None:
-        state = "storage failing: %s" % registry.storage_problem
+    elif failing is not None and failing_s > ready_fail_after_s:
+        state = "storage failing for %d s: %s" % (failing_s, registry.storage_problem or failing[1])
     elif registry.budget.exhausted:
         state = "buffers full"
     else:
@@ -40,6 +58,7 @@ def local_health(registry: StreamRegistry) -> dict[str, Any]:
         "completing_objects": registry.completing,
         "buffered_bytes": registry.budget.held,
         "buffer_budget_bytes": registry.budget.limit,
+        "storage_failing_s": round(failing_s, 1),
     }
 
 
@@ -71,6 +90,9 @@ def combine_health(
     combined: dict[str, Any] = {"status": status}
     for field in _SUMMED:
         combined[field] = sum(int(reports[n].get(field, 0)) for n in running)
+    combined["storage_failing_s"] = max(
+        (float(reports[n].get("storage_failing_s", 0)) for n in running), default=0.0
+    )
     combined["workers_running"] = len(running)
     combined["workers_expected"] = workers
     combined["workers"] = [
@@ -78,3 +100,17 @@ def combine_health(
         for n in running
     ]
     return combined
+
+
+def combine_liveness(silent: Mapping[int, float], stale_after_s: float) -> dict[str, Any]:
+    """
+    The whole server's liveness from the seconds each running worker (by number) has
+    sent no report: ``{"status": "ok", "workers_running": n}``, or, once one has been
+    silent for more than ``stale_after_s``, ``"worker N sent no report for S s"``:
+    its reactor is stuck, which a restart cures.
+    """
+    for number in sorted(silent):
+        if silent[number] > stale_after_s:
+            status = "worker %d sent no report for %d s" % (number, silent[number])
+            return {"status": status, "workers_running": len(silent)}
+    return {"status": "ok", "workers_running": len(silent)}

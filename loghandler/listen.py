@@ -160,6 +160,18 @@ def listener(
     return ListenerService(server_endpoint(stand_in, on.text, on.setting), factory, on)
 
 
+def admin_listener(config: Config, reactor: Any, factory: Any) -> ListenerService:
+    """
+    The listening service of the probes and metrics: ``ADMIN_ADDR``/``ADMIN_PORT``
+    (which must be set), plain TCP; one line naming them and exit 2 when it cannot
+    listen.
+    """
+    assert config.admin_port is not None
+    text = listen_description(config.admin_addr, config.admin_port)
+    on = ListenOn(text, "ADMIN_ADDR/ADMIN_PORT", "%s:%d" % (config.admin_addr, config.admin_port))
+    return ListenerService(server_endpoint(reactor, text, on.setting), factory, on)
+
+
 class _Adopt:
     """
     A worker's stand-in for the reactor, handed to the endpoint: its ``listen*``

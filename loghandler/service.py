@@ -20,11 +20,12 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from loghandler.admin import Probes, add_probes, local_probes, make_admin_site
 from loghandler.auth import TokenFile
 from loghandler.budget import MemoryBudget
 from loghandler.config import Config
 from loghandler.interfaces import IObjectStore
-from loghandler.listen import listener
+from loghandler.listen import admin_listener, listener
 from loghandler.message import Limits
 from loghandler.metrics import Metrics
 from loghandler.registry import StreamRegistry, StreamSettings
@@ -32,6 +33,9 @@ from loghandler.web import make_site
 
 #: The name of the :class:`StreamService` in the root service.
 STREAM_SERVICE_NAME = "streams"
+
+#: The name of the ``ADMIN_PORT`` listener's service in the root service.
+ADMIN_SERVICE_NAME = "admin"
 
 #: Seconds between checks of a store that could not be reached at start.
 CHECK_INTERVAL_S = 5.0
@@ -151,7 +155,7 @@ def build_service(
     budget: Optional[MemoryBudget] = None,
     background: Sequence[IService] = (),
     adopt: Optional[tuple[int, int]] = None,
-    health: Optional[Callable[[], dict[str, Any]]] = None,
+    probes: Optional[Probes] = None,
     metrics: Optional[Metrics] = None,
     auth: Optional[TokenFile] = None,
 ) -> MultiService:
@@ -167,7 +171,9 @@ def build_service(
     :param adopt: ``(fd, family)`` of a listening socket inherited from the
         supervisor (a worker of ``WORKERS``), served through the same ``LISTEN``
         (or ``ADDR``/``PORT``) endpoint string (:func:`loghandler.listen.listener`).
-    :param health: what ``/healthz`` answers in place of this process's own state.
+    :param probes: what the probes and metrics answer in place of this process's
+        own state (a worker of ``WORKERS``: the whole server's); given, the
+        ``ADMIN_PORT`` listener is not this process's to open (the supervisor's).
     :param metrics: the process's metrics, which the store given counts on too
         (:func:`loghandler.tap.build_root` makes one for both); by default a new
         one.  The stream service (named :data:`STREAM_SERVICE_NAME`) holds it as
@@ -206,13 +212,22 @@ def build_service(
         clock=reactor,
         batch_max_bytes=config.batch_max_bytes,
         batch_max_lines=config.batch_max_lines,
-        health=health,
         metrics=metrics,
         auth=auth,
     )
     root = MultiService()
     streams = StreamService(registry, store, reactor, config.shutdown_timeout_s, metrics)
     streams.setName(STREAM_SERVICE_NAME)
+    admin_here = probes is None and config.admin_port is not None
+    if probes is None:
+        probes = local_probes(registry, config.ready_fail_after_s, metrics.registry)
+    if config.admin_port is None:
+        add_probes(site.resource, probes, site)
+    elif admin_here:
+        # First in, last out: the probes answer (/readyz: stopping) during the flush.
+        admin = admin_listener(config, reactor, make_admin_site(probes))
+        admin.setName(ADMIN_SERVICE_NAME)
+        admin.setServiceParent(root)
     streams.setServiceParent(root)
     for service in background:
         service.setServiceParent(root)

@@ -17,8 +17,10 @@ The supervisor:
   another worker's recovery once its lease lapses (DESIGN.md section 6);
 - republishes the workers' log events in its own log (``[worker N]``, and a
   ``worker`` field in JSON logs: :mod:`loghandler.logs`);
-- combines the workers' health reports (:func:`combine_health`) and hands the result
-  to every worker, so that ``/healthz`` on the shared port answers for all;
+- combines the workers' health reports (:func:`combine_health`) and metrics
+  (:func:`loghandler.exposition.combine`) and hands the result to every worker, so
+  that ``/readyz``, ``/livez`` and ``/metrics`` on the shared port answer for all;
+  with ``ADMIN_PORT`` it serves them itself, on that port;
 - passes SIGHUP on to every worker (each reloads ``AUTH_TOKENS_FILE``);
 - on stop (SIGTERM, SIGINT), sends each worker SIGTERM and returns only once every
   worker has flushed and exited, or kills the ones still running
@@ -42,10 +44,16 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
+from twisted.internet.task import LoopingCall
+
+from loghandler.admin import Probes, make_admin_site
 from loghandler.config import Config, ConfigError
-from loghandler.health import combine_health
-from loghandler.listen import ListeningSocket, listen_on, open_shared
-from loghandler.worker import FD_LISTEN, FD_REPORTS
+from loghandler.exposition import combine, cumulative, render, samples_of
+from loghandler.health import LIVE_STALE_S, combine_health, combine_liveness
+from loghandler.listen import ListeningSocket, ListenerService, admin_listener, listen_on, open_shared
+from loghandler.metrics import GAUGES_COMBINED_BY_MAX
+from loghandler.worker import FD_LISTEN, FD_REPORTS, REPORT_INTERVAL_S
 
 #: Seconds before the first restart of a worker that exited; doubled each time it
 #: exits again without having run :data:`STABLE_AFTER_S`.
@@ -186,6 +194,26 @@ class WorkerSupervisor(Service):
         self._failures: dict[int, int] = {}
         self._restarts: dict[int, IDelayedCall] = {}
         self._reports: dict[int, dict[str, Any]] = {}
+        # Each running worker's last metrics (samples_of) and when it last reported.
+        self._samples: dict[int, list[Any]] = {}
+        self._reported_at: dict[int, float] = {}
+        # The counters and histograms of workers that ended (exposition.cumulative).
+        self._retired: list[Any] = []
+        self._metrics = CollectorRegistry()
+        ProcessCollector(registry=self._metrics)
+        self._workers_running = Gauge(
+            "loghandler_workers_running",
+            "Worker processes running (WORKERS).",
+            registry=self._metrics,
+        )
+        self._worker_restarts = Counter(
+            "loghandler_worker_restarts_total",
+            "Worker processes that ended unexpectedly and were restarted.",
+            registry=self._metrics,
+        )
+        self._metrics_broadcast = LoopingCall(self._broadcast_metrics)
+        self._metrics_broadcast.clock = reactor
+        self._admin: Optional[ListenerService] = None
         self._stopping = False
         self._all_ended: Optional[Deferred[None]] = None
         self._kill: Optional[IDelayedCall] = None
@@ -213,6 +241,14 @@ class WorkerSupervisor(Service):
             sys.stderr.write("loghandler: %s\n" % e)
             raise SystemExit(EXIT_CONFIG) from None
         self._socket = self._listening.socket
+        if self._config.admin_port is not None and self._admin is None:
+            try:
+                admin = admin_listener(self._config, self._reactor, make_admin_site(self.probes()))
+            except ConfigError as e:
+                sys.stderr.write("loghandler: %s\n" % e)
+                raise SystemExit(EXIT_CONFIG) from None
+            admin.privilegedStartService()  # one line and exit 2 when it cannot listen
+            self._admin = admin
         Service.privilegedStartService(self)
 
     def startService(self) -> None:
@@ -229,8 +265,11 @@ class WorkerSupervisor(Service):
             workers=self._config.workers,
             share=self._config.buffer_budget_bytes // self._config.workers,
         )
+        if self._admin is not None:
+            self._admin.startService()
         for number in range(1, self._config.workers + 1):
             self._start(number)
+        self._metrics_broadcast.start(REPORT_INTERVAL_S, now=False)
 
     def _stop_once_on_signals(self) -> None:
         """
@@ -287,15 +326,51 @@ class WorkerSupervisor(Service):
         """A worker's health report: combine and hand the result to every worker."""
         if self._workers.get(number) is None:
             return
+        samples = report.pop("metrics", None)
+        if isinstance(samples, list):
+            self._samples[number] = samples
         self._reports[number] = report
+        self._reported_at[number] = self._reactor.seconds()
         self._broadcast()
 
     def health(self) -> dict[str, Any]:
-        """The whole server's health (:func:`combine_health`)."""
+        """The whole server's readiness (:func:`combine_health`)."""
         return combine_health(self._reports, self._config.workers, self._stopping)
 
+    def liveness(self) -> dict[str, Any]:
+        """
+        The whole server's liveness (:func:`combine_liveness`): not alive once a
+        running worker sent no report for :data:`LIVE_STALE_S` (it is stuck).
+        """
+        now = self._reactor.seconds()
+        silent = {
+            number: now - self._reported_at.get(number, self._started_at[number])
+            for number in self._workers
+        }
+        return combine_liveness(silent, LIVE_STALE_S)
+
+    def metrics(self) -> list[Any]:
+        """The whole server's metrics: the supervisor's and every worker's, combined."""
+        self._workers_running.set(len(self._workers))
+        own = samples_of(self._metrics, "supervisor")
+        sets = [own, self._retired, *self._samples.values()]
+        return combine(sets, GAUGES_COMBINED_BY_MAX)
+
+    def probes(self) -> Probes:
+        """What the ``ADMIN_PORT`` listener answers: the whole server's state."""
+        return Probes(
+            live=self.liveness, ready=self.health, metrics=lambda: render(self.metrics())
+        )
+
     def _broadcast(self) -> None:
-        line = json.dumps(self.health()).encode()
+        line = json.dumps({"ready": self.health(), "live": self.liveness()}).encode()
+        for worker in self._workers.values():
+            worker.send(line)
+
+    def _broadcast_metrics(self) -> None:
+        if not self._workers:
+            return
+        line = json.dumps({"metrics": self.metrics()}).encode()
         for worker in self._workers.values():
             worker.send(line)
 
@@ -306,6 +381,10 @@ class WorkerSupervisor(Service):
             return
         del self._workers[number]
         self._reports.pop(number, None)
+        self._reported_at.pop(number, None)
+        ended_samples = self._samples.pop(number, None)
+        if ended_samples is not None:
+            self._retired = combine([self._retired, cumulative(ended_samples)])
         ran = self._reactor.seconds() - self._started_at.pop(number)
         how = describe_exit(reason)
         if self._stopping:
@@ -340,6 +419,7 @@ class WorkerSupervisor(Service):
             )
             self._reactor.stop()
             return
+        self._worker_restarts.inc()
         failures = 0 if ran >= STABLE_AFTER_S else self._failures.get(number, 0) + 1
         self._failures[number] = failures
         delay = min(RESTART_CAP_S, RESTART_BASE_S * 2 ** max(0, failures - 1))
@@ -405,5 +485,10 @@ class WorkerSupervisor(Service):
             self._listening.close()
             self._listening = None
             self._socket = None
+        if self._metrics_broadcast.running:
+            self._metrics_broadcast.stop()
+        if self._admin is not None:
+            admin, self._admin = self._admin, None
+            admin.stopService()
         self._log.info("all workers stopped", event="workers_stopped")
         self._all_ended.callback(None)

@@ -17,6 +17,7 @@ from twisted.application.service import IService
 from twisted.logger import Logger
 from twisted.python import usage
 
+from loghandler.admin import Probes
 from loghandler.auth import TokenFile, reload_on_sighup
 from loghandler.budget import MemoryBudget
 from loghandler.config import SETTINGS, Config, ConfigError, from_environ
@@ -263,7 +264,7 @@ def build_root(
     config: Config,
     reactor: Any,
     adopt: Optional[tuple[int, int]] = None,
-    health: Optional[Callable[[], dict[str, Any]]] = None,
+    probes: Optional[Probes] = None,
 ) -> IService:
     """
     The service of one process: its store (and the store's lease and recovery), its
@@ -271,7 +272,7 @@ def build_root(
     reactor runs) and its listener, logged in one start line.
 
     :param adopt: ``(fd, family)`` of an inherited listening socket (a worker).
-    :param health: what ``/healthz`` answers in place of this process's own state.
+    :param probes: what the probes and metrics answer (a worker: the whole server's).
     :raises ConfigError: ``LISTEN`` or ``AUTH_TOKENS_FILE`` is refused.
     """
     tokens = load_tokens(config, reactor)
@@ -321,7 +322,7 @@ def build_root(
         budget=budget,
         background=background,
         adopt=adopt,
-        health=health,
+        probes=probes,
         metrics=metrics,
         auth=tokens,
     )

@@ -1,7 +1,7 @@
 """
 HTTP: ``POST /log`` takes one JSON message (DESIGN.md section 1), or with
-``Content-Type: application/x-ndjson`` a batch of them, one per line; ``GET /healthz``
-says whether the server takes messages; everything else is a JSON 404.
+``Content-Type: application/x-ndjson`` a batch of them, one per line; everything else
+is a JSON 404 (the probes and metrics are :mod:`loghandler.admin`'s).
 
 Every answer is JSON.  200 ``{"ok": true}`` means the message is held for its object
 (``{"ok": true, "accepted": N}`` for a batch); 400 / 413 name what is wrong (and for a
@@ -25,7 +25,6 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from loghandler.auth import FORBIDDEN_CHALLENGE, Credential, Refusal, TokenFile, forbidden_reason
-from loghandler.health import local_health
 from loghandler.message import Limits, Rejection, batch_too_large, parse_message, too_large
 from loghandler.metrics import Metrics
 from loghandler.registry import Accepted, Busy, StreamRegistry
@@ -47,9 +46,19 @@ def is_batch(request: http.Request) -> bool:
     return values[0].split(b";", 1)[0].strip().lower() == BATCH_CONTENT_TYPE
 
 
-def _respond(request: Request, status: int, body: bytes) -> bytes:
+def respond(
+    request: Request, status: int, body: bytes, content_type: bytes = b"application/json"
+) -> bytes:
+    """
+    Answer ``status`` with ``body`` (what ``render`` returns); to ``HEAD``, the
+    headers ``GET`` would get (its Content-Length) and no body, which twisted.web
+    would otherwise drop with a warning in the log.
+    """
     request.setResponseCode(status)
-    request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+    request.responseHeaders.setRawHeaders(b"content-type", [content_type])
+    if request.method == b"HEAD":
+        request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+        return b""
     return body
 
 
@@ -74,7 +83,7 @@ def _note_rejection(request: Request, rejection: Rejection, line: Optional[int] 
 
 def _refuse(request: Request, rejection: Rejection) -> bytes:
     _note_rejection(request, rejection)
-    return _respond(request, rejection.status, rejection.to_json())
+    return respond(request, rejection.status, rejection.to_json())
 
 
 def _error(request: Request, status: int, error: str) -> bytes:
@@ -84,7 +93,7 @@ def _error(request: Request, status: int, error: str) -> bytes:
 def _refuse_line(request: Request, rejection: Rejection, line: int) -> bytes:
     _note_rejection(request, rejection, line)
     body = {"error": rejection.error, "field": rejection.field, "line": line}
-    return _respond(request, rejection.status, json.dumps(body).encode("ascii"))
+    return respond(request, rejection.status, json.dumps(body).encode("ascii"))
 
 
 def _unauthorized(request: Request, refusal: Refusal) -> bytes:
@@ -263,7 +272,7 @@ class LogResource(Resource):
         self._accepted.inc()
         self._received_bytes.inc(len(body))
         if self._durable_timeout_s is None:
-            return _respond(request, 200, _OK)
+            return respond(request, 200, _OK)
         return self._answer_when_durable(request, accepted.durable())
 
     def _render_batch(
@@ -318,7 +327,7 @@ class LogResource(Resource):
         self._received_bytes.inc(len(body))
         ok = b'{"ok":true,"accepted":%d}' % len(accepted)
         if self._durable_timeout_s is None:
-            return _respond(request, 200, ok)
+            return respond(request, 200, ok)
         last: dict[ObjectStream, Accepted] = {}
         for one in accepted:
             last[one.stream] = one  # each stream's highest line
@@ -372,7 +381,7 @@ class LogResource(Resource):
         def late(failure: Failure) -> None:
             failure.trap(TimeoutError, CancelledError)
             if not request.finished and not request._disconnected:
-                request.write(_respond(request, 202, _HELD))
+                request.write(respond(request, 202, _HELD))
                 request.finish()
 
         durable.addCallbacks(answer, late)
@@ -384,36 +393,8 @@ class LogResource(Resource):
 
     def _durable_answer(self, request: Request, stored: bool, ok: bytes, lost: str) -> bytes:
         if stored:
-            return _respond(request, 200, ok)
+            return respond(request, 200, ok)
         return _error(request, 500, lost)
-
-
-class HealthResource(Resource):
-    """
-    ``GET /healthz``: 200 with ``{"status": "ok", ...}`` while messages are taken, 503
-    with the reason while they are not (:func:`loghandler.health.local_health`; a
-    readiness probe then sends traffic elsewhere).  With ``WORKERS`` above 1 the
-    answer is the whole server's (:func:`loghandler.health.combine_health`).
-
-    :param report: the state to answer with: a ``dict`` with ``"status"``.
-    """
-
-    isLeaf = True
-
-    def __init__(self, report: Callable[[], dict[str, Any]]) -> None:
-        super().__init__()
-        self._report = report
-
-    def render(self, request: Request) -> bytes:
-        """Report the state and the bytes held, as JSON; 405 for other methods."""
-        if request.postpath and request.postpath != [b""]:
-            return _error(request, 404, "not found")
-        if request.method not in (b"GET", b"HEAD"):
-            request.responseHeaders.setRawHeaders(b"allow", [b"GET, HEAD"])
-            return _error(request, 405, "method not allowed; use GET")
-        report = self._report()
-        body = json.dumps(report).encode()
-        return _respond(request, 200 if report["status"] == "ok" else 503, body)
 
 
 class _NotFound(Resource):
@@ -424,7 +405,7 @@ class _NotFound(Resource):
 
 
 class Root(Resource):
-    """The site's root: ``/log`` and ``/healthz``; JSON 404 for any other path."""
+    """The site's root: JSON 404 for any path not put under it."""
 
     def getChild(self, path: bytes, request: Request) -> IResource:
         """Anything not registered is a JSON 404."""
@@ -440,7 +421,7 @@ class LogRequest(Request):
     A request of the :class:`LogSite`: its body is kept by
     :meth:`LogSite.getContentFile` with the limit of its kind (a batch,
     ``application/x-ndjson``, or a single message), and the site's own paths
-    (``/log``, ``/healthz``) are served without twisted.web's resource traversal.
+    (``/log``, the probes) are served without twisted.web's resource traversal.
     The headers are in when twisted.web calls :meth:`gotLength`.
 
     :ivar batch: whether the Content-Type is ``application/x-ndjson``.
@@ -688,15 +669,13 @@ def make_site(
     clock: Optional[IReactorTime] = None,
     batch_max_bytes: int = 1024 * 1024,
     batch_max_lines: int = 1000,
-    health: Optional[Callable[[], dict[str, Any]]] = None,
     metrics: Optional[Metrics] = None,
     auth: Optional[TokenFile] = None,
 ) -> LogSite:
     """
-    The whole HTTP side: root, ``/log``, ``/healthz`` and the site.
-    ``durable_timeout_s`` (with ``clock``) turns on ``ACK=durable``; ``health``
-    replaces this process's own state in ``/healthz`` (a worker of ``WORKERS``);
-    ``metrics`` counts the messages (a new one by default);
+    The ingest side: root, ``/log`` and the site (:func:`loghandler.admin.add_probes`
+    adds the probes and metrics).  ``durable_timeout_s`` (with ``clock``) turns on
+    ``ACK=durable``; ``metrics`` counts the messages (a new one by default);
     ``auth`` (``AUTH_TOKENS_FILE``) guards ``POST /log`` only, never the probes.
     """
     if metrics is None:
@@ -715,11 +694,6 @@ def make_site(
         auth,
     )
     root.putChild(b"log", log)
-    if health is None:
-        health = lambda: local_health(registry)  # noqa: E731
-    healthz = HealthResource(health)
-    root.putChild(b"healthz", healthz)
     site = LogSite(root, max_body_bytes, access_log, batch_max_bytes, metrics, clock)
     site.route(b"/log", log)
-    site.route(b"/healthz", healthz)
     return site

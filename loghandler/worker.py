@@ -6,14 +6,17 @@ A worker is a whole loghandler (its own streams, writer ID, lease and recovery, 
 its share of ``BUFFER_BUDGET_BYTES``) that accepts connections on the listening
 socket the supervisor opened.  Its file descriptors:
 
-- 0: from the supervisor, the whole server's health (:func:`combine_health`), one
-  JSON object per line; end of file means the supervisor is gone: the worker stops
-  (flushes) as on SIGTERM.
+- 0: from the supervisor, one JSON object per line: the whole server's readiness
+  and liveness (``{"ready": ..., "live": ...}``, :func:`combine_health`), after each
+  report of any worker, and its metrics (``{"metrics": ...}``,
+  :func:`loghandler.exposition.combine`) every :data:`REPORT_INTERVAL_S`; end of file
+  means the supervisor is gone: the worker stops (flushes) as on SIGTERM.
 - 1: its log events, one JSON object per line (``twisted.logger`` JSON), which the
   supervisor republishes in its own log as ``[worker N]``.
 - 2: anything written to stderr (a crash before logging started).
 - 3: the listening socket (:data:`FD_LISTEN`), of address family ``FAMILY``.
-- 4: to the supervisor, this worker's health (:func:`local_health`) every
+- 4: to the supervisor, this worker's health (:func:`local_health`) and metrics
+  (``"metrics"``: :func:`loghandler.exposition.samples_of`) every
   :data:`REPORT_INTERVAL_S`, one JSON object per line (:data:`FD_REPORTS`).
 
 SIGTERM and SIGINT stop it once (a second signal changes nothing): the flush of
@@ -37,6 +40,11 @@ from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 from zope.interface import provider
 
+from prometheus_client import CollectorRegistry
+from prometheus_client.registry import Collector
+
+from loghandler.admin import Probes, alive
+from loghandler.exposition import render, samples_of
 from loghandler.health import local_health
 from loghandler.logs import jsonable
 
@@ -53,16 +61,19 @@ STALE_AFTER_INTERVALS = 3
 class SupervisorChannel(LineOnlyReceiver):
     """
     The worker's side of the pipes to the supervisor: reports this worker's health
-    every :data:`REPORT_INTERVAL_S` and keeps the combined health it gets back.
+    and metrics every :data:`REPORT_INTERVAL_S` and keeps the whole server's
+    readiness, liveness and metrics it gets back, which the worker's probes answer
+    (:meth:`probes`) while they are fresh.
 
     :param number: this worker's number (1 to ``WORKERS``).
     :param local: this worker's health (:func:`local_health` of its registry).
-    :param clock: for the reports and the age of the combined health.
+    :param clock: for the reports and the age of what the supervisor sent.
     :param supervisor_gone: called once when the supervisor's pipe closes.
+    :param metrics: this worker's metrics (a ``CollectorRegistry``).
     """
 
     delimiter = b"\n"
-    MAX_LENGTH = 1024 * 1024
+    MAX_LENGTH = 16 * 1024 * 1024
     _log = Logger()
 
     def __init__(
@@ -71,13 +82,17 @@ class SupervisorChannel(LineOnlyReceiver):
         local: Callable[[], dict[str, Any]],
         clock: Any,
         supervisor_gone: Callable[[], None],
+        metrics: Optional[Collector] = None,
     ) -> None:
         self.number = number
         self._local = local
         self._clock = clock
         self._supervisor_gone = supervisor_gone
-        self._combined: Optional[dict[str, Any]] = None
-        self._combined_at = 0.0
+        self._metrics = metrics if metrics is not None else CollectorRegistry()
+        self._process = "worker-%d" % number
+        # What the supervisor sent last, by kind ("ready", "live", "metrics"), with
+        # the clock's seconds it came at.
+        self._combined: dict[str, tuple[float, Any]] = {}
         self._reports = LoopingCall(self.report)
         self._reports.clock = clock
 
@@ -86,40 +101,69 @@ class SupervisorChannel(LineOnlyReceiver):
         self._reports.start(REPORT_INTERVAL_S, now=True)
 
     def report(self) -> None:
-        """Send this worker's health, with its pid."""
-        report = dict(self._local(), pid=os.getpid())
+        """Send this worker's health, with its pid and metrics."""
+        report = dict(
+            self._local(), pid=os.getpid(), metrics=samples_of(self._metrics, self._process)
+        )
         self.sendLine(json.dumps(report).encode())
 
     def lineReceived(self, line: bytes) -> None:
-        """The supervisor's combined health."""
+        """What the supervisor combined: readiness and liveness, or metrics."""
         try:
             combined = json.loads(line)
-        except ValueError:
+            kinds = {kind: combined[kind] for kind in ("ready", "live", "metrics") if kind in combined}
+        except (ValueError, TypeError):
             self._log.error(
-                "unreadable health from the supervisor: {line!r}",
-                event="supervisor_health_unreadable",
+                "unreadable line from the supervisor: {line!r}",
                 line=line[:200],
+                event="supervisor_line_unreadable",
             )
             return
-        self._combined = combined
-        self._combined_at = self._clock.seconds()
+        now = self._clock.seconds()
+        for kind, value in kinds.items():
+            self._combined[kind] = (now, value)
+
+    def _fresh(self, kind: str) -> Optional[Any]:
+        """What the supervisor sent of ``kind``, unless it is stale."""
+        sent = self._combined.get(kind)
+        if sent is None:
+            return None
+        if self._clock.seconds() - sent[0] > STALE_AFTER_INTERVALS * REPORT_INTERVAL_S:
+            return None
+        return sent[1]
 
     def health(self) -> dict[str, Any]:
         """
-        What ``/healthz`` answers: the whole server's health while the supervisor's
-        is fresh, with this worker's own reason when it is not ok itself (it is the
-        one answering); this worker's own health otherwise.
+        What ``/readyz`` answers: the whole server's readiness while the
+        supervisor's is fresh, with this worker's own reason when it is not ok itself
+        (it is the one answering); this worker's own readiness otherwise.
         """
         local = self._local()
-        fresh = self._clock.seconds() - self._combined_at <= (
-            STALE_AFTER_INTERVALS * REPORT_INTERVAL_S
-        )
-        if self._combined is None or not fresh:
+        combined = self._fresh("ready")
+        if combined is None:
             return local
-        combined = dict(self._combined)
+        combined = dict(combined)
         if local["status"] != "ok" and combined.get("status") == "ok":
             combined["status"] = "worker %d: %s" % (self.number, local["status"])
         return combined
+
+    def liveness(self) -> dict[str, Any]:
+        """
+        What ``/livez`` answers: the whole server's liveness (a worker that stopped
+        reporting is stuck) while fresh; else this worker's: alive, it answers.
+        """
+        combined = self._fresh("live")
+        return dict(combined) if combined is not None else alive()
+
+    def metrics(self) -> bytes:
+        """
+        What ``/metrics`` answers: all workers' metrics together while fresh; this
+        worker's alone otherwise.
+        """
+        combined = self._fresh("metrics")
+        if combined is None:
+            combined = samples_of(self._metrics, self._process)
+        return render(combined)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         """The supervisor is gone: stop."""
@@ -198,16 +242,25 @@ def run(number: int, family: int) -> int:
             reactor.stop()
 
     holder: list[SupervisorChannel] = []
+    probes = Probes(
+        live=lambda: holder[0].liveness(),
+        ready=lambda: holder[0].health(),
+        metrics=lambda: holder[0].metrics(),
+    )
     try:
-        root = build_root(
-            config, reactor, adopt=(FD_LISTEN, family), health=lambda: holder[0].health()
-        )
+        root = build_root(config, reactor, adopt=(FD_LISTEN, family), probes=probes)
     except ConfigError as e:
         sys.stderr.write("loghandler: %s\n" % e)
         return 2
     streams = root.getServiceNamed(STREAM_SERVICE_NAME)  # type: ignore[attr-defined]
     registry = streams.registry
-    channel = SupervisorChannel(number, lambda: local_health(registry), reactor, stop)
+    channel = SupervisorChannel(
+        number,
+        lambda: local_health(registry, config.ready_fail_after_s),
+        reactor,
+        stop,
+        streams.metrics.registry,
+    )
     holder.append(channel)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: reactor.callFromThread(stop))

@@ -64,6 +64,9 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(config.recovery_interval_s, 30.0)
         self.assertEqual(config.ack, "accepted")
         self.assertEqual(config.durable_timeout_s, 10.0)
+        self.assertEqual(config.ready_fail_after_s, 30.0)
+        self.assertEqual(config.admin_addr, "0.0.0.0")
+        self.assertIsNone(config.admin_port)
 
     def test_defaults_equal_config_defaults(self) -> None:
         """The environment-built defaults equal the Config class defaults."""
@@ -195,6 +198,23 @@ class ErrorTests(SynchronousTestCase):
         self.assertIn(contains, message)
         self.assertEqual(message.splitlines(), [message])
         return message
+
+    def test_probe_settings(self) -> None:
+        """READY_FAIL_AFTER_S, ADMIN_ADDR and ADMIN_PORT: parsed, ranges named."""
+        config = from_environ(
+            dict(BASE, READY_FAIL_AFTER_S="0", ADMIN_ADDR="127.0.0.1", ADMIN_PORT="9102")
+        )
+        self.assertEqual(
+            (config.ready_fail_after_s, config.admin_addr, config.admin_port),
+            (0.0, "127.0.0.1", 9102),
+        )
+        self.assertConfigError(dict(BASE, READY_FAIL_AFTER_S="-1"), "READY_FAIL_AFTER_S", "from 0")
+        self.assertConfigError(dict(BASE, ADMIN_ADDR="localhost"), "ADMIN_ADDR", "IP address")
+        self.assertConfigError(dict(BASE, ADMIN_PORT="65536"), "ADMIN_PORT", "from 0 to 65535")
+        self.assertEqual(
+            self.assertConfigError(dict(BASE, ADMIN_PORT="8902"), "ADMIN_PORT"),
+            "ADMIN_PORT: must differ from PORT (8902), or be unset to serve the probes on PORT",
+        )
 
     def test_port_not_integer(self) -> None:
         """PORT=abc names PORT and quotes the value."""

@@ -8,7 +8,9 @@ retries that sleep, abandoning what storage does not take in time), on a
 from __future__ import annotations
 
 import os
+from typing import Any, Optional
 
+from treq.testing import StubTreq
 from twisted.application.service import MultiService
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs
@@ -41,11 +43,21 @@ class ServiceTests(SynchronousTestCase):
         self.root, self.streams = self.build(self.mem, port=8902)
 
     def build(
-        self, mem: MemoryStore, port: int, backoff: Backoff = Backoff(base=0.2, cap=30.0)
+        self,
+        mem: MemoryStore,
+        port: int,
+        backoff: Backoff = Backoff(base=0.2, cap=30.0),
+        admin_port: Optional[int] = None,
     ) -> tuple[MultiService, StreamService]:
         """A started root service over ``mem``, and its StreamService."""
         config = Config(
-            addr="127.0.0.1", port=port, shutdown_timeout_s=25, part_size=PART, no_upload=False
+            addr="127.0.0.1",
+            port=port,
+            shutdown_timeout_s=25,
+            part_size=PART,
+            no_upload=False,
+            admin_addr="127.0.0.2",
+            admin_port=admin_port,
         )
         budget = MemoryBudget(config.buffer_budget_bytes)
         self.store = S3ObjectStore(
@@ -64,6 +76,39 @@ class ServiceTests(SynchronousTestCase):
         """The listener binds ADDR and PORT."""
         (port,) = self.reactor.tcpServers
         self.assertEqual((port[0], port[3]), (8902, "127.0.0.1"))
+
+    def get(self, site: Any, path: str) -> int:
+        """The status of ``GET path`` on ``site``."""
+        client = StubTreq(site.resource)
+        return int(self.successResultOf(client.get("http://test" + path)).code)
+
+    def test_probes_on_the_main_port(self) -> None:
+        """Without ADMIN_PORT, the main port serves /log and the probes."""
+        ((_, site, _, _),) = self.reactor.tcpServers
+        self.assertEqual(set(site.routes), {b"/log", b"/livez", b"/readyz", b"/healthz", b"/metrics"})
+        self.assertEqual(self.get(site, "/metrics"), 200)
+
+    def test_admin_port(self) -> None:
+        """
+        With ADMIN_PORT, the probes and metrics are on that listener only (404 on
+        the main port), which still answers during the flush (/readyz: stopping).
+        """
+        self.root.stopService()
+        self.reactor.tcpServers.clear()
+        root, streams = self.build(self.mem, port=8902, admin_port=9102)
+        (admin, main) = self.reactor.tcpServers
+        self.assertEqual((admin[0], admin[3]), (9102, "127.0.0.2"))
+        self.assertEqual((main[0], main[3]), (8902, "127.0.0.1"))
+        for path in ("/livez", "/readyz", "/healthz", "/metrics"):
+            self.assertEqual(self.get(main[1], path), 404, path)
+            self.assertEqual(self.get(admin[1], path), 200, path)
+        self.assertEqual(set(admin[1].routes), {b"/livez", b"/readyz", b"/healthz", b"/metrics"})
+        self.mem.hold("PutObject")
+        streams.registry.accept(message(1))
+        stopping = root.stopService()
+        self.assertNoResult(stopping)
+        self.assertEqual(self.get(admin[1], "/readyz"), 503)
+        self.assertEqual(self.get(admin[1], "/livez"), 200)
 
     def test_listen_description_ipv6(self) -> None:
         """An IPv6 ADDR is quoted for the endpoint string."""

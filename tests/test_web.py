@@ -21,7 +21,6 @@ from twisted.web.http_headers import Headers
 
 from loghandler.backoff import Backoff
 from loghandler.budget import MemoryBudget
-from loghandler.interfaces import StorageError
 from loghandler.keys import key_for
 from loghandler.message import Limits
 from loghandler.registry import StreamRegistry, StreamSettings
@@ -236,69 +235,6 @@ class RoutingTests(WebCase):
         for path in ("/", "/logs", "/log/x", "/chat/2020-03-30"):
             status, _, answer = self.request("POST", path, body())
             self.assertEqual((status, answer["error"]), (404, "not found"), path)
-
-    def test_health(self) -> None:
-        """/healthz is 200 while running and 503 once stopping."""
-        status, _, answer = self.request("GET", "/healthz")
-        self.assertEqual((status, answer["status"]), (200, "ok"))
-        self.registry.close_all()
-        status, _, answer = self.request("GET", "/healthz")
-        self.assertEqual((status, answer["status"]), (503, "stopping"))
-
-    def test_health_buffers_full(self) -> None:
-        """/healthz is 503 'buffers full' while the budget is spent, with the counts."""
-        self.mem.hold("PutObject")
-        self.assertEqual(self.request("POST", "/log", body())[0], 200)
-        self.clock.advance(60)
-        self.registry.budget.change(self.registry.budget.limit)
-        status, _, answer = self.request("GET", "/healthz")
-        self.assertEqual((status, answer["status"]), (503, "buffers full"))
-        self.assertEqual((answer["open_objects"], answer["completing_objects"]), (0, 1))
-        self.registry.budget.change(-self.registry.budget.limit)
-        self.assertEqual(self.request("GET", "/healthz")[0], 200)
-
-    def test_health_storage_not_reachable(self) -> None:
-        """/healthz is 503 'storage not reachable' until the store was reached."""
-        self.registry.ready = False
-        status, _, answer = self.request("GET", "/healthz")
-        self.assertEqual((status, answer["status"]), (503, "storage not reachable"))
-
-    def test_health_storage_failing(self) -> None:
-        """
-        While storage answers 403 (a permanent failure only an operator can fix),
-        /healthz is 503 with the reason and the error is logged once; messages are
-        still held and stored once storage takes them, and /healthz is 200 again.
-        """
-        self.mem.fail("PutObject", StorageError("PutObject", 403, "AccessDenied"), times=3)
-        self.assertEqual(self.request("POST", "/log", body(content_id=1))[0], 200)
-        with capturedLogs() as events:
-            self.clock.advance(60)  # rotation: the staging write is refused
-            status, _, answer = self.request("GET", "/healthz")
-            self.assertEqual(status, 503)
-            self.assertEqual(answer["status"], "storage failing: PutObject fails: 403 AccessDenied")
-            self.assertEqual(answer["completing_objects"], 1)
-            self.clock.advance(60)  # refused again
-            self.assertEqual(self.request("GET", "/healthz")[0], 503)
-            self.clock.advance(60)  # refused a third time
-            self.assertEqual(self.request("GET", "/healthz")[0], 503)
-            self.clock.advance(60)  # taken
-        texts = [e.get("log_format") or "" for e in events]
-        self.assertEqual(len([t for t in texts if "until this is fixed" in t]), 1, texts)
-        self.assertEqual(len([t for t in texts if "storage works again" in t]), 1, texts)
-        status, _, answer = self.request("GET", "/healthz")
-        self.assertEqual((status, answer["status"]), (200, "ok"))
-        self.assertEqual(answer["completing_objects"], 0)
-        self.assertEqual([json.loads(line)["content_id"] for line in self.stored_lines()], [1])
-
-    def test_health_below_404(self) -> None:
-        """Paths below /healthz are JSON 404s."""
-        self.assertEqual(self.request("GET", "/healthz/x")[0], 404)
-
-    def test_health_post_405(self) -> None:
-        """POST /healthz is a JSON 405 with Allow."""
-        status, headers, answer = self.request("POST", "/healthz", b"{}")
-        self.assertEqual(status, 405)
-        self.assertEqual(headers.getRawHeaders(b"allow"), [b"GET, HEAD"])
 
 
 class DurableCase(WebCase):

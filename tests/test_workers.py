@@ -8,12 +8,23 @@ real processes are tested end to end in ``tests/integration/test_workers.py``.
 
 from __future__ import annotations
 
+import io
 import json
 import signal
 import socket
+import sys
 from typing import Any, Optional
 
-from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
+from prometheus_client.parser import text_string_to_metric_families
+from treq.testing import StubTreq
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import (
+    CannotListenError,
+    ProcessDone,
+    ProcessExitedAlready,
+    ProcessTerminated,
+)
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import (
@@ -27,9 +38,16 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from loghandler.config import ConfigError, MiB, from_environ, worker_share
 from loghandler.cpus import cgroup_cpu_limit, usable_cpus
-from loghandler.health import combine_health
+from loghandler.exposition import combine, render, samples_of
+from loghandler.health import LIVE_STALE_S, combine_health, combine_liveness
 from loghandler.listen import open_listening_socket
-from loghandler.supervisor import KILL_GRACE_S, WorkerProcess, WorkerSupervisor, describe_exit
+from loghandler.supervisor import (
+    KILL_GRACE_S,
+    RESTART_BASE_S,
+    WorkerProcess,
+    WorkerSupervisor,
+    describe_exit,
+)
 from loghandler.worker import FD_LISTEN, FD_REPORTS, REPORT_INTERVAL_S, SupervisorChannel
 
 BASE = {"NO_UPLOAD": "1"}
@@ -124,13 +142,16 @@ class UsableCpusTests(SynchronousTestCase):
         self.assertIsNone(cgroup_cpu_limit(self.files(v2="lots 100000")))
 
 
-def report(status: str = "ok", pid: int = 100, held: int = 10) -> dict[str, Any]:
+def report(
+    status: str = "ok", pid: int = 100, held: int = 10, failing_s: float = 0.0
+) -> dict[str, Any]:
     return {
         "status": status,
         "open_objects": 2,
         "completing_objects": 1,
         "buffered_bytes": held,
         "buffer_budget_bytes": 1000,
+        "storage_failing_s": failing_s,
         "pid": pid,
     }
 
@@ -139,7 +160,9 @@ class CombineHealthTests(SynchronousTestCase):
     """The whole server's ``/healthz`` from the workers' reports."""
 
     def test_all_ok_sums(self) -> None:
-        combined = combine_health({1: report(pid=11, held=5), 2: report(pid=12, held=7)}, 2)
+        combined = combine_health(
+            {1: report(pid=11, held=5, failing_s=3.5), 2: report(pid=12, held=7, failing_s=1)}, 2
+        )
         self.assertEqual(
             combined,
             {
@@ -148,6 +171,7 @@ class CombineHealthTests(SynchronousTestCase):
                 "completing_objects": 2,
                 "buffered_bytes": 12,
                 "buffer_budget_bytes": 2000,
+                "storage_failing_s": 3.5,
                 "workers_running": 2,
                 "workers_expected": 2,
                 "workers": [
@@ -171,6 +195,15 @@ class CombineHealthTests(SynchronousTestCase):
     def test_stopping(self) -> None:
         self.assertEqual(combine_health({1: report()}, 2, stopping=True)["status"], "stopping")
 
+    def test_liveness(self) -> None:
+        """Alive until a running worker has been silent past the bound (stuck)."""
+        self.assertEqual(combine_liveness({1: 1.0, 2: 30.0}, 30.0), {"status": "ok", "workers_running": 2})
+        self.assertEqual(
+            combine_liveness({1: 1.0, 2: 30.5}, 30.0),
+            {"status": "worker 2 sent no report for 30 s", "workers_running": 2},
+        )
+        self.assertEqual(combine_liveness({}, 30.0), {"status": "ok", "workers_running": 0})
+
 
 class SupervisorChannelTests(SynchronousTestCase):
     """The worker reports its health each second and answers with the combined one."""
@@ -179,8 +212,11 @@ class SupervisorChannelTests(SynchronousTestCase):
         self.clock = Clock()
         self.local = report(pid=0)
         self.gone: list[bool] = []
+        self.registry = CollectorRegistry()
+        Counter("loghandler_requests", "requests", registry=self.registry).inc(3)
+        ProcessCollector(registry=self.registry)
         self.channel = SupervisorChannel(
-            2, lambda: dict(self.local), self.clock, lambda: self.gone.append(True)
+            2, lambda: dict(self.local), self.clock, lambda: self.gone.append(True), self.registry
         )
         self.transport = StringTransport()
         self.channel.makeConnection(self.transport)
@@ -203,7 +239,7 @@ class SupervisorChannelTests(SynchronousTestCase):
 
     def test_combined_while_fresh(self) -> None:
         combined = combine_health({1: report(pid=1), 2: report(pid=2)}, 2)
-        self.channel.dataReceived(json.dumps(combined).encode() + b"\n")
+        self.channel.dataReceived(json.dumps({"ready": combined}).encode() + b"\n")
         self.assertEqual(self.channel.health(), combined)
         self.clock.advance(3 * REPORT_INTERVAL_S)
         self.assertEqual(self.channel.health(), combined)
@@ -212,7 +248,8 @@ class SupervisorChannelTests(SynchronousTestCase):
 
     def test_own_reason_wins_over_stale_ok(self) -> None:
         """The worker answering is stopping before the supervisor's view says so."""
-        self.channel.dataReceived(json.dumps(combine_health({2: report()}, 2)).encode() + b"\n")
+        ready = combine_health({2: report()}, 2)
+        self.channel.dataReceived(json.dumps({"ready": ready}).encode() + b"\n")
         self.local["status"] = "stopping"
         self.assertEqual(self.channel.health()["status"], "worker 2: stopping")
 
@@ -222,7 +259,36 @@ class SupervisorChannelTests(SynchronousTestCase):
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
         self.channel.dataReceived(b"{not json\n")
         self.assertEqual(self.channel.health(), self.local)
-        self.assertIn("unreadable health", formatEventAsClassicLogText(events[-1]) or "")
+        self.assertIn("unreadable line", formatEventAsClassicLogText(events[-1]) or "")
+
+    def test_liveness_combined_while_fresh(self) -> None:
+        """/livez: the supervisor's view (a stuck worker) while fresh, else alive."""
+        self.assertEqual(self.channel.liveness(), {"status": "ok"})
+        stuck = combine_liveness({1: 31.0, 2: 0.5}, 30.0)
+        self.channel.dataReceived(json.dumps({"live": stuck}).encode() + b"\n")
+        self.assertEqual(self.channel.liveness()["status"], "worker 1 sent no report for 31 s")
+        self.clock.advance(3 * REPORT_INTERVAL_S + 0.1)
+        self.assertEqual(self.channel.liveness(), {"status": "ok"})
+
+    def test_reports_carry_metrics(self) -> None:
+        """Each report carries this worker's samples, process_* labelled worker-2."""
+        sent = self.sent()[-1]
+        names = {family[0] for family in sent["metrics"]}
+        self.assertIn("loghandler_requests", names)
+        process = [f for f in sent["metrics"] if f[0].startswith("process_")]
+        for family in process:
+            for _, labels, _ in family[4]:
+                self.assertEqual(labels["process"], "worker-2")
+
+    def test_metrics_combined_while_fresh(self) -> None:
+        """/metrics: the supervisor's combination while fresh, else this worker's own."""
+        own = self.channel.metrics()
+        self.assertIn(b"loghandler_requests_total 3.0", own)
+        combined = combine([samples_of(self.registry), samples_of(self.registry)])
+        self.channel.dataReceived(json.dumps({"metrics": combined}).encode() + b"\n")
+        self.assertIn(b"loghandler_requests_total 6.0", self.channel.metrics())
+        self.clock.advance(3 * REPORT_INTERVAL_S + 0.1)
+        self.assertIn(b"loghandler_requests_total 3.0", self.channel.metrics())
 
     def test_supervisor_gone_stops(self) -> None:
         self.channel.connectionLost(Failure(ConnectionError()))
@@ -264,6 +330,22 @@ class FakeProcessReactor(Clock):
 
     def stop(self) -> None:
         self.stopped += 1
+
+    def listenTCP(self, port: int, factory: Any, interface: str = "") -> Any:
+        """Record the listener (the ``ADMIN_PORT`` one); port 0 becomes 9102."""
+        if getattr(self, "refuse_listen", False):
+            raise CannotListenError(interface, port, OSError(98, "Address already in use"))
+        self.listening = (port, factory, interface)
+        listening = self
+
+        class Port:
+            def getHost(self) -> Any:
+                return IPv4Address("TCP", interface, port or 9102)
+
+            def stopListening(self) -> None:
+                listening.listening = None
+
+        return Port()
 
     def callWhenRunning(self, f: Any, *args: Any) -> None:
         self.when_running = (f, args)
@@ -319,9 +401,77 @@ class SupervisorTests(SynchronousTestCase):
         second.childDataReceived(FD_REPORTS, json.dumps(report("buffers full", 1001)).encode() + b"\n")
         for _, _, _, process in self.reactor.spawned:
             last = json.loads(b"".join(process.written).splitlines()[-1])
-            self.assertEqual(last["status"], "worker 2: buffers full")
-            self.assertEqual(last["workers_running"], 2)
+            self.assertEqual(last["ready"]["status"], "worker 2: buffers full")
+            self.assertEqual(last["ready"]["workers_running"], 2)
+            self.assertEqual(last["live"], {"status": "ok", "workers_running": 2})
         self.assertEqual(self.supervisor.health()["buffered_bytes"], 20)
+
+    def report_metrics(self, index: int, accepted: float, held: float) -> None:
+        """Worker ``index`` (0-based) reports ``accepted`` messages and ``held`` bytes."""
+        registry = CollectorRegistry()
+        Counter("loghandler_messages", "m", ["result"], registry=registry).labels(
+            "accepted"
+        ).inc(accepted)
+        Gauge("loghandler_buffered_bytes", "b", registry=registry).set(held)
+        Gauge("loghandler_oldest_unstored_line_age_seconds", "a", registry=registry).set(held)
+        line = dict(report(pid=1000 + index), metrics=samples_of(registry))
+        self.reactor.spawned[index][0].childDataReceived(
+            FD_REPORTS, json.dumps(line).encode() + b"\n"
+        )
+
+    def scraped(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """The supervisor's combined metrics, parsed back from the text format."""
+        text = render(self.supervisor.metrics()).decode()
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
+    def test_metrics_summed_with_ages_by_max(self) -> None:
+        """Counters and gauges summed over workers; the oldest-line age is the largest."""
+        self.report_metrics(0, accepted=5, held=100)
+        self.report_metrics(1, accepted=7, held=40)
+        scraped = self.scraped()
+        self.assertEqual(scraped[("loghandler_messages_total", (("result", "accepted"),))], 12)
+        self.assertEqual(scraped[("loghandler_buffered_bytes", ())], 140)
+        self.assertEqual(scraped[("loghandler_oldest_unstored_line_age_seconds", ())], 100)
+        self.assertEqual(scraped[("loghandler_workers_running", ())], 2)
+        self.assertIn(("process_cpu_seconds_total", (("process", "supervisor"),)), scraped)
+        # Handed to every worker once a second, for /metrics on the shared port.
+        self.reactor.advance(REPORT_INTERVAL_S)
+        for _, _, _, process in self.reactor.spawned:
+            last = json.loads(b"".join(process.written).splitlines()[-1])
+            self.assertEqual(render(last["metrics"]), render(self.supervisor.metrics()))
+
+    def test_counters_survive_a_worker_restart(self) -> None:
+        """A worker that ended still counts in the totals (they never go down)."""
+        self.report_metrics(0, accepted=5, held=100)
+        self.report_metrics(1, accepted=7, held=40)
+        self.reactor.spawned[0][0].processEnded(exited(signum=signal.SIGKILL))
+        scraped = self.scraped()
+        self.assertEqual(scraped[("loghandler_messages_total", (("result", "accepted"),))], 12)
+        self.assertEqual(scraped[("loghandler_buffered_bytes", ())], 40)
+        self.assertEqual(scraped[("loghandler_worker_restarts_total", ())], 1)
+        self.assertEqual(scraped[("loghandler_workers_running", ())], 1)
+        self.reactor.advance(RESTART_BASE_S)
+        self.reactor.spawned.append(self.reactor.spawned.pop())  # the new worker 1 is last
+        self.report_metrics(2, accepted=2, held=1)
+        scraped = self.scraped()
+        self.assertEqual(scraped[("loghandler_messages_total", (("result", "accepted"),))], 14)
+        self.assertEqual(scraped[("loghandler_buffered_bytes", ())], 41)
+
+    def test_liveness_names_a_silent_worker(self) -> None:
+        """/livez fails once a running worker has sent no report for LIVE_STALE_S."""
+        self.reactor.advance(20)
+        self.report_metrics(0, accepted=0, held=0)
+        self.reactor.advance(LIVE_STALE_S - 20)
+        self.assertEqual(self.supervisor.liveness()["status"], "ok")
+        self.reactor.advance(1)
+        self.assertEqual(
+            self.supervisor.liveness(),
+            {"status": "worker 2 sent no report for 31 s", "workers_running": 2},
+        )
 
     def test_worker_log_events_are_republished(self) -> None:
         event = {"log_format": "hello {who}", "who": "there", "log_level": LogLevel.warn, "log_namespace": "x"}
@@ -371,7 +521,7 @@ class SupervisorTests(SynchronousTestCase):
         stopped = self.supervisor.stopService()
         self.assertEqual([p.signals for _, _, _, p in self.reactor.spawned], [["TERM"], ["TERM"]])
         last = json.loads(b"".join(self.reactor.spawned[0][3].written).splitlines()[-1])
-        self.assertEqual(last["status"], "stopping")
+        self.assertEqual(last["ready"]["status"], "stopping")
         self.reactor.spawned[0][0].processEnded(exited(signum=signal.SIGTERM))
         self.assertNoResult(stopped)
         self.reactor.spawned[1][0].processEnded(exited(code=0))
@@ -491,3 +641,59 @@ class PreformattedTests(SynchronousTestCase):
         event = eventFromJSON(lines[0])
         event["log_system"] = "worker 1"
         self.assertIn("[worker 1] flush done in 0.123 s {x}", formatEventAsClassicLogText(event) or "")
+
+
+class AdminSupervisorTests(SynchronousTestCase):
+    """With ADMIN_PORT, the supervisor serves the whole server's probes and metrics."""
+
+    def setUp(self) -> None:
+        self.reactor = FakeProcessReactor()
+        self.config = from_environ(
+            {**BASE, "WORKERS": "2", "ADDR": "127.0.0.1", "PORT": "0", "ADMIN_PORT": "0"}
+        )
+        self.supervisor = WorkerSupervisor(self.config, self.reactor, {}, executable="/py")
+        self.addCleanup(self.close)
+
+    def close(self) -> None:
+        if self.supervisor._socket is not None:
+            self.supervisor._socket.close()
+
+    def test_serves_the_whole_server(self) -> None:
+        self.supervisor.startService()
+        port, site, interface = self.reactor.listening
+        self.assertEqual((port, interface, self.supervisor.admin_port), (0, "0.0.0.0", 9102))
+        client = StubTreq(site.resource)
+
+        def get(path: str) -> tuple[int, bytes]:
+            response = self.successResultOf(client.get("http://admin.test" + path))
+            return response.code, self.successResultOf(client.content(response))
+
+        status, content = get("/readyz")
+        self.assertEqual((status, json.loads(content)["status"]), (503, "no worker running"))
+        for protocol, _, _, _ in self.reactor.spawned:
+            protocol.childDataReceived(FD_REPORTS, json.dumps(report()).encode() + b"\n")
+        status, content = get("/readyz")
+        self.assertEqual((status, json.loads(content)["workers_running"]), (200, 2))
+        self.assertEqual(get("/livez")[0], 200)
+        status, content = get("/metrics")
+        self.assertEqual(status, 200)
+        self.assertIn(b"loghandler_workers_running 2.0", content)
+        stopped = self.supervisor.stopService()
+        self.assertEqual(json.loads(get("/readyz")[1])["status"], "stopping")
+        for protocol, _, _, _ in self.reactor.spawned:
+            protocol.processEnded(exited(code=0))
+        self.successResultOf(stopped)
+        self.assertIsNone(self.reactor.listening)
+
+    def test_admin_port_in_use_is_one_line_and_exit_2(self) -> None:
+        self.reactor.refuse_listen = True
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        with self.assertRaises(SystemExit) as raised:
+            self.supervisor.privilegedStartService()
+        self.assertEqual(raised.exception.code, 2)
+        self.assertEqual(
+            stderr.getvalue(),
+            "loghandler: ADMIN_ADDR/ADMIN_PORT: cannot listen on 0.0.0.0:0:"
+            " [Errno 98] Address already in use\n",
+        )
