@@ -12,7 +12,7 @@ returns when all are done or ``SHUTDOWN_TIMEOUT_S`` has passed.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, TimeoutError

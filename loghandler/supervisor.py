@@ -36,22 +36,27 @@ import sys
 import time
 from typing import Any, Mapping, Optional
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
-
-from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
-from twisted.internet.task import LoopingCall
 
 from loghandler.admin import Probes, make_admin_site
 from loghandler.config import Config, ConfigError
 from loghandler.exposition import combine, cumulative, render, samples_of
 from loghandler.health import LIVE_STALE_S, combine_health, combine_liveness
-from loghandler.listen import ListeningSocket, ListenerService, admin_listener, listen_on, open_shared
+from loghandler.listen import (
+    ListenerService,
+    ListeningSocket,
+    admin_listener,
+    listen_on,
+    open_shared,
+)
 from loghandler.metrics import GAUGES_COMBINED_BY_MAX
 from loghandler.worker import FD_LISTEN, FD_REPORTS, REPORT_INTERVAL_S
 

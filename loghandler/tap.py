@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 from twisted.application.service import IService
 from twisted.logger import Logger

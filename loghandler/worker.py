@@ -34,14 +34,13 @@ import signal
 import sys
 from typing import Any, Callable, Optional, cast
 
+from prometheus_client import CollectorRegistry
+from prometheus_client.registry import Collector
 from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, Logger, formatEvent
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 from zope.interface import provider
-
-from prometheus_client import CollectorRegistry
-from prometheus_client.registry import Collector
 
 from loghandler.admin import Probes, alive
 from loghandler.exposition import render, samples_of
