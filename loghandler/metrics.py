@@ -24,7 +24,14 @@ from __future__ import annotations
 
 from typing import Optional
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+)
 
 # The ``*_created`` samples (the time each counter was made) are not exported: they
 # cannot be combined over workers, and no alert needs them.  The switch is the
@@ -97,6 +104,8 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
+        # process_cpu_seconds_total, process_resident_memory_bytes, open fds... (Linux)
+        ProcessCollector(registry=registry)
 
         # -- requests --------------------------------------------------------------
         self.messages = Counter(

@@ -8,6 +8,8 @@ site; and the text format's combination over workers (:mod:`loghandler.expositio
 from __future__ import annotations
 
 import json
+import os
+import re
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -19,6 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from loghandler.admin import Probes, add_probes, local_probes, make_admin_site
 from loghandler.exposition import CONTENT_TYPE, combine, cumulative, render, samples_of
 from loghandler.interfaces import StorageError
+from loghandler.metrics import Metrics
 from tests.test_web import WebCase, body
 
 #: READY_FAIL_AFTER_S of these tests.
@@ -153,7 +156,7 @@ class MetricsTests(ProbeCase):
 
 
 class HeadTests(ProbeCase):
-    """HEAD answers as GET without a body, and logs no warning."""
+    """HEAD answers as GET without a body, and logs no "returning a message body" warning."""
 
     def test_head_is_get_without_body(self) -> None:
         for path in ("/livez", "/readyz", "/healthz", "/metrics", "/log", "/nothing"):
@@ -171,7 +174,8 @@ class HeadTests(ProbeCase):
                 self.assertEqual(
                     headers.getRawHeaders(b"content-length"), [b"%d" % len(get_body)], path
                 )
-            self.assertEqual(list(events), [], path)
+            warnings = [e for e in events if "message body" in (e.get("log_format") or "")]
+            self.assertEqual(warnings, [], path)
 
 
 class AdminSiteTests(SynchronousTestCase):
@@ -257,3 +261,25 @@ class CombineTests(SynchronousTestCase):
         self.assertEqual(
             [family[0] for family in kept], ["loghandler_messages", "loghandler_storage_seconds"]
         )
+
+
+class ReadmeMetricsTests(SynchronousTestCase):
+    """README.rst's Metrics section names every loghandler_* metric the code exports."""
+
+    def test_every_metric_documented(self) -> None:
+        readme = os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.rst")
+        with open(readme, encoding="utf-8") as f:
+            text = f.read()
+        section = text[text.index("\nMetrics\n~~~~~~~\n") : text.index("\nPerformance\n")]
+        documented = set(re.findall(r"``(loghandler_[a-z_]+)", section))
+        for name in list(documented):
+            if name.endswith("_objects"):  # "..._objects, ``..._bytes``"
+                documented.add(name[: -len("objects")] + "bytes")
+        exported = {
+            family.name + ("_total" if family.type == "counter" else "")
+            for family in Metrics().registry.collect()
+            if family.name.startswith("loghandler_")
+        }
+        exported |= {"loghandler_workers_running", "loghandler_worker_restarts_total"}
+        self.assertEqual(exported - documented, set())
+        self.assertEqual(documented - exported, set())
