@@ -31,6 +31,7 @@ import time
 from collections import Counter, defaultdict
 from typing import Any, Callable, Iterable, Optional, Sequence
 
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.helpers import members, read_lines
@@ -48,6 +49,7 @@ class Daemon:
     :param port: ``PORT`` (by default a free one), which ``env`` may use in ``LISTEN``.
     :param connect: a new connection to the daemon (by default HTTP to ``port``).
     :param args: twistd's own options (``--logger=...``).
+    :ivar probe: a new connection to the probes (``ADMIN_PORT`` when set in ``env``).
     """
 
     def __init__(
@@ -72,6 +74,12 @@ class Daemon:
             stderr=subprocess.STDOUT,
             cwd=workdir,
         )
+        admin_port = env.get("ADMIN_PORT")
+        self.probe = (
+            self.connect
+            if admin_port is None
+            else lambda: http.client.HTTPConnection("127.0.0.1", int(admin_port), timeout=2)
+        )
         self._wait_ready()
 
     def log(self) -> str:
@@ -84,8 +92,8 @@ class Daemon:
             if self.process.poll() is not None:
                 raise AssertionError("twistd exited at start:\n" + self.log())
             try:
-                connection = self.connect()
-                connection.request("GET", "/healthz")
+                connection = self.probe()
+                connection.request("GET", "/readyz")
                 if connection.getresponse().status == 200:
                     connection.close()
                     return
@@ -139,6 +147,23 @@ def post_all(port: int, bodies: list[bytes], threads: int = 4) -> list[int]:
     return statuses
 
 
+def scrape(
+    connect: Callable[[], http.client.HTTPConnection], path: str = "/metrics"
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """GET ``/metrics``, parsed: each sample by (name, sorted labels)."""
+    connection = connect()
+    connection.request("GET", path)
+    response = connection.getresponse()
+    text = response.read().decode()
+    connection.close()
+    assert response.status == 200, (response.status, text)
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
 def message_body(content_id: int, client_id: int, timestamp: int, text: Optional[str] = None) -> bytes:
     """One message as a client would send it (key order and spacing of its own)."""
     return json.dumps(
@@ -189,6 +214,23 @@ class EndToEndTests(SynchronousTestCase):
             else:
                 self.assertEqual(status, 200, body[:200])
                 self.expected[expected_key][canonical(body)] += 1
+        # /metrics counts what was answered: each result, and nothing lost.
+        metrics = scrape(daemon.connect)
+        results = {
+            result: metrics.get(("loghandler_messages_total", (("result", result),)), -1.0)
+            for result in ("accepted", "invalid", "too_large", "busy")
+        }
+        self.assertEqual(
+            results,
+            {
+                "accepted": statuses.count(200),
+                "invalid": statuses.count(400),
+                "too_large": statuses.count(413),
+                "busy": 0,
+            },
+        )
+        self.assertEqual(metrics[("loghandler_lines_lost_total", ())], 0)
+        self.assertGreater(metrics[("loghandler_received_bytes_total", ())], 0)
         flush_seconds = daemon.stop()
         log = self.last_log = daemon.log()
         self.assertIn("flush on stop done", log)
