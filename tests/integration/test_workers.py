@@ -21,13 +21,20 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.helpers import read_lines
-from tests.integration.moto import shared_moto
-from tests.integration.test_end_to_end import Daemon, canonical, key, message_body, post_all
+from tests.integration.moto import free_port, shared_moto
+from tests.integration.test_end_to_end import (
+    Daemon,
+    canonical,
+    key,
+    message_body,
+    post_all,
+    scrape,
+)
 
 
-def health(port: int) -> tuple[int, dict[str, Any]]:
+def health(port: int, path: str = "/healthz") -> tuple[int, dict[str, Any]]:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    connection.request("GET", "/healthz")
+    connection.request("GET", path)
     response = connection.getresponse()
     body = json.loads(response.read())
     connection.close()
@@ -61,7 +68,11 @@ class WorkersEndToEndTests(SynchronousTestCase):
             os.path.abspath("."),
         )
         self.addCleanup(daemon.kill)
-        wait_for("two workers ready", lambda: health(daemon.port)[1].get("workers_running") == 2)
+        probe_port = int(env.get("ADMIN_PORT", daemon.port))
+        wait_for(
+            "two workers ready",
+            lambda: health(probe_port, "/readyz")[1].get("workers_running") == 2,
+        )
         return daemon
 
     def post(self, daemon: Daemon, count: int) -> None:
@@ -124,6 +135,41 @@ class WorkersEndToEndTests(SynchronousTestCase):
             with self.assertRaises(ProcessLookupError):
                 os.kill(pid, 0)
 
+    def test_probes_and_metrics_on_the_admin_port(self) -> None:
+        """
+        ADMIN_PORT: the supervisor serves /livez, /readyz and /metrics for both
+        workers (the main port answers 404 for them); the messages counted are the
+        ones posted, over both workers, and none lost.
+        """
+        admin_port = free_port()
+        daemon = self.start(ADMIN_PORT=str(admin_port), ADMIN_ADDR="127.0.0.1")
+        admin = lambda: http.client.HTTPConnection("127.0.0.1", admin_port, timeout=5)  # noqa: E731
+        for path in ("/livez", "/readyz", "/healthz", "/metrics"):
+            connection = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=5)
+            connection.request("GET", path)
+            self.assertEqual(connection.getresponse().status, 404, path)
+            connection.close()
+        connection = admin()
+        connection.request("GET", "/livez")
+        self.assertEqual(json.loads(connection.getresponse().read()), {"status": "ok", "workers_running": 2})
+        connection.close()
+        self.post(daemon, 1000)
+        accepted = ("loghandler_messages_total", (("result", "accepted"),))
+        metrics = wait_for(
+            "the workers' counts in the supervisor's /metrics",
+            lambda: (lambda m: m if m.get(accepted) == 1000 else None)(scrape(admin)),
+        )
+        self.assertEqual(metrics[("loghandler_workers_running", ())], 2)
+        self.assertEqual(metrics[("loghandler_lines_lost_total", ())], 0)
+        processes = {
+            dict(labels).get("process")
+            for name, labels in metrics
+            if name == "process_resident_memory_bytes"
+        }
+        self.assertEqual(processes, {"supervisor", "worker-1", "worker-2"})
+        daemon.stop()
+        self.check_bucket()
+
     def test_killed_worker_is_restarted_and_its_lines_recovered(self) -> None:
         """
         ``ACK=durable``: every 200 is in storage.  SIGKILL one worker: the supervisor
@@ -139,19 +185,36 @@ class WorkersEndToEndTests(SynchronousTestCase):
         )
         self.post(daemon, 1000)
         before = {w["worker"]: w["pid"] for w in health(daemon.port)[1]["workers"]}
-        os.kill(before[1], signal.SIGKILL)
+        # Kill a worker that holds staged data (the kernel may have handed every
+        # connection to one of them): its checkpoints are in staging uploads.
+        writers = dict(
+            (int(n), w)
+            for n, w in re.findall(r"\[worker (\d)\] loghandler on .* writer ([0-9a-f]{32})>", daemon.log())
+        )
+
+        def staged_by(number: int) -> bool:
+            prefix = "_loghandler/staging/%s/" % writers[number]
+            return bool(
+                self.s3.list_multipart_uploads(Bucket=self.moto.bucket, Prefix=prefix).get("Uploads")
+            )
+
+        victim = 1 if staged_by(1) else 2
+        other = 3 - victim
+        self.assertTrue(staged_by(victim))
+        os.kill(before[victim], signal.SIGKILL)
 
         def restarted() -> bool:
             workers = {w["worker"]: w["pid"] for w in health(daemon.port)[1]["workers"]}
-            return workers.get(1) not in (None, before[1]) and workers.get(2) == before[2]
+            return workers.get(victim) not in (None, before[victim]) and workers.get(other) == before[other]
 
-        wait_for("worker 1 restarted", restarted)
-        self.assertIn("worker 1 (pid %d) ended unexpectedly (killed by signal 9)" % before[1], daemon.log())
+        wait_for("worker %d restarted" % victim, restarted)
+        self.assertIn(
+            "worker %d (pid %d) ended unexpectedly (killed by signal 9)" % (victim, before[victim]),
+            daemon.log(),
+        )
         # The dead worker's staging data (its uploads, then staging objects): merged
         # by recovery once its lease (3 x LEASE_S) lapsed.
-        dead = re.search(r"\[worker 1\] loghandler on .* writer ([0-9a-f]{32})>", daemon.log())
-        assert dead is not None
-        staging = "_loghandler/staging/%s/" % dead.group(1)
+        staging = "_loghandler/staging/%s/" % writers[victim]
 
         def merged() -> bool:
             uploads = self.s3.list_multipart_uploads(Bucket=self.moto.bucket, Prefix=staging)
@@ -159,7 +222,7 @@ class WorkersEndToEndTests(SynchronousTestCase):
             return not uploads.get("Uploads") and not objects.get("Contents")
 
         wait_for("the dead worker's staging merged", merged)
-        self.assertIn("merged " + staging, daemon.log())
+        wait_for("the merge logged", lambda: "merged " + staging in daemon.log(), timeout=10)
         self.post(daemon, 500)
         daemon.stop()
         self.assertIn("all workers stopped", daemon.log())
