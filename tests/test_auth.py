@@ -17,6 +17,7 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
+from loghandler.admin import add_probes, local_probes
 from loghandler.auth import (
     POLL_INTERVAL_S,
     Credential,
@@ -335,6 +336,8 @@ class PostWithTokensTests(WebCase, TokenFileCase):
                 auth=self.tokens,
             )
         )
+        # The probes, as build_service adds them: they need no token.
+        add_probes(self.site.resource, local_probes(self.registry, 30.0, self.metrics.registry), self.site)
 
     def post(
         self, client: int, authorization: Any = None, batch: Optional[list[int]] = None
