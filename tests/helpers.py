@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 import zlib
+from typing import Any
 
 from loghandler.message import Message
 
@@ -61,3 +62,16 @@ def read_lines(data: bytes) -> list[bytes]:
 def decode_lines(data: bytes) -> list[dict]:
     """The parsed JSON objects of a gzip NDJSON object."""
     return [json.loads(line) for line in read_lines(data)]
+
+
+def bucket_objects(s3: Any, bucket: str) -> dict[str, bytes]:
+    """
+    The objects of ``bucket`` outside ``_loghandler/`` (staging, leases), by key,
+    read with the botocore S3 client ``s3`` (one listing page: up to 1,000).
+    """
+    listing = s3.list_objects_v2(Bucket=bucket)
+    return {
+        o["Key"]: s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+        for o in listing.get("Contents", [])
+        if not o["Key"].startswith("_loghandler/")
+    }

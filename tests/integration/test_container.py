@@ -39,7 +39,7 @@ from typing import Optional
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from tests import contrib_files as files
-from tests.helpers import read_lines
+from tests.helpers import bucket_objects, read_lines
 from tests.integration.moto import free_port, shared_moto
 from tests.integration.test_end_to_end import canonical, key, message_body, post_all
 
@@ -227,12 +227,7 @@ class ContainerTests(SynchronousTestCase):
 
     def objects(self) -> dict[str, bytes]:
         """The objects in the bucket outside ``_loghandler/``, by key."""
-        listing = self.s3.list_objects_v2(Bucket=self.moto.bucket)
-        return {
-            o["Key"]: self.s3.get_object(Bucket=self.moto.bucket, Key=o["Key"])["Body"].read()
-            for o in listing.get("Contents", [])
-            if not o["Key"].startswith("_loghandler/")
-        }
+        return bucket_objects(self.s3, self.moto.bucket)
 
     def test_post_then_stop(self) -> None:
         """

@@ -23,7 +23,7 @@ from collections import Counter
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from tests.contrib_files import INIT_SCRIPT
-from tests.helpers import read_lines
+from tests.helpers import bucket_objects, read_lines
 from tests.integration.moto import free_port, shared_moto
 from tests.integration.test_end_to_end import canonical, key, message_body, post_all
 
@@ -146,12 +146,7 @@ class InitScriptTests(SynchronousTestCase):
 
     def objects(self) -> dict[str, bytes]:
         """The objects in the bucket outside ``_loghandler/``, by key."""
-        listing = self.s3.list_objects_v2(Bucket=self.moto.bucket)
-        return {
-            o["Key"]: self.s3.get_object(Bucket=self.moto.bucket, Key=o["Key"])["Body"].read()
-            for o in listing.get("Contents", [])
-            if not o["Key"].startswith("_loghandler/")
-        }
+        return bucket_objects(self.s3, self.moto.bucket)
 
     def test_start_status_stop_flushes(self) -> None:
         """
