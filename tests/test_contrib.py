@@ -197,3 +197,136 @@ class DockerfileTests(SynchronousTestCase):
             self.assertTrue(included(source), source)
         for path in (".venv", ".git", "tests", "_trial_temp", "loghandler.egg-info"):
             self.assertFalse(included(path), path)
+
+
+def quantity_bytes(text: str) -> int:
+    """A Kubernetes memory quantity (``512Mi``, ``1Gi``, ``300M``) in bytes."""
+    units = {"Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "K": 1000, "M": 1000**2, "G": 1000**3}
+    match = re.fullmatch(r"([0-9]+)([KMG]i?)?", text)
+    assert match is not None, text
+    return int(match.group(1)) * units.get(match.group(2) or "", 1)
+
+
+class KubernetesTests(SynchronousTestCase):
+    """contrib/kubernetes/ against the code (the schemas: test_contrib_tools.py)."""
+
+    def setUp(self) -> None:
+        objects = files.manifests()
+        self.assertEqual(
+            set(objects),
+            {"ConfigMap", "Deployment", "PodDisruptionBudget", "Secret", "Service"},
+        )
+        self.settings: dict[str, str] = objects["ConfigMap"]["data"]
+        self.deployment = objects["Deployment"]
+        self.pod = self.deployment["spec"]["template"]
+        (self.container,) = self.pod["spec"]["containers"]
+        self.service = objects["Service"]
+        self.secret = objects["Secret"]
+        self.budget = objects["PodDisruptionBudget"]
+        self.ports = {p["name"]: p["containerPort"] for p in self.container["ports"]}
+
+    def setting(self, name: str) -> str:
+        """A setting as the pods get it: the ConfigMap's value, else the default's text."""
+        if name in self.settings:
+            return self.settings[name]
+        (setting,) = [s for s in SETTINGS if s.env == name]
+        return setting.default_text
+
+    def test_settings(self) -> None:
+        """
+        Every variable the pods get (the ConfigMap's, the container's env, the
+        Secret's) is a loghandler setting; the credentials come from the Secret
+        alone, marked secret in loghandler.config; and the ConfigMap with them is a
+        configuration loghandler accepts.
+        """
+        env_names = {e["name"] for e in self.container.get("env", [])}
+        secret_keys = set(self.secret["stringData"])
+        for names in (set(self.settings), env_names, secret_keys):
+            self.assertEqual(names - SETTING_NAMES, set())
+        secrets = {s.env for s in SETTINGS if s.secret}
+        self.assertEqual(set(self.settings) & secrets, set())
+        self.assertTrue(secret_keys <= secrets, secret_keys)
+        for entry in self.container["env"]:
+            reference = entry["valueFrom"]["secretKeyRef"]
+            self.assertEqual(reference["name"], self.secret["metadata"]["name"])
+            self.assertEqual(reference["key"], entry["name"])
+            self.assertIn(reference["key"], secret_keys)
+        (source,) = self.container["envFrom"]
+        self.assertEqual(source["configMapRef"]["name"], "loghandler")
+        config = from_environ({**self.settings, **self.secret["stringData"]})
+        self.assertEqual(config.port, DEFAULT_PORT)
+
+    def test_ports(self) -> None:
+        """
+        The messages' port is PORT (its default, 8902), which the Service exposes;
+        the probes and the Prometheus annotation use ADMIN_PORT, which it does not.
+        """
+        self.assertEqual(self.ports["http"], DEFAULT_PORT)
+        self.assertEqual(int(self.setting("PORT")), DEFAULT_PORT)
+        admin = int(self.setting("ADMIN_PORT"))
+        self.assertEqual(self.ports["admin"], admin)
+        self.assertNotEqual(admin, DEFAULT_PORT)
+        (port,) = self.service["spec"]["ports"]
+        self.assertEqual((port["port"], port["targetPort"]), (DEFAULT_PORT, "http"))
+        for probe in ("livenessProbe", "readinessProbe"):
+            self.assertEqual(self.container[probe]["httpGet"]["port"], "admin", probe)
+        annotations = self.pod["metadata"]["annotations"]
+        self.assertEqual(annotations["prometheus.io/scrape"], "true")
+        self.assertEqual(int(annotations["prometheus.io/port"]), admin)
+        self.assertEqual(annotations["prometheus.io/path"], "/metrics")
+
+    def test_probe_paths(self) -> None:
+        """
+        Liveness on /livez (a storage outage restarts no pod), readiness on /readyz.
+        (That loghandler answers them on ADMIN_PORT: test_init_script.py.)
+        """
+        self.assertEqual(self.container["livenessProbe"]["httpGet"]["path"], "/livez")
+        self.assertEqual(self.container["readinessProbe"]["httpGet"]["path"], "/readyz")
+
+    def test_grace(self) -> None:
+        """
+        terminationGracePeriodSeconds, counted from the start of the preStop pause,
+        is above the pause plus SHUTDOWN_TIMEOUT_S (plus the supervisor's
+        :data:`KILL_GRACE_S` with WORKERS above 1): the kubelet's SIGKILL never cuts
+        a flush that keeps its deadline.
+        """
+        command = self.container["lifecycle"]["preStop"]["exec"]["command"]
+        self.assertEqual(command[0], "sleep")
+        pause = float(command[1])
+        self.assertGreaterEqual(pause, 5)
+        flush = float(self.setting("SHUTDOWN_TIMEOUT_S"))
+        if self.setting("WORKERS") != "1":
+            flush += KILL_GRACE_S
+        grace = self.pod["spec"]["terminationGracePeriodSeconds"]
+        self.assertGreater(grace, pause + flush)
+
+    def test_memory(self) -> None:
+        """The memory limit is above BUFFER_BUDGET_BYTES, and the request at least it."""
+        budget = int(self.setting("BUFFER_BUDGET_BYTES"))
+        resources = self.container["resources"]
+        self.assertGreater(quantity_bytes(resources["limits"]["memory"]), budget)
+        self.assertGreaterEqual(quantity_bytes(resources["requests"]["memory"]), budget)
+
+    def test_selectors(self) -> None:
+        """The Deployment, the Service and the budget select the pods' labels."""
+        labels = self.pod["metadata"]["labels"]
+        for selector in (
+            self.deployment["spec"]["selector"]["matchLabels"],
+            self.service["spec"]["selector"],
+            self.budget["spec"]["selector"]["matchLabels"],
+        ):
+            self.assertEqual(selector, labels)
+
+    def test_image_user(self) -> None:
+        """
+        The pod runs as the image's user (non-root, the Dockerfile's USER) on a
+        read-only root file system, without privileges.
+        """
+        user = [a for i, a in files.dockerfile_instructions() if i == "USER"][-1]
+        security = self.pod["spec"]["securityContext"]
+        self.assertTrue(security["runAsNonRoot"])
+        self.assertEqual("%d:%d" % (security["runAsUser"], security["runAsGroup"]), user)
+        container = self.container["securityContext"]
+        self.assertTrue(container["readOnlyRootFilesystem"])
+        self.assertFalse(container["allowPrivilegeEscalation"])
+        self.assertEqual(container["capabilities"]["drop"], ["ALL"])

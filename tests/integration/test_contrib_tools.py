@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 
+import yaml
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from tests import contrib_files as files
@@ -121,3 +122,31 @@ class DockerfileLintTests(SynchronousTestCase):
     def test_hadolint(self) -> None:
         """hadolint finds nothing in it, at its default rules."""
         self.assertEqual(run(tool("hadolint"), "--no-color", files.DOCKERFILE), (0, ""))
+
+
+class ManifestSchemaTests(SynchronousTestCase):
+    """contrib/kubernetes/ against the Kubernetes API's schemas."""
+
+    def test_schemas(self) -> None:
+        """
+        Every manifest (the example Secret too) is valid in the oldest and the newest
+        Kubernetes release checked, with no unknown field.
+        """
+        validate = tool("kubernetes-validate")
+        paths = sorted(
+            os.path.join(files.KUBERNETES, name)
+            for name in os.listdir(files.KUBERNETES)
+            if name.endswith(".yaml") and name != "kustomization.yaml"
+        )
+        self.assertGreaterEqual(len(paths), 5)
+        for version in (OLDEST_KUBERNETES, None):
+            command = [validate, "--strict", "--quiet"] + (["-k", version] if version else [])
+            self.assertEqual(run(*command, *paths), (0, ""), version)
+
+    def test_kustomization(self) -> None:
+        """kustomization.yaml lists every manifest but the example Secret."""
+
+        kustomization = yaml.safe_load(files.read(os.path.join(files.KUBERNETES, "kustomization.yaml")))
+        listed = set(kustomization["resources"])
+        present = {n for n in os.listdir(files.KUBERNETES) if n.endswith(".yaml")}
+        self.assertEqual(listed, present - {"kustomization.yaml", "secret.example.yaml"})

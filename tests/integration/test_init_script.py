@@ -19,10 +19,11 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from typing import Optional
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from tests.contrib_files import INIT_SCRIPT
+from tests.contrib_files import INIT_SCRIPT, manifests
 from tests.helpers import bucket_objects, read_lines
 from tests.integration.moto import free_port, shared_moto
 from tests.integration.test_end_to_end import canonical, key, message_body, post_all
@@ -123,12 +124,15 @@ class InitScriptTests(SynchronousTestCase):
         self.wait_ready()
         return pid
 
-    def wait_ready(self, path: str = "/healthz") -> None:
-        """Poll ``path`` on PORT until it answers 200 (the store was reached)."""
+    def wait_ready(self, path: str = "/healthz", port: Optional[int] = None) -> None:
+        """
+        Poll ``path`` on ``port`` (default PORT) until it answers 200 (the store was
+        reached).
+        """
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
-                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+                connection = http.client.HTTPConnection("127.0.0.1", port or self.port, timeout=2)
                 connection.request("GET", path)
                 if connection.getresponse().status == 200:
                     connection.close()
@@ -179,6 +183,38 @@ class InitScriptTests(SynchronousTestCase):
         self.assertEqual(stored, expected)
         self.assertStatus(3, "loghandler is not running")
         self.assertEqual(self.script("stop"), (0, "loghandler is not running\n", ""))
+
+    def test_manifests_probes(self) -> None:
+        """
+        With ADMIN_PORT set, as contrib/kubernetes/ sets it, the daemon answers the
+        Deployment's probe paths and the Prometheus annotation's path there with
+        200, and on PORT with 404.
+        """
+        objects = manifests()
+        container = objects["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+        annotations = objects["Deployment"]["spec"]["template"]["metadata"]["annotations"]
+        paths = [
+            container["livenessProbe"]["httpGet"]["path"],
+            container["readinessProbe"]["httpGet"]["path"],
+            annotations["prometheus.io/path"],
+        ]
+        admin = free_port()
+        self.write_defaults(ADMIN_ADDR="127.0.0.1", ADMIN_PORT=str(admin))
+        self.assertEqual(self.script("start")[0], 0, self.log())
+        self.wait_ready(container["readinessProbe"]["httpGet"]["path"], admin)
+        for path in paths:
+            self.assertEqual(self.get(admin, path), 200, path)
+            self.assertEqual(self.get(self.port, path), 404, path)
+        self.assertEqual(self.script("stop")[0], 0)
+
+    def get(self, port: int, path: str) -> int:
+        """GET ``path`` on ``port``; the status."""
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request("GET", path)
+        response = connection.getresponse()
+        response.read()
+        connection.close()
+        return response.status
 
     def test_restarts(self) -> None:
         """
