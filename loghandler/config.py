@@ -106,6 +106,10 @@ class Config:
     admin_addr: str = "0.0.0.0"
     #: None: the probes and metrics are served on the main listener.
     admin_port: Optional[int] = None
+    request_timeout_s: float = 30.0
+    #: None: derived per process from ``RLIMIT_NOFILE`` at start
+    #: (:func:`loghandler.connections.default_max_connections`).
+    max_connections: Optional[int] = None
 
 
 @attrs.frozen
@@ -596,6 +600,21 @@ SETTINGS: tuple[Setting, ...] = (
         "TCP port of a listener of its own for /livez, /readyz, /healthz and /metrics,"
         " which the main port then does not serve (unset: the main port serves them)",
     ),
+    Setting(
+        "REQUEST_TIMEOUT_S",
+        "request_timeout_s",
+        _seconds(1.0, 3600.0, off=True),
+        "seconds from a request's first byte by which all of it (line, headers, body)"
+        " must have come, else 408 and the connection is closed (0: no limit)",
+    ),
+    Setting(
+        "MAX_CONNECTIONS",
+        "max_connections",
+        _integer(1, 1_000_000),
+        "open connections at most; past it new ones wait in the listen backlog"
+        " (default: RLIMIT_NOFILE's soft limit - 256, at most 10000, per process;"
+        " each of WORKERS takes MAX_CONNECTIONS / WORKERS)",
+    ),
 )
 
 
@@ -660,6 +679,11 @@ def from_environ(
             "BATCH_MAX_BYTES: must be at most half of BUFFER_BUDGET_BYTES%s (%d%s), got %d"
             % ("" if workers == 1 else " / WORKERS", share // 2, each, config.batch_max_bytes)
         )
+    if config.max_connections is not None and config.max_connections < workers:
+        raise ConfigError(
+            "MAX_CONNECTIONS: must be at least WORKERS (%d; each worker takes"
+            " MAX_CONNECTIONS / WORKERS), got %d" % (workers, config.max_connections)
+        )
     if "client_budget_bytes" in values:
         _check_client_budget(config, config.client_budget_bytes)
     else:
@@ -683,8 +707,8 @@ def from_environ(
 def worker_share(config: Config) -> Config:
     """
     The configuration one of ``WORKERS`` worker processes runs with: its share of
-    ``BUFFER_BUDGET_BYTES`` and of ``CLIENT_BUDGET_BYTES`` (each divided by
-    ``WORKERS``).
+    ``BUFFER_BUDGET_BYTES``, of ``CLIENT_BUDGET_BYTES`` and of ``MAX_CONNECTIONS``
+    when set (each divided by ``WORKERS``; unset, each worker derives its own).
     """
     if config.workers == 1:
         return config
@@ -692,6 +716,9 @@ def worker_share(config: Config) -> Config:
         config,
         buffer_budget_bytes=config.buffer_budget_bytes // config.workers,
         client_budget_bytes=config.client_budget_bytes // config.workers,
+        max_connections=(
+            None if config.max_connections is None else config.max_connections // config.workers
+        ),
     )
 
 

@@ -50,6 +50,10 @@ SHAREABLE = (TCP4ServerEndpoint, TCP6ServerEndpoint, SSL4ServerEndpoint, UNIXSer
 #: Exit status of a server that cannot listen (as for any refused setting).
 EXIT_CONFIG = 2
 
+#: The listen backlog of ``ADDR``/``PORT``: connections the kernel holds until they
+#: are accepted (at ``MAX_CONNECTIONS`` they wait there; Twisted's default is 50).
+LISTEN_BACKLOG = 1024
+
 
 def listen_description(addr: str, port: int) -> str:
     """The endpoint string for ``ADDR`` and ``PORT``: ``tcp:8902:interface=0.0.0.0``."""
@@ -138,11 +142,18 @@ class ListenerService(StreamServerEndpointService):
         self._on = on
 
     def privilegedStartService(self) -> None:
-        """Listen now (before twistd drops privileges); exit 2 if that fails."""
+        """
+        Listen now (before twistd drops privileges); exit 2 if that fails.  A
+        factory with a ``listening(port)`` method (a ``LogSite``, which stops
+        reading the port at ``MAX_CONNECTIONS``) is given the port.
+        """
         try:
             super().privilegedStartService()
         except (CannotListenError, OSError) as e:
             raise _cannot_listen(self._on, e) from None
+        listening = getattr(self.factory, "listening", None)
+        if listening is not None and self._waitingForPort is not None:
+            self._waitingForPort.addCallback(lambda port: (listening(port), port)[1])
 
 
 def listener(
@@ -155,7 +166,7 @@ def listener(
 
     :raises ConfigError: the endpoint string is not usable (:func:`server_endpoint`).
     """
-    on = listen_on(config)
+    on = listen_on(config, LISTEN_BACKLOG)
     stand_in = reactor if adopt is None else _Adopt(reactor, adopt[0], adopt[1])
     return ListenerService(server_endpoint(stand_in, on.text, on.setting), factory, on)
 

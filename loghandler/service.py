@@ -214,6 +214,8 @@ def build_service(
         batch_max_lines=config.batch_max_lines,
         metrics=metrics,
         auth=auth,
+        request_timeout_s=config.request_timeout_s,
+        max_connections=config.max_connections,
     )
     root = MultiService()
     streams = StreamService(registry, store, reactor, config.shutdown_timeout_s, metrics)

@@ -51,6 +51,7 @@ from loghandler.config import Config, ConfigError
 from loghandler.exposition import combine, cumulative, render, samples_of
 from loghandler.health import LIVE_STALE_S, combine_health, combine_liveness
 from loghandler.listen import (
+    LISTEN_BACKLOG,
     ListenerService,
     ListeningSocket,
     admin_listener,
@@ -69,8 +70,6 @@ RESTART_CAP_S = 30.0
 STABLE_AFTER_S = 60.0
 #: Seconds after ``SHUTDOWN_TIMEOUT_S`` that a worker still running is killed.
 KILL_GRACE_S = 5.0
-#: The listening socket's backlog.
-LISTEN_BACKLOG = 1024
 #: Exit status of a worker that refused its configuration (as ``twistd loghandler``).
 EXIT_CONFIG = 2
 

@@ -10,9 +10,11 @@ they never show in ``ps``.
 from __future__ import annotations
 
 import os
+import resource
 import sys
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
+import attrs
 from twisted.application.service import IService
 from twisted.logger import Logger
 from twisted.python import usage
@@ -21,6 +23,7 @@ from loghandler.admin import Probes
 from loghandler.auth import TokenFile, reload_on_sighup
 from loghandler.budget import MemoryBudget
 from loghandler.config import SETTINGS, Config, ConfigError, from_environ
+from loghandler.connections import FD_RESERVE, default_max_connections
 from loghandler.interfaces import IObjectStore
 from loghandler.metrics import Metrics
 from loghandler.service import build_service
@@ -260,6 +263,28 @@ def _azure_container_client(config: Config, connections: int) -> Any:
         raise
 
 
+def _check_descriptors(
+    max_connections: int, getrlimit: Callable[[int], tuple[int, int]] = resource.getrlimit
+) -> None:
+    """
+    Warn when this process's share of ``MAX_CONNECTIONS`` needs more file
+    descriptors than ``RLIMIT_NOFILE`` allows: past it connections fail with
+    EMFILE ("Too many open files") instead of waiting for the cap.
+    """
+    soft, _ = getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and max_connections > soft - FD_RESERVE:
+        _log.warn(
+            "MAX_CONNECTIONS: {max_connections} connections in this process need more file"
+            " descriptors than RLIMIT_NOFILE's soft limit of {soft} leaves ({reserve} are"
+            " kept for storage and logs); raise it (ulimit -n, systemd's LimitNOFILE=)"
+            " or lower MAX_CONNECTIONS",
+            event="descriptors_short",
+            max_connections=max_connections,
+            soft=soft,
+            reserve=FD_RESERVE,
+        )
+
+
 def build_root(
     config: Config,
     reactor: Any,
@@ -293,9 +318,14 @@ def build_root(
         )
     else:
         store_settings = ""
+    max_connections = config.max_connections
+    if max_connections is None:
+        max_connections = default_max_connections()
+        config = attrs.evolve(config, max_connections=max_connections)
     _log.info(
         "loghandler on {where}, storage {store}, objects completed after {lifetime:g} s,"
-        " ACK={ack}, CHECKPOINT_S={checkpoint_s:g}{store_settings}{auth}",
+        " ACK={ack}, CHECKPOINT_S={checkpoint_s:g}{store_settings}{auth},"
+        " REQUEST_TIMEOUT_S={request_timeout_s:g}, MAX_CONNECTIONS={max_connections}",
         event="started",
         where=config.listen or "%s:%d" % (config.addr, config.port),
         addr=config.addr,
@@ -308,7 +338,10 @@ def build_root(
         auth=""
         if tokens is None
         else ", %d credentials from AUTH_TOKENS_FILE" % len(tokens.credentials),
+        request_timeout_s=config.request_timeout_s,
+        max_connections=max_connections,
     )
+    _check_descriptors(max_connections)
     if config.checkpoint_s == 0 and config.ack == "accepted" and not config.no_upload:
         _log.warn(
             "CHECKPOINT_S=0 with ACK=accepted: a crash loses every line since each"

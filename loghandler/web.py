@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional, Union
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
@@ -25,6 +26,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from loghandler.auth import FORBIDDEN_CHALLENGE, Credential, Refusal, TokenFile, forbidden_reason
+from loghandler.connections import ConnectionGuard, default_max_connections
 from loghandler.message import Limits, Rejection, batch_too_large, parse_message, too_large
 from loghandler.metrics import Metrics
 from loghandler.registry import Accepted, Busy, StreamRegistry
@@ -454,7 +456,10 @@ class LogRequest(Request):
         Serve an exact path of the site's routes directly (a cached ``Date``
         header, no ``Server`` header); anything else as twisted.web would.
         """
-        site = getattr(self.channel, "site", None)
+        channel = self.channel
+        if isinstance(channel, LogChannel):
+            channel.reading_since = None  # read whole: REQUEST_TIMEOUT_S is met
+        site = getattr(channel, "site", None)
         if not isinstance(site, LogSite) or (route := site.routes.get(self.path)) is None:
             super().process()
             return
@@ -510,6 +515,62 @@ class LogChannel(http.HTTPChannel):
 
     _host: Any = None
     _peer: Any = None
+    #: When the first byte of the request being read came (None: between requests).
+    reading_since: Optional[float] = None
+    #: When the guard first saw the connection idle.
+    idle_since: Optional[float] = None
+    #: When the connection was cut (answered and closing).
+    cut_at: Optional[float] = None
+    _guard: Optional[ConnectionGuard] = None
+
+    def connectionMade(self) -> None:
+        """Counted by the site's guard (which may stop accepting at the cap)."""
+        super().connectionMade()
+        site = getattr(self, "site", None)
+        if isinstance(site, LogSite):
+            self._guard = site.guard
+            self._seconds = site.guard.clock.seconds  # type: ignore[method-assign]
+            site.guard.opened(self)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """No longer counted."""
+        super().connectionLost(reason)
+        if self._guard is not None:
+            self._guard.closed(self)
+
+    def _seconds(self) -> float:
+        return 0.0  # replaced by the guard's clock once connected
+
+    def dataReceived(self, data: bytes) -> None:
+        """Bytes from the client: the first of a request starts its deadline."""
+        if self.reading_since is None:
+            self.reading_since = self._seconds()
+            self.idle_since = None
+        super().dataReceived(data)
+
+    def cut_request(self, timeout_s: float) -> None:
+        """
+        The request did not come whole within ``timeout_s``: answer 408 and close,
+        or close at once when the client does not read what it was sent.
+        """
+        rejection = Rejection(
+            408, "request did not come whole within %g s (REQUEST_TIMEOUT_S)" % timeout_s
+        )
+        if self._waitingForTransport:
+            self._rejected(rejection)
+            self.abort()
+        else:
+            self.refuse(rejection)
+
+    def cut_idle(self) -> None:
+        """Idle too long between requests: close (no answer is owed)."""
+        self.loseConnection()
+
+    def abort(self) -> None:
+        """Close at once, dropping what was not sent."""
+        transport: Any = self.transport
+        if transport is not None:
+            transport.abortConnection()
 
     def refuse(self, rejection: Rejection) -> None:
         """
@@ -519,6 +580,19 @@ class LogChannel(http.HTTPChannel):
         site's :class:`~loghandler.rejections.RejectionLog`, with the method and
         path when the request line was read.
         """
+        self._rejected(rejection)
+        body = rejection.to_json()
+        assert self.transport is not None
+        self.cut_at = self._seconds()  # the guard aborts it if it does not close
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s"
+            % (rejection.status, _REASONS.get(rejection.status, b"Error"), len(body), body)
+        )
+        self.loseConnection()
+
+    def _rejected(self, rejection: Rejection) -> None:
+        """Tell the site's :class:`~loghandler.rejections.RejectionLog`."""
         site = getattr(self, "site", None)
         if isinstance(site, LogSite):
             site.rejections.rejected(
@@ -528,14 +602,6 @@ class LogChannel(http.HTTPChannel):
                 getattr(self, "_command", None) or b"",  # twisted.web's, once read
                 getattr(self, "_path", None) or b"",
             )
-        body = rejection.to_json()
-        assert self.transport is not None
-        self.transport.write(
-            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-            b"Connection: close\r\n\r\n%s"
-            % (rejection.status, _REASONS.get(rejection.status, b"Error"), len(body), body)
-        )
-        self.loseConnection()
 
     def lineLengthExceeded(self, line: bytes) -> None:
         """A line of the head is over :data:`MAX_REQUEST_LINE_BYTES`: 414 or 431."""
@@ -590,9 +656,13 @@ class LogSite(Site):
     :param metrics: counts the bodies refused before they are read (413 to
         ``Expect: 100-continue``) in ``loghandler_messages_total``; a new one by
         default.
-    :param clock: for the :class:`~loghandler.rejections.RejectionLog` of its 4xx
-        answers, :attr:`rejections` (the global reactor by default; its windows
-        end on a timer only while the site listens).
+    :param request_timeout_s: ``REQUEST_TIMEOUT_S`` (0: none).
+    :param max_connections: ``MAX_CONNECTIONS`` of this process; None: derived
+        from ``RLIMIT_NOFILE`` (:func:`default_max_connections`).
+    :param clock: for the connections' timeouts and the
+        :class:`~loghandler.rejections.RejectionLog` of its 4xx answers,
+        :attr:`rejections` (the global reactor by default; its windows end on a
+        timer only while the site listens).
     """
 
     requestFactory = LogRequest
@@ -605,10 +675,19 @@ class LogSite(Site):
         access_log: bool = False,
         batch_max_bytes: int = 1024 * 1024,
         metrics: Optional[Metrics] = None,
+        request_timeout_s: float = 30.0,
+        max_connections: Optional[int] = None,
         clock: Optional[IReactorTime] = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
+        # No timer per connection: the guard's sweep times connections out.
+        super().__init__(resource, parsePOSTFormSubmission=False, timeout=None, **kwargs)
+        #: The connections' timeouts and cap.
+        self.guard = ConnectionGuard(
+            clock if clock is not None else _global_clock(),
+            request_timeout_s,
+            max_connections if max_connections is not None else default_max_connections(),
+        )
         self.metrics = metrics if metrics is not None else Metrics()
         #: Logs the 4xx answers at a bounded pace.
         self.rejections = RejectionLog(clock if clock is not None else _global_clock())
@@ -619,6 +698,16 @@ class LogSite(Site):
         self._max_body_bytes = max_body_bytes
         self._batch_max_bytes = batch_max_bytes
         self._access_log = access_log
+
+    def buildProtocol(self, addr: Any) -> Any:
+        """A channel, or None (the connection closed at once) past ``MAX_CONNECTIONS``."""
+        if not self.guard.admit():
+            return None
+        return super().buildProtocol(addr)
+
+    def listening(self, port: Any) -> None:
+        """The port this site listens on, which the guard pauses at the cap."""
+        self.guard.listening(port)
 
     def route(self, path: bytes, resource: IResource) -> None:
         """Serve ``resource`` at exactly ``path`` (``b"/log"``) without traversal."""
@@ -644,13 +733,21 @@ class LogSite(Site):
         return BoundedBody(self._batch_max_bytes if batch else self._max_body_bytes, length)
 
     def startFactory(self) -> None:
-        """The site listens: rejection windows end on time."""
+        """
+        The site listens: rejection windows end on time, the guard's sweeps
+        start.
+        """
         super().startFactory()
         self.rejections.start()
+        self.guard.start()
 
     def stopFactory(self) -> None:
-        """The site stops listening: the last window's suppressed rejections are logged."""
+        """
+        The site stops listening: the last window's suppressed rejections are
+        logged, the sweeps stop.
+        """
         self.rejections.stop()
+        self.guard.stop()
         super().stopFactory()
 
     def log(self, request: http.Request) -> None:
@@ -671,12 +768,16 @@ def make_site(
     batch_max_lines: int = 1000,
     metrics: Optional[Metrics] = None,
     auth: Optional[TokenFile] = None,
+    request_timeout_s: float = 30.0,
+    max_connections: Optional[int] = None,
 ) -> LogSite:
     """
     The ingest side: root, ``/log`` and the site (:func:`loghandler.admin.add_probes`
     adds the probes and metrics).  ``durable_timeout_s`` (with ``clock``) turns on
     ``ACK=durable``; ``metrics`` counts the messages (a new one by default);
-    ``auth`` (``AUTH_TOKENS_FILE``) guards ``POST /log`` only, never the probes.
+    ``auth`` (``AUTH_TOKENS_FILE``) guards ``POST /log`` only, never the probes;
+    ``request_timeout_s`` and ``max_connections`` (None: derived) are the
+    connections' limits (:class:`ConnectionGuard`).
     """
     if metrics is None:
         metrics = Metrics()
@@ -694,6 +795,15 @@ def make_site(
         auth,
     )
     root.putChild(b"log", log)
-    site = LogSite(root, max_body_bytes, access_log, batch_max_bytes, metrics, clock)
+    site = LogSite(
+        root,
+        max_body_bytes,
+        access_log,
+        batch_max_bytes,
+        metrics,
+        request_timeout_s,
+        max_connections,
+        clock,
+    )
     site.route(b"/log", log)
     return site

@@ -1336,3 +1336,63 @@ class ClientBudgetTests(SynchronousTestCase):
             "CLIENT_BUDGET_BYTES",
             "at least 2 x PART_SIZE_BYTES for each of WORKERS=4 (%d)" % (40 * MiB),
         )
+
+
+class ConnectionSettingsTests(SynchronousTestCase):
+    """
+    REQUEST_TIMEOUT_S and MAX_CONNECTIONS: parsed, bounded, refused in one line;
+    MAX_CONNECTIONS divided among WORKERS; a share over RLIMIT_NOFILE warned about.
+    """
+
+    assertConfigError = ErrorTests.assertConfigError
+
+    def test_defaults(self) -> None:
+        """30 s; MAX_CONNECTIONS unset (derived per process at start)."""
+        config = from_environ(BASE)
+        self.assertEqual((config.request_timeout_s, config.max_connections), (30.0, None))
+
+    def test_values(self) -> None:
+        config = from_environ(dict(BASE, REQUEST_TIMEOUT_S="2.5", MAX_CONNECTIONS=" 100 "))
+        self.assertEqual((config.request_timeout_s, config.max_connections), (2.5, 100))
+        self.assertEqual(from_environ(dict(BASE, REQUEST_TIMEOUT_S="0")).request_timeout_s, 0.0)
+
+    def test_bounds(self) -> None:
+        self.assertEqual(
+            self.assertConfigError(dict(BASE, REQUEST_TIMEOUT_S="0.5"), "REQUEST_TIMEOUT_S"),
+            "REQUEST_TIMEOUT_S: must be a number of seconds from 1 to 3600, or 0 (off),"
+            " got '0.5'",
+        )
+        self.assertEqual(
+            self.assertConfigError(dict(BASE, MAX_CONNECTIONS="0"), "MAX_CONNECTIONS"),
+            "MAX_CONNECTIONS: must be an integer from 1 to 1000000, got '0'",
+        )
+
+    def test_workers_share(self) -> None:
+        """Each of WORKERS takes MAX_CONNECTIONS / WORKERS; fewer than WORKERS is refused."""
+        from loghandler.config import worker_share
+
+        config = from_environ(dict(BASE, WORKERS="4", MAX_CONNECTIONS="1000"))
+        self.assertEqual(worker_share(config).max_connections, 250)
+        self.assertIsNone(worker_share(from_environ(dict(BASE, WORKERS="4"))).max_connections)
+        self.assertEqual(
+            self.assertConfigError(
+                dict(BASE, WORKERS="4", MAX_CONNECTIONS="3"), "MAX_CONNECTIONS"
+            ),
+            "MAX_CONNECTIONS: must be at least WORKERS (4; each worker takes"
+            " MAX_CONNECTIONS / WORKERS), got 3",
+        )
+
+    def test_descriptors_short(self) -> None:
+        """A share needing more descriptors than RLIMIT_NOFILE leaves is warned about."""
+        from twisted.logger import capturedLogs
+
+        tap = _tap()
+        with capturedLogs() as events:
+            tap._check_descriptors(768, lambda _: (1024, 4096))
+            self.assertEqual(events, [])
+            tap._check_descriptors(769, lambda _: (1024, 4096))
+        (event,) = events
+        self.assertEqual(
+            (event["event"], event["max_connections"], event["soft"]),
+            ("descriptors_short", 769, 1024),
+        )

@@ -1,0 +1,227 @@
+"""
+Hardening end to end: ``twistd loghandler`` as a subprocess.
+
+- Over real sockets: a client trickling its request is cut with 408 once
+  ``REQUEST_TIMEOUT_S`` has passed while another client is served; 414 and 431
+  with JSON bodies; 413 at once to ``Expect: 100-continue`` over the limit; past
+  ``MAX_CONNECTIONS`` a connection waits (in the listen backlog) and is served
+  once another closes.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.integration.moto import free_port
+from tests.integration.test_end_to_end import message_body
+
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+
+
+def one_message(content_id: int = 1) -> bytes:
+    return message_body(content_id, 3, int(time.time() * 1000), "hello")
+
+
+class Twistd:
+    """``twistd -n loghandler`` on a free port, its output in a file of ``workdir``."""
+
+    def __init__(self, env: dict[str, str], workdir: str) -> None:
+        self.port = free_port()
+        self.log_path = os.path.join(workdir, "twistd-hardening-%d.log" % self.port)
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            [TWISTD, "-n", "--pidfile=", "loghandler"],
+            env={**os.environ, **env, "ADDR": "127.0.0.1", "PORT": str(self.port)},
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=workdir,
+        )
+
+    def log(self) -> str:
+        with open(self.log_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError("twistd exited at start:\n" + self.log())
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+                try:
+                    connection.request("GET", "/healthz")
+                    if connection.getresponse().status == 200:
+                        return
+                finally:
+                    connection.close()
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError("twistd not ready:\n" + self.log())
+
+    def post(self, count: int) -> None:
+        """POST ``count`` messages over one connection; each must get 200."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            for n in range(count):
+                connection.request("POST", "/log", one_message(n + 1))
+                response = connection.getresponse()
+                response.read()
+                assert response.status == 200, response.status
+        finally:
+            connection.close()
+
+    def wait(self, timeout: float) -> int:
+        code = self.process.wait(timeout)
+        self._log.close()
+        return code
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        if not self._log.closed:
+            self._log.close()
+
+
+def read_response(sock: socket.socket, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
+    """Read one response (with a Content-Length) from ``sock``: status, headers, body."""
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AssertionError("closed before a response: %r" % data)
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines)
+    while len(body) < int(headers.get("content-length", 0)):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return int(status_line.split()[1]), headers, body
+
+
+def closed(sock: socket.socket, timeout: float = 10.0) -> bool:
+    """Whether the server closes ``sock`` (EOF or reset) within ``timeout``."""
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(65536) == b""
+    except ConnectionResetError:
+        return True
+
+
+class SocketTests(SynchronousTestCase):
+    """One daemon (NO_UPLOAD=1, REQUEST_TIMEOUT_S=2, MAX_CONNECTIONS=4) over raw sockets."""
+
+    def setUp(self) -> None:
+        self.daemon = Twistd(
+            {"NO_UPLOAD": "1", "REQUEST_TIMEOUT_S": "2", "MAX_CONNECTIONS": "4"},
+            os.path.abspath("."),
+        )
+        self.addCleanup(self.daemon.kill)
+        self.daemon.wait_ready()
+
+    def connect(self) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.daemon.port), timeout=10)
+        self.addCleanup(sock.close)
+        return sock
+
+    def test_trickling_client_cut_while_others_are_served(self) -> None:
+        """
+        A client sending its request a byte every 0.2 s gets 408 (JSON) and the
+        connection closed, not before REQUEST_TIMEOUT_S after its first byte;
+        meanwhile another client's 20 messages are answered 200.
+        """
+        slow = self.connect()
+        request = b"POST /log HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n"
+        started = time.monotonic()
+        stop = threading.Event()
+
+        def trickle() -> None:
+            for byte in request:
+                if stop.is_set():
+                    return
+                try:
+                    slow.send(bytes([byte]))
+                except OSError:
+                    return
+                time.sleep(0.2)
+
+        thread = threading.Thread(target=trickle)
+        thread.start()
+        self.addCleanup(thread.join)
+        self.addCleanup(stop.set)
+        self.daemon.post(20)
+        status, headers, body = read_response(slow, timeout=20)
+        elapsed = time.monotonic() - started
+        stop.set()
+        self.assertEqual(status, 408)
+        self.assertEqual(
+            json.loads(body),
+            {"error": "request did not come whole within 2 s (REQUEST_TIMEOUT_S)", "field": None},
+        )
+        self.assertGreaterEqual(elapsed, 2.0)
+        self.assertTrue(closed(slow))
+
+    def test_head_limits(self) -> None:
+        """A request line over 16 KiB: 414; a header block over 16 KiB: 431; each JSON."""
+        sock = self.connect()
+        sock.sendall(b"GET /" + b"x" * 20_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, headers, body = read_response(sock)
+        self.assertEqual((status, headers["content-type"]), (414, "application/json"))
+        self.assertEqual(json.loads(body)["error"], "request line is longer than 16384 bytes")
+        self.assertTrue(closed(sock))
+        sock = self.connect()
+        fields = b"".join(b"X-Pad-%d: %s\r\n" % (n, b"y" * 100) for n in range(200))
+        sock.sendall(b"POST /log HTTP/1.1\r\nHost: x\r\n" + fields + b"\r\n")
+        status, _, body = read_response(sock)
+        self.assertEqual(status, 431)
+        self.assertEqual(
+            json.loads(body)["error"], "request header block is larger than 16384 bytes"
+        )
+
+    def test_expect_continue_over_the_limit(self) -> None:
+        """Expect: 100-continue with 10 MB announced: 413 at once, no 100, closed."""
+        sock = self.connect()
+        sock.sendall(
+            b"POST /log HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+            b"Content-Length: 10000000\r\n\r\n"
+        )
+        status, headers, body = read_response(sock)
+        self.assertEqual(status, 413)
+        self.assertEqual(json.loads(body)["error"], "body is larger than 65536 bytes")
+        self.assertEqual(headers["connection"], "close")
+        self.assertTrue(closed(sock))
+
+    def test_max_connections(self) -> None:
+        """
+        Four connections open (MAX_CONNECTIONS=4): a fifth is accepted by the kernel
+        but not served until one of the four closes; then it is answered.  Logged.
+        """
+        idle = [self.connect() for _ in range(4)]
+        time.sleep(0.5)
+        fifth = self.connect()
+        body = one_message()
+        fifth.sendall(
+            b"POST /log HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        fifth.settimeout(1.5)
+        with self.assertRaises(socket.timeout):
+            fifth.recv(1)
+        idle[0].close()
+        status, _, _ = read_response(fifth)
+        self.assertEqual(status, 200)
+        self.assertIn("MAX_CONNECTIONS: 4 connections open", self.daemon.log())
