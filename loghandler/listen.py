@@ -363,6 +363,25 @@ def shared_endpoint(on: ListenOn) -> IStreamServerEndpoint:
     return endpoint
 
 
+def check_listen(on: ListenOn) -> None:
+    """
+    Open the socket of ``on`` and close it again, so that an address that cannot
+    be bound (in use, not local, no permission) stops ``twistd loghandler`` with
+    its one line and exit status 2 from ``makeService``, before twistd daemonizes
+    (after that, the line would go to the log while twistd's parent printed its own
+    message, cut at 100 bytes, and exit status 1).  The listener opens it for real
+    as it starts.  Endpoints other than ``tcp:``, ``tcp6:``, ``ssl:`` and ``unix:``
+    are left to the listener.
+
+    :raises SystemExit: (2, after one line on stderr naming the setting).
+    """
+    try:
+        shared_endpoint(on)
+    except ConfigError:
+        return  # not one this opens; the listener refuses it, or opens it
+    open_shared(on).close()
+
+
 def open_shared(on: ListenOn) -> ListeningSocket:
     """
     The supervisor's listening socket for ``on``.

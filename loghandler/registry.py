@@ -181,6 +181,7 @@ class StreamRegistry:
         #: client_id -> its share of the budget, while it has streams.
         self.shares: dict[int, Share] = {}
         self.stopping = False
+        self._flushed: list[ObjectStream] = []
         #: False until the store was found reachable (set by the stream service).
         self.ready = True
         self._checkpoints = LoopingCall(self.checkpoint_all)
@@ -481,6 +482,14 @@ class StreamRegistry:
             if not share.streams:
                 del self.shares[share.client_id]
 
+    def lines_lost(self) -> int:
+        """
+        After :meth:`close_all`: the accepted lines of the objects it completed that
+        are neither stored nor staged (of those still completing, every line not
+        yet in storage); 0 before.
+        """
+        return sum(stream.unsettled_lines for stream in self._flushed)
+
     def close_all(self) -> Deferred[object]:
         """
         Refuse new messages and complete every stream, in parallel: the open ones and
@@ -501,7 +510,7 @@ class StreamRegistry:
         )
         for key in list(self._open):
             self._complete(key)
-        streams = list(self._closing)
+        streams = self._flushed = list(self._closing)
 
         abandoned = []
 

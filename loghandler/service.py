@@ -107,6 +107,10 @@ class StreamService(Service):
 
         self._store.check().addCallbacks(reachable, unreachable)
 
+    #: After the stop: the accepted lines the flush neither stored nor staged
+    #: (:meth:`StreamRegistry.lines_lost`); the process then exits with status 1.
+    lines_lost = 0
+
     def stopService(self) -> Deferred[None]:
         """Refuse new messages and complete all objects; never errbacks."""
         Service.stopService(self)
@@ -121,6 +125,7 @@ class StreamService(Service):
         def done(result: object) -> "Deferred[None]":
             seconds = self._clock.seconds() - started
             self.metrics.last_flush_seconds.set(seconds)
+            self.lines_lost = self.registry.lines_lost()
             # The retry layer gives up at the same deadline, so a flush cut short
             # may end by itself at that instant rather than time out.
             if (

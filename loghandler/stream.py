@@ -107,6 +107,7 @@ class ObjectStream:
         # gap durable_lines (a prefix) stops; waiters are answered line by line.
         self._lost: list[tuple[int, int]] = []
         self._lost_lines = 0
+        self._given_up = 0  # lines the completion gave up, once done
         self._unstored_bytes = 0
         self.raw_bytes = 0
         self.stored_bytes = 0
@@ -132,6 +133,17 @@ class ObjectStream:
         self._marks: list[tuple[int, float]] = []
         self._mark_next = True
         self._closed_at: Optional[float] = None
+
+    @property
+    def unsettled_lines(self) -> int:
+        """
+        Accepted lines neither stored nor staged: once the completion is done, the
+        lines it gave up (lost); before, the lines not yet in storage (what would be
+        lost if the process ended now).
+        """
+        if self._done:
+            return self._given_up
+        return self.lines - max(self.durable_lines, self._lines_stored)
 
     @property
     def paused(self) -> bool:
@@ -577,6 +589,7 @@ class ObjectStream:
         ``"lost"``), its duration, and the ``lost`` lines: the one place that counts
         lines lost, where the completion decides and logs what was not stored.
         """
+        self._given_up = lost
         metrics = self._metrics
         metrics.completions.labels(outcome=outcome).inc()
         if self._closed_at is not None:

@@ -24,7 +24,9 @@ The supervisor:
 - passes SIGHUP on to every worker (each reloads ``AUTH_TOKENS_FILE``);
 - on stop (SIGTERM, SIGINT), sends each worker SIGTERM and returns only once every
   worker has flushed and exited, or kills the ones still running
-  :data:`KILL_GRACE_S` seconds after ``SHUTDOWN_TIMEOUT_S``.
+  :data:`KILL_GRACE_S` seconds after ``SHUTDOWN_TIMEOUT_S``; it exits with status
+  1 when a worker's flush lost lines (its exit status 1) or a worker did not
+  finish its flush (killed, died), else dies by the stop signal, as twistd does.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from loghandler.listen import (
     open_shared,
 )
 from loghandler.metrics import GAUGES_COMBINED_BY_MAX
+from loghandler.stopping import EXIT_LOST, StopSignals
 from loghandler.worker import FD_LISTEN, FD_REPORTS, REPORT_INTERVAL_S
 
 #: Seconds before the first restart of a worker that exited; doubled each time it
@@ -219,6 +222,8 @@ class WorkerSupervisor(Service):
         self._metrics_broadcast.clock = reactor
         self._admin: Optional[ListenerService] = None
         self._stopping = False
+        #: Workers whose stop lost lines: exit status 1, killed, died.
+        self.workers_lost = 0
         self._all_ended: Optional[Deferred[None]] = None
         self._kill: Optional[IDelayedCall] = None
 
@@ -279,19 +284,16 @@ class WorkerSupervisor(Service):
         """
         SIGTERM and SIGINT stop the server once; a second signal (systemd and a
         shell both signalling, Ctrl-C twice) changes nothing, where twistd's own
-        handlers would log ReactorNotRunning.  SIGHUP is passed on to the workers,
-        which reload ``AUTH_TOKENS_FILE``; it stops nothing (a closed terminal).
+        handlers would log ReactorNotRunning; the exit status is 1 when a worker
+        lost lines (:class:`~loghandler.stopping.StopSignals`).  SIGHUP is passed
+        on to the workers, which reload ``AUTH_TOKENS_FILE``; it stops nothing (a
+        closed terminal).
         """
-        stopping: list[bool] = []
-
-        def stop_once() -> None:
-            if not stopping:
-                stopping.append(True)
-                self._log.info("stop signal received; stopping the workers", event="stopping")
-                self._reactor.stop()
-
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: self._reactor.callFromThread(stop_once))
+        StopSignals(
+            self._reactor,
+            lambda: self.workers_lost,
+            "worker(s) lost acknowledged lines in their flush, or did not finish it",
+        ).install()
         signal.signal(signal.SIGHUP, lambda *_: self._reactor.callFromThread(self._hangup))
 
     def _hangup(self) -> None:
@@ -396,7 +398,21 @@ class WorkerSupervisor(Service):
                 self._log.info(
                     "worker {worker} stopped ({how})", event="worker_stopped", worker=number, how=how
                 )
+            elif (
+                isinstance(reason.value, ProcessTerminated)
+                and reason.value.exitCode == EXIT_LOST
+            ):
+                self.workers_lost += 1
+                self._log.error(
+                    "worker {worker} (pid {pid}) stopped ({how}): its flush lost acknowledged"
+                    " lines (its errors are above)",
+                    event="worker_lost_lines",
+                    worker=number,
+                    pid=worker.pid,
+                    how=how,
+                )
             else:
+                self.workers_lost += 1
                 self._log.error(
                     "worker {worker} (pid {pid}) ended during the stop ({how}) before"
                     " its flush was done: what it had not staged is lost, what it"

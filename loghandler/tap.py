@@ -25,8 +25,10 @@ from loghandler.budget import MemoryBudget
 from loghandler.config import SETTINGS, Config, ConfigError, from_environ
 from loghandler.connections import FD_RESERVE, default_max_connections
 from loghandler.interfaces import IObjectStore
+from loghandler.listen import LISTEN_BACKLOG, check_listen, listen_on, shared_endpoint
 from loghandler.metrics import Metrics
-from loghandler.service import build_service
+from loghandler.service import STREAM_SERVICE_NAME, build_service
+from loghandler.stopping import StopSignals
 
 _log = Logger()
 _FLAGS = {"no_upload", "access_log"}
@@ -200,7 +202,6 @@ def makeService(options: Mapping[str, Any], reactor: Optional[Any] = None) -> IS
     config = load_config(options, os.environ)
     try:
         if config.workers > 1:
-            from loghandler.listen import listen_on, shared_endpoint
             from loghandler.supervisor import WorkerSupervisor
 
             check_store_settings(config)
@@ -208,12 +209,17 @@ def makeService(options: Mapping[str, Any], reactor: Optional[Any] = None) -> IS
             # reads the key and the tokens again.
             shared_endpoint(listen_on(config))
             load_tokens(config, reactor)
+            check_listen(listen_on(config, LISTEN_BACKLOG))
             overrides = options.overrides() if isinstance(options, Options) else {}
             return WorkerSupervisor(config, reactor, {**os.environ, **overrides})
-        return build_root(config, reactor)
+        check_listen(listen_on(config, LISTEN_BACKLOG))
+        root = build_root(config, reactor)
     except ConfigError as e:
         _exit(str(e))
         raise
+    streams = root.getServiceNamed(STREAM_SERVICE_NAME)  # type: ignore[attr-defined]
+    reactor.callWhenRunning(StopSignals(reactor, lambda: streams.lines_lost).install)
+    return root
 
 
 def load_tokens(config: Config, reactor: Any) -> Optional[TokenFile]:

@@ -20,7 +20,8 @@ socket the supervisor opened.  Its file descriptors:
   :data:`REPORT_INTERVAL_S`, one JSON object per line (:data:`FD_REPORTS`).
 
 SIGTERM and SIGINT stop it once (a second signal changes nothing): the flush of
-``SHUTDOWN_TIMEOUT_S``, then exit status 0.  SIGHUP reloads ``AUTH_TOKENS_FILE``
+``SHUTDOWN_TIMEOUT_S``, then exit status 0, or 1 (:data:`EXIT_LOST`) when the flush
+left acknowledged lines neither stored nor staged.  SIGHUP reloads ``AUTH_TOKENS_FILE``
 (:func:`loghandler.auth.reload_on_sighup`); it never stops a worker.
 """
 
@@ -220,6 +221,7 @@ def run(number: int, family: int) -> int:
 
     from loghandler.config import ConfigError, from_environ, worker_share
     from loghandler.service import STREAM_SERVICE_NAME
+    from loghandler.stopping import EXIT_LOST
     from loghandler.tap import build_root
 
     reactor: Any = global_reactor
@@ -281,7 +283,7 @@ def run(number: int, family: int) -> int:
     # exit into death by signal.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)
-    return 0
+    return EXIT_LOST if streams.lines_lost else 0
 
 
 if __name__ == "__main__":

@@ -157,6 +157,7 @@ class ServiceTests(SynchronousTestCase):
         )
         self.assertTrue(any("flush on stop done" in (e.get("log_format") or "") for e in events))
         self.assertEqual(self.streams.registry.budget.held, 0)
+        self.assertEqual(self.streams.lines_lost, 0)
 
     def test_stop_wakes_retries_in_backoff(self) -> None:
         """
@@ -219,3 +220,20 @@ class ServiceTests(SynchronousTestCase):
         self.assertFalse([f for f in formats if f.startswith("flush on stop done")], formats)
         self.assertEqual(self.mem.objects, {})
         self.assertEqual(self.streams.registry.budget.held, 0)
+        self.assertEqual(self.streams.lines_lost, 2)  # the exit status will be 1
+
+    def test_stop_deadline_with_everything_staged(self) -> None:
+        """
+        Storage stalled past the deadline, but the lines were staged by a
+        checkpoint: nothing lost (the exit status stays a clean one).
+        """
+        self.streams.registry.accept(message(1))
+        self.reactor.advance(10)  # CHECKPOINT_S: the line is staged
+        self.mem.hold("CompleteMultipartUpload")
+        self.mem.hold("PutObject")
+        with capturedLogs() as events:
+            stopping = self.root.stopService()
+            self.reactor.advance(25)
+            self.successResultOf(stopping)
+        self.assertEqual([e for e in events if e.get("event") == "lines_lost"], [])
+        self.assertEqual(self.streams.lines_lost, 0)

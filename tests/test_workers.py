@@ -8,6 +8,7 @@ real processes are tested end to end in ``tests/integration/test_workers.py``.
 
 from __future__ import annotations
 
+import atexit
 import io
 import json
 import signal
@@ -319,6 +320,7 @@ class FakeProcessReactor(Clock):
         super().__init__()
         self.spawned: list[tuple[WorkerProcess, list[str], dict[int, Any], FakeProcess]] = []
         self.stopped = 0
+        self.triggers: list[tuple[str, str, Any, Any]] = []
 
     def spawnProcess(
         self, protocol: WorkerProcess, executable: str, args: list[str], env: Any, childFDs: Any
@@ -349,6 +351,9 @@ class FakeProcessReactor(Clock):
 
     def callWhenRunning(self, f: Any, *args: Any) -> None:
         self.when_running = (f, args)
+
+    def addSystemEventTrigger(self, phase: str, event: str, f: Any, *args: Any) -> None:
+        self.triggers.append((phase, event, f, args))
 
 
 def exited(code: Optional[int] = None, signum: Optional[int] = None) -> Failure:
@@ -549,6 +554,50 @@ class SupervisorTests(SynchronousTestCase):
             " flush was done",
             self.logged(),
         )
+        self.assertEqual(self.supervisor.workers_lost, 1)
+
+    def test_worker_that_lost_lines_makes_exit_1(self) -> None:
+        """
+        A worker whose flush lost lines exits 1: logged, counted, and after the
+        shutdown the supervisor's exit status is 1 (not death by the signal).
+        """
+        f, args = self.reactor.when_running
+        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        for signum, handler in previous.items():
+            self.addCleanup(signal.signal, signum, handler)
+        registered: list[Any] = []
+        self.patch(atexit, "register", registered.append)
+        f(*args)  # installs the supervisor's StopSignals
+        stopped = self.supervisor.stopService()
+        self.reactor.spawned[0][0].processEnded(exited(code=0))
+        self.reactor.spawned[1][0].processEnded(exited(code=1))
+        self.successResultOf(stopped)
+        self.assertIn(
+            "worker 2 (pid 1001) stopped (exit status 1): its flush lost acknowledged lines",
+            self.logged(),
+        )
+        self.assertEqual(self.supervisor.workers_lost, 1)
+        ((phase, event, after, _),) = self.reactor.triggers
+        self.assertEqual((phase, event), ("after", "shutdown"))
+        after()
+        self.assertEqual(len(registered), 1)  # os._exit(1) once twistd is done
+        self.assertIn("exit status 1: 1 worker(s) lost acknowledged lines", self.logged())
+
+    def test_workers_that_flushed_exit_clean(self) -> None:
+        """Every worker exited 0: nothing is registered, twistd's exit stands."""
+        f, args = self.reactor.when_running
+        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        for signum, handler in previous.items():
+            self.addCleanup(signal.signal, signum, handler)
+        registered: list[Any] = []
+        self.patch(atexit, "register", registered.append)
+        f(*args)
+        stopped = self.supervisor.stopService()
+        for protocol, _, _, _ in self.reactor.spawned:
+            protocol.processEnded(exited(code=0))
+        self.successResultOf(stopped)
+        self.reactor.triggers[0][2]()
+        self.assertEqual((self.supervisor.workers_lost, registered), (0, []))
 
     def test_stop_signals_act_once(self) -> None:
         """

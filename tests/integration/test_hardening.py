@@ -1,6 +1,13 @@
 """
 Hardening end to end: ``twistd loghandler`` as a subprocess.
 
+- An address that cannot be bound (a port in use, an address that is not local)
+  stops the start with one line naming ``ADDR/PORT`` and exit status 2, with ``-n``
+  and as a daemon, with one process and with ``WORKERS=2``.
+- The exit status after SIGTERM: death by SIGTERM when everything acknowledged was
+  stored; 1 when storage stayed out of reach past ``SHUTDOWN_TIMEOUT_S`` and
+  acknowledged lines were lost (one process and ``WORKERS=2``, against moto behind
+  the fault proxy); a second SIGTERM during the flush is logged, no traceback.
 - Over real sockets: a client trickling its request is cut with 408 once
   ``REQUEST_TIMEOUT_S`` has passed while another client is served; 414 and 431
   with JSON bodies; 413 at once to ``Expect: 100-continue`` over the limit; past
@@ -13,15 +20,18 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.integration.moto import free_port
+from tests.integration.faultproxy import FaultProxy
+from tests.integration.moto import free_port, shared_moto
 from tests.integration.test_end_to_end import message_body
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
@@ -92,6 +102,127 @@ class Twistd:
             self.process.wait()
         if not self._log.closed:
             self._log.close()
+
+
+class CannotListenTests(SynchronousTestCase):
+    """An address that cannot be bound: one line, exit status 2, however started."""
+
+    def setUp(self) -> None:
+        self.busy = socket.socket()
+        self.busy.bind(("127.0.0.1", 0))
+        self.busy.listen(1)
+        self.addCleanup(self.busy.close)
+        self.port = self.busy.getsockname()[1]
+        self.tmp = tempfile.mkdtemp(prefix="loghandler-listen-")
+
+    def start(self, daemon: bool, **env: str) -> subprocess.CompletedProcess[bytes]:
+        if daemon:
+            args = [
+                TWISTD,
+                "--pidfile=" + os.path.join(self.tmp, "twistd.pid"),
+                "--logfile=" + os.path.join(self.tmp, "twistd.log"),
+                "loghandler",
+            ]
+        else:
+            args = [TWISTD, "-n", "--pidfile=", "loghandler"]
+        return subprocess.run(
+            args,
+            env={**os.environ, "NO_UPLOAD": "1", "ADDR": "127.0.0.1", "PORT": str(self.port), **env},
+            capture_output=True,
+            cwd=self.tmp,
+            timeout=60,
+        )
+
+    def test_port_in_use(self) -> None:
+        """
+        ``-n`` or a daemon, one process or two workers: the one line on stderr
+        (a daemon's whole, where twistd's parent cut it at 100 bytes), nothing else,
+        exit status 2; no daemon left running.
+        """
+        line = b"loghandler: ADDR/PORT: cannot listen on 127.0.0.1:%d: Address already in use\n"
+        for daemon in (False, True):
+            for workers in ("1", "2"):
+                done = self.start(daemon, WORKERS=workers)
+                self.assertEqual(
+                    (done.returncode, done.stdout, done.stderr),
+                    (2, b"", line % self.port),
+                    (daemon, workers),
+                )
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "twistd.pid")))
+
+    def test_address_not_local(self) -> None:
+        """An ADDR no interface has (TEST-NET-1): the same one line, its reason."""
+        for daemon in (False, True):
+            done = self.start(daemon, ADDR="192.0.2.1")
+            self.assertEqual(
+                (done.returncode, done.stderr),
+                (
+                    2,
+                    b"loghandler: ADDR/PORT: cannot listen on 192.0.2.1:%d: Cannot assign"
+                    b" requested address\n" % self.port,
+                ),
+            )
+
+
+class ExitStatusTests(SynchronousTestCase):
+    """The exit status after SIGTERM tells whether acknowledged lines were lost."""
+
+    def setUp(self) -> None:
+        self.workdir = os.path.abspath(".")
+
+    def start(self, **env: str) -> Twistd:
+        daemon = Twistd(env, self.workdir)
+        self.addCleanup(daemon.kill)
+        daemon.wait_ready()
+        return daemon
+
+    def test_clean_stop_dies_by_sigterm(self) -> None:
+        """Everything stored: death by SIGTERM, as twistd gives it (systemd: clean)."""
+        moto = shared_moto()
+        moto.reset()
+        daemon = self.start(**moto.env(), SHUTDOWN_TIMEOUT_S="20")
+        daemon.post(20)
+        daemon.process.send_signal(signal.SIGTERM)
+        self.assertEqual(daemon.wait(60), -signal.SIGTERM, daemon.log())
+        self.assertIn("flush on stop done", daemon.log())
+        self.assertNotIn("exit status 1", daemon.log())
+
+    def lost(self, workers: str) -> None:
+        """
+        Storage refused past SHUTDOWN_TIMEOUT_S with lines held only in memory
+        (CHECKPOINT_S=0): exit status 1, the loss logged; a second SIGTERM during
+        the flush is logged, without a traceback.
+        """
+        moto = shared_moto()
+        moto.reset()
+        proxy = FaultProxy(moto.endpoint_url, region=moto.region, max_stall=120.0)
+        proxy.start()
+        self.addCleanup(proxy.stop)
+        daemon = self.start(
+            **proxy.env(moto.env()),
+            SHUTDOWN_TIMEOUT_S="3",
+            CHECKPOINT_S="0",
+            WORKERS=workers,
+        )
+        daemon.post(20)
+        proxy.refuse_connections(60)
+        self.addCleanup(proxy.refuse_connections, 0)
+        daemon.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        daemon.process.send_signal(signal.SIGTERM)
+        code = daemon.wait(60)
+        log = daemon.log()
+        self.assertEqual(code, 1, log)
+        self.assertIn("exit status 1:", log)
+        self.assertIn("SIGTERM received again", log)
+        self.assertNotIn("Traceback", log)
+
+    def test_lost_lines_exit_1(self) -> None:
+        self.lost("1")
+
+    def test_lost_lines_in_a_worker_exit_1(self) -> None:
+        """With WORKERS=2 the supervisor exits 1 when a worker's flush lost lines."""
+        self.lost("2")
 
 
 def read_response(sock: socket.socket, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
