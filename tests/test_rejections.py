@@ -181,6 +181,9 @@ class SiteRejectionTests(SynchronousTestCase):
         )
         self.site = make_site(registry, Limits(), lambda: NOW_MS, 1024, clock=self.clock)
         self.client = StubTreq(self.site.resource)
+        # Serve through this site, on the client's memory reactor (its connections'
+        # timers must not reach the global reactor).
+        self.site.reactor = self.client._agent._memoryReactor
         self.client._agent._serverFactory = self.site
         self.site.startFactory()
         self.addCleanup(self.site.stopFactory)
