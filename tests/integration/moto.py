@@ -54,6 +54,7 @@ CompleteMultipartUpload; and every upload's ``Initiated`` is 2010-11-10T20:48:33
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import socket
 import subprocess
@@ -405,6 +406,37 @@ class MotoServer:
         Accept any signature again (the default).
         """
         self._post("/moto-api/reset-auth", b"inf")
+
+    def iam_user(self, policy: Optional[dict[str, Any]] = None) -> tuple[str, str]:
+        """
+        Create the IAM user ``loghandler`` with ``policy`` (an IAM policy document;
+        by default ``s3:*`` on everything) and an access key for it, through
+        botocore's IAM client with the root key (call it while authentication is
+        off, before :meth:`enable_iam_auth`): ``(access key ID, secret key)``.
+        """
+        import botocore.session
+
+        if policy is None:
+            policy = {
+                "Version": "2012-10-17",
+                "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}],
+            }
+        iam = botocore.session.get_session().create_client(
+            "iam",
+            region_name="us-east-1",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+        )
+        try:
+            iam.create_user(UserName="loghandler")
+            iam.put_user_policy(
+                UserName="loghandler", PolicyName="loghandler", PolicyDocument=json.dumps(policy)
+            )
+            key = iam.create_access_key(UserName="loghandler")["AccessKey"]
+        finally:
+            iam.close()
+        return key["AccessKeyId"], key["SecretAccessKey"]
 
     def botocore_client(self) -> Any:
         """

@@ -68,9 +68,6 @@ class IAMPolicyTests(TestCase):
         """
         self.moto = shared_moto()
         self.moto.reset()
-        iam = botocore_client(self.moto, "iam")
-        self.addCleanup(iam.close)
-        iam.create_user(UserName="loghandler")
         policy = document("iam-policy.json", self.moto.bucket)
         # moto authorizes HeadBucket as "s3:HeadBucket", an action IAM does not have;
         # AWS authorizes it with s3:ListBucket, which the policy grants
@@ -82,10 +79,7 @@ class IAMPolicyTests(TestCase):
                 "Resource": f"arn:aws:s3:::{self.moto.bucket}",
             }
         )
-        iam.put_user_policy(
-            UserName="loghandler", PolicyName="loghandler", PolicyDocument=json.dumps(policy)
-        )
-        key = iam.create_access_key(UserName="loghandler")["AccessKey"]
+        access_key, secret_key = self.moto.iam_user(policy)
         pool = HTTPConnectionPool(reactor, persistent=True)
         self.addCleanup(pool.closeCachedConnections)
         self.client: S3Client = build_s3_client(
@@ -93,7 +87,7 @@ class IAMPolicyTests(TestCase):
             bucket=self.moto.bucket,
             region=self.moto.region,
             endpoint_url=self.moto.endpoint_url,
-            credentials=Credentials(key["AccessKeyId"], key["SecretAccessKey"]),
+            credentials=Credentials(access_key, secret_key),
             pool=pool,
         )
         self.moto.enable_iam_auth()

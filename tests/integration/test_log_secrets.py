@@ -228,32 +228,10 @@ class LogSecretsTests(SynchronousTestCase):
 
     def iam_user(self) -> tuple[str, str]:
         """An IAM user of moto allowed s3:*, and IAM authentication on: its keys."""
-        import botocore.session
-
-        moto = self.moto
-        iam = botocore.session.get_session().create_client(
-            "iam",
-            region_name="us-east-1",
-            endpoint_url=moto.endpoint_url,
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
-        self.addCleanup(iam.close)
-        iam.create_user(UserName="loghandler")
-        iam.put_user_policy(
-            UserName="loghandler",
-            PolicyName="s3",
-            PolicyDocument=json.dumps(
-                {
-                    "Version": "2012-10-17",
-                    "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}],
-                }
-            ),
-        )
-        key = iam.create_access_key(UserName="loghandler")["AccessKey"]
-        moto.enable_iam_auth()
-        self.addCleanup(moto.disable_iam_auth)
-        return key["AccessKeyId"], key["SecretAccessKey"]
+        keys = self.moto.iam_user()
+        self.moto.enable_iam_auth()
+        self.addCleanup(self.moto.disable_iam_auth)
+        return keys
 
     def fresh_moto(self) -> None:
         self.moto = shared_moto()

@@ -10,7 +10,6 @@ cleanup.  Without moto these tests skip, and fail when ``CI`` is set.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 from unittest import SkipTest
@@ -233,32 +232,9 @@ class S3ClientSigningTests(TestCase):
         botocore's IAM client, while authentication is still off), then switch
         authentication on; it is switched off again in cleanup.
         """
-        import botocore.session
-
         self.moto = shared_moto()
         self.moto.reset()
-        iam = botocore.session.get_session().create_client(
-            "iam",
-            region_name="us-east-1",
-            endpoint_url=self.moto.endpoint_url,
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
-        self.addCleanup(iam.close)
-        iam.create_user(UserName="loghandler")
-        iam.put_user_policy(
-            UserName="loghandler",
-            PolicyName="s3",
-            PolicyDocument=json.dumps(
-                {
-                    "Version": "2012-10-17",
-                    "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}],
-                }
-            ),
-        )
-        key = iam.create_access_key(UserName="loghandler")["AccessKey"]
-        self.access_key = key["AccessKeyId"]
-        self.secret_key = key["SecretAccessKey"]
+        self.access_key, self.secret_key = self.moto.iam_user()
         self.moto.enable_iam_auth()
         self.addCleanup(self.moto.disable_iam_auth)
 
