@@ -66,17 +66,11 @@ class GuardCase(RawCase):
 
     def setUp(self) -> None:
         super().setUp()
-        self.serve(
-            make_site(
-                self.registry,
-                Limits(),
-                lambda: NOW_MS,
-                MAX_BODY,
-                clock=self.clock,
-                durable_timeout_s=self.durable_timeout_s,
-                request_timeout_s=self.request_timeout_s,
-                max_connections=3,
-            )
+        self.serve_site(
+            clock=self.clock,
+            durable_timeout_s=self.durable_timeout_s,
+            request_timeout_s=self.request_timeout_s,
+            max_connections=3,
         )
         self.port = FakePort()
         self.site.listening(self.port)

@@ -68,6 +68,10 @@ class WebCase(SynchronousTestCase):
         )
         self.serve(make_site(self.registry, Limits(), lambda: NOW_MS, MAX_BODY))
 
+    def serve_site(self, **options: Any) -> None:
+        """Serve a new site over the test's registry, with ``make_site``'s ``options``."""
+        self.serve(make_site(self.registry, Limits(), lambda: NOW_MS, MAX_BODY, **options))
+
     def serve(self, site: LogSite) -> None:
         """Send the requests to ``site``."""
         self.site = site
@@ -620,11 +624,7 @@ class RawCase(WebCase):
 
     def setUp(self) -> None:
         super().setUp()
-        self.serve(
-            make_site(
-                self.registry, Limits(), lambda: NOW_MS, MAX_BODY, batch_max_bytes=4 * MAX_BODY
-            )
-        )
+        self.serve_site(batch_max_bytes=4 * MAX_BODY)
 
     def connect(self) -> tuple[LogChannel, StringTransport]:
         """A new connection to the site."""

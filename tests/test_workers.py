@@ -556,10 +556,11 @@ class SupervisorTests(SynchronousTestCase):
         )
         self.assertEqual(self.supervisor.workers_lost, 1)
 
-    def test_worker_that_lost_lines_makes_exit_1(self) -> None:
+    def install_stop_signals(self) -> list[Any]:
         """
-        A worker whose flush lost lines exits 1: logged, counted, and after the
-        shutdown the supervisor's exit status is 1 (not death by the signal).
+        Run what the supervisor does once the reactor runs (its StopSignals), the
+        process's signal handlers restored after the test; what it registers with
+        ``atexit`` goes to the list returned.
         """
         f, args = self.reactor.when_running
         previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
@@ -567,7 +568,15 @@ class SupervisorTests(SynchronousTestCase):
             self.addCleanup(signal.signal, signum, handler)
         registered: list[Any] = []
         self.patch(atexit, "register", registered.append)
-        f(*args)  # installs the supervisor's StopSignals
+        f(*args)
+        return registered
+
+    def test_worker_that_lost_lines_makes_exit_1(self) -> None:
+        """
+        A worker whose flush lost lines exits 1: logged, counted, and after the
+        shutdown the supervisor's exit status is 1 (not death by the signal).
+        """
+        registered = self.install_stop_signals()  # installs the supervisor's StopSignals
         stopped = self.supervisor.stopService()
         self.reactor.spawned[0][0].processEnded(exited(code=0))
         self.reactor.spawned[1][0].processEnded(exited(code=1))
@@ -585,13 +594,7 @@ class SupervisorTests(SynchronousTestCase):
 
     def test_workers_that_flushed_exit_clean(self) -> None:
         """Every worker exited 0: nothing is registered, twistd's exit stands."""
-        f, args = self.reactor.when_running
-        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-        for signum, handler in previous.items():
-            self.addCleanup(signal.signal, signum, handler)
-        registered: list[Any] = []
-        self.patch(atexit, "register", registered.append)
-        f(*args)
+        registered = self.install_stop_signals()
         stopped = self.supervisor.stopService()
         for protocol, _, _, _ in self.reactor.spawned:
             protocol.processEnded(exited(code=0))

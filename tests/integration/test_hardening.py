@@ -5,7 +5,7 @@ Hardening end to end: ``twistd loghandler`` as a subprocess.
   stops the start with one line naming ``ADDR/PORT`` and exit status 2, with ``-n``
   and as a daemon, with one process and with ``WORKERS=2``.
 - The exit status after SIGTERM: death by SIGTERM when everything acknowledged was
-  stored; 1 when storage stayed out of reach past ``SHUTDOWN_TIMEOUT_S`` and
+  stored; 1 when storage stalled past ``SHUTDOWN_TIMEOUT_S`` and
   acknowledged lines were lost (one process and ``WORKERS=2``, against moto behind
   the fault proxy); a second SIGTERM during the flush is logged, no traceback.
 - Over real sockets: a client trickling its request is cut with 408 once
@@ -17,7 +17,6 @@ Hardening end to end: ``twistd loghandler`` as a subprocess.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import signal
@@ -30,9 +29,9 @@ import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.integration.faultproxy import FaultProxy
-from tests.integration.moto import free_port, shared_moto
-from tests.integration.test_end_to_end import message_body
+from tests.integration.faultproxy import FaultProxy, FaultRule
+from tests.integration.moto import shared_moto
+from tests.integration.test_end_to_end import Daemon, message_body, post_all
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 
@@ -41,67 +40,10 @@ def one_message(content_id: int = 1) -> bytes:
     return message_body(content_id, 3, int(time.time() * 1000), "hello")
 
 
-class Twistd:
-    """``twistd -n loghandler`` on a free port, its output in a file of ``workdir``."""
-
-    def __init__(self, env: dict[str, str], workdir: str) -> None:
-        self.port = free_port()
-        self.log_path = os.path.join(workdir, "twistd-hardening-%d.log" % self.port)
-        self._log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", "loghandler"],
-            env={**os.environ, **env, "ADDR": "127.0.0.1", "PORT": str(self.port)},
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=workdir,
-        )
-
-    def log(self) -> str:
-        with open(self.log_path, "rb") as f:
-            return f.read().decode("utf-8", "replace")
-
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError("twistd exited at start:\n" + self.log())
-            try:
-                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-                try:
-                    connection.request("GET", "/healthz")
-                    if connection.getresponse().status == 200:
-                        return
-                finally:
-                    connection.close()
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError("twistd not ready:\n" + self.log())
-
-    def post(self, count: int) -> None:
-        """POST ``count`` messages over one connection; each must get 200."""
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        try:
-            for n in range(count):
-                connection.request("POST", "/log", one_message(n + 1))
-                response = connection.getresponse()
-                response.read()
-                assert response.status == 200, response.status
-        finally:
-            connection.close()
-
-    def wait(self, timeout: float) -> int:
-        code = self.process.wait(timeout)
-        self._log.close()
-        return code
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        if not self._log.closed:
-            self._log.close()
+def post(daemon: Daemon, count: int) -> None:
+    """POST ``count`` messages; each must be answered 200."""
+    statuses = post_all(daemon.port, [one_message(n + 1) for n in range(count)], threads=1)
+    assert statuses == [200] * count, statuses
 
 
 class CannotListenTests(SynchronousTestCase):
@@ -170,10 +112,9 @@ class ExitStatusTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.workdir = os.path.abspath(".")
 
-    def start(self, **env: str) -> Twistd:
-        daemon = Twistd(env, self.workdir)
+    def start(self, **env: str) -> Daemon:
+        daemon = Daemon(env, self.workdir)
         self.addCleanup(daemon.kill)
-        daemon.wait_ready()
         return daemon
 
     def test_clean_stop_dies_by_sigterm(self) -> None:
@@ -181,15 +122,15 @@ class ExitStatusTests(SynchronousTestCase):
         moto = shared_moto()
         moto.reset()
         daemon = self.start(**moto.env(), SHUTDOWN_TIMEOUT_S="20")
-        daemon.post(20)
+        post(daemon, 20)
         daemon.process.send_signal(signal.SIGTERM)
-        self.assertEqual(daemon.wait(60), -signal.SIGTERM, daemon.log())
+        self.assertEqual(daemon.process.wait(60), -signal.SIGTERM, daemon.log())
         self.assertIn("flush on stop done", daemon.log())
         self.assertNotIn("exit status 1", daemon.log())
 
     def lost(self, workers: str) -> None:
         """
-        Storage refused past SHUTDOWN_TIMEOUT_S with lines held only in memory
+        Storage stalled past SHUTDOWN_TIMEOUT_S with lines held only in memory
         (CHECKPOINT_S=0): exit status 1, the loss logged; a second SIGTERM during
         the flush is logged, without a traceback.
         """
@@ -204,15 +145,14 @@ class ExitStatusTests(SynchronousTestCase):
             CHECKPOINT_S="0",
             WORKERS=workers,
         )
-        daemon.post(20)
-        proxy.refuse_connections(60)
-        self.addCleanup(proxy.refuse_connections, 0)
+        post(daemon, 20)
+        proxy.set_mode(FaultRule(fault="stall"))  # every storage request held
         daemon.process.send_signal(signal.SIGTERM)
         time.sleep(0.5)
         daemon.process.send_signal(signal.SIGTERM)
-        code = daemon.wait(60)
+        code = daemon.process.wait(60)
         log = daemon.log()
-        self.assertEqual(code, 1, log)
+        self.assertEqual(code, 1, log + "\nproxy: %r" % proxy.stats())
         self.assertIn("exit status 1:", log)
         self.assertIn("SIGTERM received again", log)
         self.assertNotIn("Traceback", log)
@@ -258,12 +198,11 @@ class SocketTests(SynchronousTestCase):
     """One daemon (NO_UPLOAD=1, REQUEST_TIMEOUT_S=2, MAX_CONNECTIONS=4) over raw sockets."""
 
     def setUp(self) -> None:
-        self.daemon = Twistd(
+        self.daemon = Daemon(
             {"NO_UPLOAD": "1", "REQUEST_TIMEOUT_S": "2", "MAX_CONNECTIONS": "4"},
             os.path.abspath("."),
         )
         self.addCleanup(self.daemon.kill)
-        self.daemon.wait_ready()
 
     def connect(self) -> socket.socket:
         sock = socket.create_connection(("127.0.0.1", self.daemon.port), timeout=10)
@@ -295,7 +234,7 @@ class SocketTests(SynchronousTestCase):
         thread.start()
         self.addCleanup(thread.join)
         self.addCleanup(stop.set)
-        self.daemon.post(20)
+        post(self.daemon, 20)
         status, headers, body = read_response(slow, timeout=20)
         elapsed = time.monotonic() - started
         stop.set()
