@@ -251,13 +251,19 @@ class SiteRejectionTests(SynchronousTestCase):
         [line] = of(events, "request_rejected")
         self.assertEqual(line["line"], 1)
 
+    def connect(self) -> tuple[Any, StringTransport]:
+        """A connection from 10.1.2.3 to the site."""
+        peer = IPv4Address("TCP", "10.1.2.3", 5555)
+        channel = self.site.buildProtocol(peer)
+        assert channel is not None
+        transport = StringTransport(peerAddress=peer)
+        channel.makeConnection(transport)
+        return channel, transport
+
     def test_channel_refusals(self) -> None:
         """A header block over the limit (431) is logged with the peer, method and path."""
-        channel = self.site.buildProtocol(IPv4Address("TCP", "10.1.2.3", 5555))
-        transport = StringTransport(peerAddress=IPv4Address("TCP", "10.1.2.3", 5555))
-        assert channel is not None
+        channel, transport = self.connect()
         with capturedLogs() as events:
-            channel.makeConnection(transport)
             channel.dataReceived(b"POST /log HTTP/1.1\r\n" + b"X-A: b\r\n" * 600 + b"\r\n")
         self.assertIn(b"431", transport.value().split(b"\r\n")[0])
         [line] = of(events, "request_rejected")
@@ -268,11 +274,8 @@ class SiteRejectionTests(SynchronousTestCase):
 
     def test_channel_request_line_too_long(self) -> None:
         """414: the request line was not read, so no method or path."""
-        channel = self.site.buildProtocol(IPv4Address("TCP", "10.1.2.3", 5555))
-        transport = StringTransport(peerAddress=IPv4Address("TCP", "10.1.2.3", 5555))
-        assert channel is not None
+        channel, _ = self.connect()
         with capturedLogs() as events:
-            channel.makeConnection(transport)
             channel.dataReceived(b"GET /" + b"a" * 20_000)
         [line] = of(events, "request_rejected")
         self.assertEqual((line["status"], line["method"], line["path"]), (414, "", ""))
