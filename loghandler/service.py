@@ -37,6 +37,11 @@ STREAM_SERVICE_NAME = "streams"
 #: The name of the ``ADMIN_PORT`` listener's service in the root service.
 ADMIN_SERVICE_NAME = "admin"
 
+#: Seconds the store's check at start may take before it counts as failed (and is
+#: tried again): a connection that neither answers nor fails (a resolver that never
+#: calls back, packets dropped) must not keep the server refusing without a word.
+CHECK_TIMEOUT_S = 30.0
+
 #: Seconds between checks of a store that could not be reached at start.
 CHECK_INTERVAL_S = 5.0
 
@@ -99,13 +104,19 @@ class StreamService(Service):
                 " next check in {delay} s",
                 event="storage_unreachable",
                 store=self._store,
-                error=failure.getErrorMessage(),
+                error=(
+                    "no answer in %g s" % CHECK_TIMEOUT_S
+                    if failure.check(TimeoutError)
+                    else failure.getErrorMessage()
+                ),
                 delay=CHECK_INTERVAL_S,
             )
             if self.running:
                 self._next_check = self._clock.callLater(CHECK_INTERVAL_S, self._check)
 
-        self._store.check().addCallbacks(reachable, unreachable)
+        checking = self._store.check()
+        checking.addTimeout(CHECK_TIMEOUT_S, self._clock)
+        checking.addCallbacks(reachable, unreachable)
 
     #: After the stop: the accepted lines the flush neither stored nor staged
     #: (:meth:`StreamRegistry.lines_lost`); the process then exits with status 1.

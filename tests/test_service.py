@@ -25,7 +25,7 @@ from loghandler.listen import listen_description
 from loghandler.message import Message
 from loghandler.registry import Busy
 from loghandler.retry import RetryLayer
-from loghandler.service import CHECK_INTERVAL_S, StreamService, build_service
+from loghandler.service import CHECK_INTERVAL_S, CHECK_TIMEOUT_S, StreamService, build_service
 from loghandler.storage.memory import MemoryStore
 from loghandler.storage.s3.writer import S3ObjectStore
 from tests.helpers import DAY_START_MS, message, read_lines
@@ -113,6 +113,31 @@ class ServiceTests(SynchronousTestCase):
     def test_listen_description_ipv6(self) -> None:
         """An IPv6 ADDR is quoted for the endpoint string."""
         self.assertEqual(listen_description("::", 80), "tcp:80:interface=\\:\\:")
+
+    def test_check_that_never_answers_times_out_and_is_retried(self) -> None:
+        """
+        A store check that never fires (a resolver that never calls back) counts as
+        failed after CHECK_TIMEOUT_S: logged, tried again, and messages taken once
+        the store answers.
+        """
+        self.successResultOf(self.root.stopService())
+        mem = MemoryStore(min_part_size=PART, now=self.reactor.seconds)
+        mem.hold("HeadBucket")
+        with capturedLogs() as events:
+            root, streams = self.build(mem, port=8903)
+            self.reactor.advance(CHECK_TIMEOUT_S - 0.1)
+            self.assertEqual(
+                [e for e in events if e.get("event") == "storage_unreachable"], []
+            )
+            self.reactor.advance(0.1)
+        (unreachable,) = [e for e in events if e.get("event") == "storage_unreachable"]
+        self.assertEqual(unreachable["error"], "no answer in %g s" % CHECK_TIMEOUT_S)
+        self.assertRaises(Busy, streams.registry.accept, message(1))
+        mem.release()
+        self.reactor.advance(CHECK_INTERVAL_S)
+        streams.registry.accept(message(1))
+        self.successResultOf(root.stopService())
+        self.assertEqual(read_lines(mem.body(KEY)), [message(1).to_line()])
 
     def test_refuses_until_storage_reachable(self) -> None:
         """
