@@ -124,6 +124,20 @@ class Metrics:
             registry=registry,
         )
 
+        self.refused_requests = Counter(
+            "loghandler_refused_requests_total",
+            "Requests the connection answered before any resource saw them, by status:"
+            " 408 (not whole within REQUEST_TIMEOUT_S), 414 (request line too long),"
+            " 431 (header block too large), 400 (not HTTP).",
+            ["status"],
+            registry=registry,
+        )
+        self.open_connections = Gauge(
+            "loghandler_open_connections",
+            "HTTP connections open on the main listener (MAX_CONNECTIONS caps them).",
+            registry=registry,
+        )
+
         # -- streams and memory ------------------------------------------------------
         self.buffered_bytes = Gauge(
             "loghandler_buffered_bytes",

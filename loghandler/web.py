@@ -595,6 +595,8 @@ class LogChannel(http.HTTPChannel):
         """Tell the site's :class:`~loghandler.rejections.RejectionLog`."""
         site = getattr(self, "site", None)
         if isinstance(site, LogSite):
+            if rejection.status != 413:  # a message refused: loghandler_messages_total
+                site.metrics.refused_requests.labels(status=str(rejection.status)).inc()
             site.rejections.rejected(
                 rejection.status,
                 rejection.error,
@@ -689,6 +691,8 @@ class LogSite(Site):
             max_connections if max_connections is not None else default_max_connections(),
         )
         self.metrics = metrics if metrics is not None else Metrics()
+        connections = self.guard.connections
+        self.metrics.open_connections.set_function(lambda: len(connections))
         #: Logs the 4xx answers at a bounded pace.
         self.rejections = RejectionLog(clock if clock is not None else _global_clock())
         #: Exact request paths served without resource traversal.

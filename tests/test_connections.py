@@ -133,6 +133,11 @@ class RequestTimeoutTests(GuardCase):
         self.assertEqual(headers["connection"], "close")
         self.assertTrue(slow_transport.disconnecting)
         self.assertFalse(fast_transport.disconnecting)
+        metrics = self.site.metrics
+        self.assertEqual(metrics.get("loghandler_refused_requests_total", {"status": "408"}), 1)
+        self.assertEqual(metrics.get("loghandler_open_connections"), 2)
+        self.close(slow, slow_transport)
+        self.assertEqual(metrics.get("loghandler_open_connections"), 1)
 
     def test_body_counts_too(self) -> None:
         """Headers in time but the body trickling: cut all the same."""

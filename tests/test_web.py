@@ -653,9 +653,17 @@ class HeadLimitTests(RawCase):
     """
 
     def assertRefused(self, data: bytes, status: int, error: str) -> None:
-        """Sending ``data`` gets ``status`` with ``error``, Connection: close, then the close."""
+        """
+        Sending ``data`` gets ``status`` with ``error``, Connection: close, then the
+        close; counted in loghandler_refused_requests_total by its status.
+        """
+        labels = {"status": str(status)}
+        before = self.site.metrics.get("loghandler_refused_requests_total", labels)
         channel, transport = self.connect()
         channel.dataReceived(data)
+        self.assertEqual(
+            self.site.metrics.get("loghandler_refused_requests_total", labels), before + 1
+        )
         got, headers, answer = self.answer(transport)
         self.assertEqual((got, answer), (status, {"error": error, "field": None}))
         self.assertEqual(
