@@ -28,10 +28,8 @@ from loghandler.auth import (
     reload_on_sighup,
 )
 from loghandler.config import ConfigError, from_environ
-from loghandler.message import Limits
 from loghandler.metrics import Metrics
-from loghandler.web import make_site
-from tests.test_web import MAX_BODY, NDJSON, NOW_MS, WebCase, body
+from tests.test_web import NDJSON, WebCase, body
 
 #: Tokens of the tests: client 3's, every client's, client 5's (in the file only as
 #: its SHA-256), and one that a rotation brings in.
@@ -326,18 +324,10 @@ class PostWithTokensTests(WebCase, TokenFileCase):
         WebCase.setUp(self)
         self.load(self.clock)
         self.metrics = Metrics()
-        self.serve(
-            make_site(
-                self.registry,
-                Limits(),
-                lambda: NOW_MS,
-                MAX_BODY,
-                metrics=self.metrics,
-                auth=self.tokens,
-            )
-        )
+        self.serve_site(metrics=self.metrics, auth=self.tokens)
         # The probes, as build_service adds them: they need no token.
-        add_probes(self.site.resource, local_probes(self.registry, 30.0, self.metrics.registry), self.site)
+        probes = local_probes(self.registry, 30.0, self.metrics.registry)
+        add_probes(self.site.resource, probes, self.site)
 
     def post(
         self, client: int, authorization: Any = None, batch: Optional[list[int]] = None

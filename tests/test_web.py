@@ -246,16 +246,7 @@ class DurableCase(WebCase):
 
     def setUp(self) -> None:
         super().setUp()
-        self.serve(
-            make_site(
-                self.registry,
-                Limits(),
-                lambda: NOW_MS,
-                MAX_BODY,
-                durable_timeout_s=5.0,
-                clock=self.clock,
-            )
-        )
+        self.serve_site(durable_timeout_s=5.0, clock=self.clock)
 
 
 class DurableAckTests(DurableCase):
