@@ -177,10 +177,17 @@ def admin_listener(config: Config, reactor: Any, factory: Any) -> ListenerServic
     (which must be set), plain TCP; one line naming them and exit 2 when it cannot
     listen.
     """
-    assert config.admin_port is not None
+    on = admin_on(config)
+    assert on is not None
+    return ListenerService(server_endpoint(reactor, on.text, on.setting), factory, on)
+
+
+def admin_on(config: Config) -> Optional[ListenOn]:
+    """Where the probes' and metrics' own listener listens: ``ADMIN_ADDR``/``ADMIN_PORT``, or None."""
+    if config.admin_port is None:
+        return None
     text = listen_description(config.admin_addr, config.admin_port)
-    on = ListenOn(text, "ADMIN_ADDR/ADMIN_PORT", "%s:%d" % (config.admin_addr, config.admin_port))
-    return ListenerService(server_endpoint(reactor, text, on.setting), factory, on)
+    return ListenOn(text, "ADMIN_ADDR/ADMIN_PORT", "%s:%d" % (config.admin_addr, config.admin_port))
 
 
 class _Adopt:

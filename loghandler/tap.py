@@ -25,7 +25,13 @@ from loghandler.budget import MemoryBudget
 from loghandler.config import SETTINGS, Config, ConfigError, from_environ
 from loghandler.connections import FD_RESERVE, default_max_connections
 from loghandler.interfaces import IObjectStore
-from loghandler.listen import LISTEN_BACKLOG, check_listen, listen_on, shared_endpoint
+from loghandler.listen import (
+    LISTEN_BACKLOG,
+    admin_on,
+    check_listen,
+    listen_on,
+    shared_endpoint,
+)
 from loghandler.metrics import Metrics
 from loghandler.service import STREAM_SERVICE_NAME, build_service
 from loghandler.stopping import StopSignals
@@ -210,9 +216,11 @@ def makeService(options: Mapping[str, Any], reactor: Optional[Any] = None) -> IS
             shared_endpoint(listen_on(config))
             load_tokens(config, reactor)
             check_listen(listen_on(config, LISTEN_BACKLOG))
+            check_admin_listen(config)
             overrides = options.overrides() if isinstance(options, Options) else {}
             return WorkerSupervisor(config, reactor, {**os.environ, **overrides})
         check_listen(listen_on(config, LISTEN_BACKLOG))
+        check_admin_listen(config)
         root = build_root(config, reactor)
     except ConfigError as e:
         _exit(str(e))
@@ -220,6 +228,17 @@ def makeService(options: Mapping[str, Any], reactor: Optional[Any] = None) -> IS
     streams = root.getServiceNamed(STREAM_SERVICE_NAME)  # type: ignore[attr-defined]
     reactor.callWhenRunning(StopSignals(reactor, lambda: streams.lines_lost).install)
     return root
+
+
+def check_admin_listen(config: Config) -> None:
+    """
+    ``ADMIN_ADDR``/``ADMIN_PORT``, when set, can be bound: else one line naming them
+    and exit status 2 now, before twistd daemonizes (its parent would wait forever
+    for a child that exited in ``privilegedStartService``).
+    """
+    on = admin_on(config)
+    if on is not None:
+        check_listen(on)
 
 
 def load_tokens(config: Config, reactor: Any) -> Optional[TokenFile]:

@@ -92,6 +92,34 @@ class CannotListenTests(SynchronousTestCase):
                 )
         self.assertFalse(os.path.exists(os.path.join(self.tmp, "twistd.pid")))
 
+    def test_admin_port_in_use(self) -> None:
+        """
+        ADMIN_PORT taken: the same one line naming ADMIN_ADDR/ADMIN_PORT and exit 2,
+        with ``-n`` or as a daemon (whose parent waited forever for its child before),
+        one process or two workers.
+        """
+        free = socket.socket()
+        free.bind(("127.0.0.1", 0))
+        main_port = free.getsockname()[1]
+        free.close()
+        line = (
+            b"loghandler: ADMIN_ADDR/ADMIN_PORT: cannot listen on 127.0.0.1:%d:"
+            b" Address already in use\n" % self.port
+        )
+        for daemon in (False, True):
+            for workers in ("1", "2"):
+                done = self.start(
+                    daemon,
+                    WORKERS=workers,
+                    PORT=str(main_port),
+                    ADMIN_ADDR="127.0.0.1",
+                    ADMIN_PORT=str(self.port),
+                )
+                self.assertEqual(
+                    (done.returncode, done.stdout, done.stderr), (2, b"", line), (daemon, workers)
+                )
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "twistd.pid")))
+
     def test_address_not_local(self) -> None:
         """An ADDR no interface has (TEST-NET-1): the same one line, its reason."""
         for daemon in (False, True):
