@@ -15,7 +15,7 @@ import time
 from typing import Callable, Optional, Sequence
 
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.defer import Deferred, TimeoutError, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -79,6 +79,9 @@ class StreamService(Service):
         self._clock = clock
         self._timeout = shutdown_timeout_s
         self._next_check: Optional[IDelayedCall] = None
+        self._waiting: list[Deferred[None]] = []
+        self._stopping = False
+        self._flushed = False
 
     def startService(self) -> None:
         """Refuse messages until the store answers; start the checkpoints."""
@@ -125,6 +128,7 @@ class StreamService(Service):
     def stopService(self) -> Deferred[None]:
         """Refuse new messages and complete all objects; never errbacks."""
         Service.stopService(self)
+        self._stopping = True
         if self._next_check is not None:
             self._next_check.cancel()
             self._next_check = None
@@ -156,11 +160,60 @@ class StreamService(Service):
                 )
             return self._store.close()
 
-        return flushing.addBoth(done).addErrback(
+        stopped = flushing.addBoth(done).addErrback(
             lambda failure: self._log.failure(
                 "closing the store failed", failure, event="store_close_failed"
             )
         )
+        stopped.addBoth(self._stopped)
+        return stopped
+
+    def _stopped(self, result: object) -> object:
+        self._flushed = True
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+        return result
+
+    def flushed(self) -> "Deferred[None]":
+        """
+        Fires once the stop's flush (and the store's close) is done: at once if it
+        is, or if this service never started.
+        """
+        if self._flushed or not (self.running or self._waiting or self._stopping):
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiting.append(d)
+        return d
+
+
+class AfterFlush(Service):
+    """
+    Runs ``inner`` (a listener) with the root service, but stops it only once the
+    ``streams`` service's flush is done: ``MultiService`` calls every child's
+    ``stopService`` at once, so the ``ADMIN_PORT`` listener would close as the flush
+    begins, and the probes (``/readyz`` 503 ``stopping``, ``/livez``) and metrics
+    would go unanswered through it.
+    """
+
+    def __init__(self, inner: Service, streams: StreamService) -> None:
+        self._inner = inner
+        self._streams = streams
+
+    def privilegedStartService(self) -> None:
+        """Listen (before twistd drops privileges)."""
+        Service.privilegedStartService(self)
+        self._inner.privilegedStartService()
+
+    def startService(self) -> None:
+        """Listen, if not yet."""
+        Service.startService(self)
+        self._inner.startService()
+
+    def stopService(self) -> "Deferred[None]":
+        """Stop listening once the flush is done."""
+        Service.stopService(self)
+        return self._streams.flushed().addCallback(lambda _: self._inner.stopService())
 
 
 def build_service(
@@ -242,8 +295,8 @@ def build_service(
     if config.admin_port is None:
         add_probes(site.resource, probes, site)
     elif admin_here:
-        # First in, last out: the probes answer (/readyz: stopping) during the flush.
-        admin = admin_listener(config, reactor, make_admin_site(probes))
+        # Stopped after the flush: the probes answer (/readyz: stopping) during it.
+        admin = AfterFlush(admin_listener(config, reactor, make_admin_site(probes)), streams)
         admin.setName(ADMIN_SERVICE_NAME)
         admin.setServiceParent(root)
     streams.setServiceParent(root)

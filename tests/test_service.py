@@ -25,7 +25,13 @@ from loghandler.listen import listen_description
 from loghandler.message import Message
 from loghandler.registry import Busy
 from loghandler.retry import RetryLayer
-from loghandler.service import CHECK_INTERVAL_S, CHECK_TIMEOUT_S, StreamService, build_service
+from loghandler.service import (
+    ADMIN_SERVICE_NAME,
+    CHECK_INTERVAL_S,
+    CHECK_TIMEOUT_S,
+    StreamService,
+    build_service,
+)
 from loghandler.storage.memory import MemoryStore
 from loghandler.storage.s3.writer import S3ObjectStore
 from tests.helpers import DAY_START_MS, message, read_lines
@@ -109,6 +115,13 @@ class ServiceTests(SynchronousTestCase):
         self.assertNoResult(stopping)
         self.assertEqual(self.get(admin[1], "/readyz"), 503)
         self.assertEqual(self.get(admin[1], "/livez"), 200)
+        # The listener itself stays open until the flush is done (MultiService stops
+        # every child at once: it closed as the flush began, found by the tester).
+        listener = root.getServiceNamed(ADMIN_SERVICE_NAME)._inner  # type: ignore[attr-defined]
+        self.assertTrue(listener.running)
+        self.mem.release()
+        self.successResultOf(stopping)
+        self.assertFalse(listener.running)
 
     def test_listen_description_ipv6(self) -> None:
         """An IPv6 ADDR is quoted for the endpoint string."""
