@@ -33,7 +33,8 @@ def local_health(
     "completing_objects": n, "buffered_bytes": n, "buffer_budget_bytes": n,
     "storage_failing_s": seconds}``.  ``status`` is ``"ok"`` while messages are
     taken and stored, else the first reason, in this order: ``"stopping"``,
-    ``"storage not reachable"`` (starting: until the store was reached),
+    ``"storage not reachable"`` (starting: until the store was reached; with the
+    last check's error once one failed),
     ``"storage failing for N s: ..."`` (every storage call failed for want of
     storage, refused, timed out, 5xx, access denied, for more than
     ``ready_fail_after_s`` seconds, with the last failure or the problem only an
@@ -45,7 +46,8 @@ def local_health(
     if registry.stopping:
         state = "stopping"
     elif not registry.ready:
-        state = "storage not reachable"
+        reason = registry.unreachable
+        state = "storage not reachable" + (": " + reason if reason else "")
     elif failing is not None and failing_s > ready_fail_after_s:
         state = "storage failing for %d s: %s" % (failing_s, registry.storage_problem or failing[1])
     elif registry.budget.exhausted:

@@ -184,6 +184,8 @@ class StreamRegistry:
         self._flushed: list[ObjectStream] = []
         #: False until the store was found reachable (set by the stream service).
         self.ready = True
+        #: Why the store's last check at start failed, while not ready (for /readyz).
+        self.unreachable: Optional[str] = None
         self._checkpoints = LoopingCall(self.checkpoint_all)
         self._checkpoints.clock = clock
         self._idle_sweep = LoopingCall(self.release_idle)

@@ -95,6 +95,7 @@ class StreamService(Service):
 
         def reachable(_: object) -> None:
             self.registry.ready = True
+            self.registry.unreachable = None
             self._log.info(
                 "storage {store} reachable; taking messages",
                 event="storage_reachable",
@@ -102,16 +103,18 @@ class StreamService(Service):
             )
 
         def unreachable(failure: Failure) -> None:
+            error = (
+                "no answer in %g s" % CHECK_TIMEOUT_S
+                if failure.check(TimeoutError)
+                else failure.getErrorMessage()
+            )
+            self.registry.unreachable = error
             self._log.error(
                 "storage {store} not reachable ({error}); answering 503 until it is,"
                 " next check in {delay} s",
                 event="storage_unreachable",
                 store=self._store,
-                error=(
-                    "no answer in %g s" % CHECK_TIMEOUT_S
-                    if failure.check(TimeoutError)
-                    else failure.getErrorMessage()
-                ),
+                error=error,
                 delay=CHECK_INTERVAL_S,
             )
             if self.running:

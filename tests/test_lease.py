@@ -231,6 +231,18 @@ class TakeoverTests(LeaseCase):
         self.assertEqual(len(self.s3.calls), calls)
 
 
+class NeverStartedTests(LeaseCase):
+    def test_release_of_a_lease_never_started_deletes_nothing(self) -> None:
+        """
+        The store was never reached at start, so the lease was never written:
+        release() sends nothing and fires at once (it retried a DeleteObject until
+        the shutdown deadline before, found by the fresh tester: 25 s to stop).
+        """
+        self.s3.fail("DeleteObject", StorageError("DeleteObject", 404, "NoSuchBucket"), times=100)
+        self.successResultOf(self.lease.release())
+        self.assertEqual(self.s3.calls, [])
+
+
 class HeldTests(LeaseCase):
     """held() and healthy_for."""
 

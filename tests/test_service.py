@@ -19,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from loghandler.backoff import Backoff
 from loghandler.budget import MemoryBudget
 from loghandler.config import Config
+from loghandler.health import local_health
 from loghandler.interfaces import StorageError
 from loghandler.keys import key_for
 from loghandler.listen import listen_description
@@ -168,6 +169,11 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(caught.exception.reason, "storage is not reachable yet")
         (unreachable,) = [e for e in events if "not reachable" in (e.get("log_format") or "")]
         self.assertIn("NoSuchBucket", unreachable["error"])
+        # /readyz names it too (it said only "storage not reachable" before).
+        self.assertEqual(
+            local_health(streams.registry)["status"],
+            "storage not reachable: " + unreachable["error"],
+        )
         self.reactor.advance(CHECK_INTERVAL_S)
         self.assertRaises(Busy, streams.registry.accept, message(1))
         self.reactor.advance(CHECK_INTERVAL_S)

@@ -197,9 +197,12 @@ class Lease:
         through the retry layer, so other processes may recover what stayed staged
         at once).  Never errbacks: a failure is logged, and the lease then expires.
         """
-        was_lost = self._state is _State.LOST
+        # Lost: recovery claimed it.  New: never started, so never written (the store
+        # was not reached at start): nothing to delete, and trying would hold the
+        # stop for SHUTDOWN_TIMEOUT_S against a store that does not answer.
+        nothing_to_delete = self._state in (_State.LOST, _State.NEW)
         self._halt(_State.RELEASED)
-        if was_lost:
+        if nothing_to_delete:
             return succeed(None)
         d = ensureDeferred(
             self._retry.call("DeleteObject", self.key, lambda: self._client.delete(self.key))
