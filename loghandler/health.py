@@ -64,8 +64,16 @@ def local_health(
     }
 
 
+#: Seconds a running worker may go without a report before ``/readyz`` counts it
+#: as not ready (it takes connections it does not serve).
+READY_STALE_S = 5.0
+
+
 def combine_health(
-    reports: Mapping[int, Mapping[str, Any]], workers: int, stopping: bool = False
+    reports: Mapping[int, Mapping[str, Any]],
+    workers: int,
+    stopping: bool = False,
+    silent: Mapping[int, float] = {},
 ) -> dict[str, Any]:
     """
     The state of the whole server from the last report of each running worker
@@ -74,7 +82,10 @@ def combine_health(
     ``status`` is ``"ok"`` when at least one worker runs and every running worker
     is ok (a worker being restarted is not accepting, so it sends no request a 503);
     ``"stopping"`` once the supervisor stops; ``"no worker running"``; else the
-    first worker's reason, prefixed ``"worker N: "``.  The counters are summed;
+    first worker's reason, prefixed ``"worker N: "``, or ``"worker N sent no report
+    for S s"`` when ``silent`` (seconds since each worker's last report) says it has
+    been silent for more than :data:`READY_STALE_S` (stuck: the kernel still hands
+    it connections).  The counters are summed;
     ``"workers"`` lists each running worker's number, pid and status;
     ``"workers_running"`` and ``"workers_expected"`` count them.
     """
@@ -86,6 +97,9 @@ def combine_health(
     else:
         status = "ok"
         for number in running:
+            if silent.get(number, 0.0) > READY_STALE_S:
+                status = "worker %d sent no report for %d s" % (number, silent[number])
+                break
             if reports[number].get("status") != "ok":
                 status = "worker %d: %s" % (number, reports[number].get("status"))
                 break

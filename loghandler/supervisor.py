@@ -341,7 +341,9 @@ class WorkerSupervisor(Service):
 
     def health(self) -> dict[str, Any]:
         """The whole server's readiness (:func:`combine_health`)."""
-        return combine_health(self._reports, self._config.workers, self._stopping)
+        now = self._reactor.seconds()
+        silent = {number: now - at for number, at in self._reported_at.items()}
+        return combine_health(self._reports, self._config.workers, self._stopping, silent)
 
     def liveness(self) -> dict[str, Any]:
         """

@@ -40,7 +40,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from loghandler.config import ConfigError, MiB, from_environ, worker_share
 from loghandler.cpus import cgroup_cpu_limit, usable_cpus
 from loghandler.exposition import combine, render, samples_of
-from loghandler.health import LIVE_STALE_S, combine_health, combine_liveness
+from loghandler.health import LIVE_STALE_S, READY_STALE_S, combine_health, combine_liveness
 from loghandler.listen import open_listening_socket
 from loghandler.supervisor import (
     KILL_GRACE_S,
@@ -470,6 +470,25 @@ class SupervisorTests(SynchronousTestCase):
         scraped = self.scraped()
         self.assertEqual(scraped[("loghandler_messages_total", (("result", "accepted"),))], 14)
         self.assertEqual(scraped[("loghandler_buffered_bytes", ())], 41)
+
+    def test_readiness_names_a_silent_worker(self) -> None:
+        """
+        A worker that reported once and then went silent past READY_STALE_S (stopped,
+        stuck) makes /readyz 503, long before /livez gives up on it (it stayed 'ok'
+        before: found by the fresh tester with kill -STOP).
+        """
+        self.report_metrics(0, accepted=0, held=0)
+        self.report_metrics(1, accepted=0, held=0)
+        for _ in range(int(READY_STALE_S)):
+            self.reactor.advance(1)
+            self.report_metrics(1, accepted=0, held=0)
+        self.assertEqual(self.supervisor.health()["status"], "ok")
+        self.reactor.advance(1)
+        self.report_metrics(1, accepted=0, held=0)
+        self.assertEqual(self.supervisor.health()["status"], "worker 1 sent no report for 6 s")
+        last = json.loads(b"".join(self.reactor.spawned[1][3].written).splitlines()[-1])
+        self.assertEqual(last["ready"]["status"], "worker 1 sent no report for 6 s")
+        self.assertEqual(self.supervisor.liveness()["status"], "ok")
 
     def test_liveness_names_a_silent_worker(self) -> None:
         """/livez fails once a running worker has sent no report for LIVE_STALE_S."""
