@@ -202,8 +202,8 @@ def _duration(ms: int) -> str:
 
 
 def too_large(limit: int) -> Rejection:
-    """The 413 rejection for a body over ``limit`` bytes."""
-    return Rejection(413, f"body is larger than {limit} bytes")
+    """The 413 rejection for a message body over ``limit`` bytes (``MAX_BODY_BYTES``)."""
+    return Rejection(413, f"body is larger than {limit} bytes (MAX_BODY_BYTES)")
 
 
 def batch_too_large(limit: int) -> Rejection:

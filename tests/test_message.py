@@ -451,15 +451,15 @@ class RejectionTests(SynchronousTestCase):
         )
 
     def test_too_large(self) -> None:
-        """too_large(65536) is a 413 naming the limit, with no field."""
+        """too_large(65536) is a 413 naming the limit and MAX_BODY_BYTES, with no field."""
         rejection = too_large(65536)
         self.assertEqual(
             (rejection.status, rejection.error, rejection.field),
-            (413, "body is larger than 65536 bytes", None),
+            (413, "body is larger than 65536 bytes (MAX_BODY_BYTES)", None),
         )
         self.assertEqual(
             json.loads(rejection.to_json()),
-            {"error": "body is larger than 65536 bytes", "field": None},
+            {"error": "body is larger than 65536 bytes (MAX_BODY_BYTES)", "field": None},
         )
 
 

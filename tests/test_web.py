@@ -138,7 +138,7 @@ class PostTests(WebCase):
         """A body over the limit gets 413 and nothing is stored."""
         status, _, answer = self.request("POST", "/log", body(text="x" * MAX_BODY))
         self.assertEqual(status, 413)
-        self.assertEqual(answer, {"error": "body is larger than %d bytes" % MAX_BODY, "field": None})
+        self.assertEqual(answer, {"error": "body is larger than %d bytes (MAX_BODY_BYTES)" % MAX_BODY, "field": None})
         self.assertEqual(self.stored_lines(), [])
 
     def test_body_kept_in_memory_and_cut(self) -> None:
@@ -725,7 +725,7 @@ class ExpectContinueTests(RawCase):
         status, headers, answer = self.answer(transport)
         self.assertEqual(
             (status, answer),
-            (413, {"error": "body is larger than %d bytes" % MAX_BODY, "field": None}),
+            (413, {"error": "body is larger than %d bytes (MAX_BODY_BYTES)" % MAX_BODY, "field": None}),
         )
         self.assertEqual(headers["connection"], "close")
         self.assertTrue(transport.disconnecting)

@@ -300,7 +300,7 @@ class SocketTests(SynchronousTestCase):
         )
         status, headers, body = read_response(sock)
         self.assertEqual(status, 413)
-        self.assertEqual(json.loads(body)["error"], "body is larger than 65536 bytes")
+        self.assertEqual(json.loads(body)["error"], "body is larger than 65536 bytes (MAX_BODY_BYTES)")
         self.assertEqual(headers["connection"], "close")
         self.assertTrue(closed(sock))
 
