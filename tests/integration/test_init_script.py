@@ -4,8 +4,9 @@ tests give it a defaults file (``LOGHANDLER_DEFAULTS``) that puts the pidfile, t
 log and the working directory in a temporary directory, runs the daemon as the
 current user (``DAEMON_USER=``) from this virtualenv's twistd, against moto.  They
 check its output and exit status per LSB for start, stop, restart, try-restart,
-reload (SIGHUP: AUTH_TOKENS_FILE read again), force-reload and status, the pidfile, and that stop waits for the flush: the object
-is in the bucket once stop returns, and not before.
+reload (SIGHUP: AUTH_TOKENS_FILE read again), force-reload and status, the pidfile,
+and that stop waits for the flush: the object is in the bucket once stop returns, and
+not before; and that stop and restart exit 1 when the daemon lost lines in its flush.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from tests.contrib_files import INIT_SCRIPT, manifests
 from tests.helpers import bucket_objects, read_lines
+from tests.integration.faultproxy import FaultProxy
 from tests.integration.moto import free_port, shared_moto
 from tests.integration.test_end_to_end import canonical, key, message_body, post_all
 
@@ -323,6 +325,55 @@ class InitScriptTests(SynchronousTestCase):
         status = connection.getresponse().status
         connection.close()
         return status
+
+    def refusing_storage(self) -> FaultProxy:
+        """
+        Point the daemon at a fault proxy in front of moto (``AWS_ENDPOINT_URL``),
+        with ``SHUTDOWN_TIMEOUT_S=2``: its ``refuse_connections`` makes storage
+        refuse connections.
+        """
+        proxy = FaultProxy(self.moto.endpoint_url, region=self.moto.region)
+        proxy.start()
+        self.addCleanup(proxy.stop)
+        self.write_defaults(**proxy.env(self.moto.env()), SHUTDOWN_TIMEOUT_S="2")
+        return proxy
+
+    def test_stop_lost_lines(self) -> None:
+        """
+        Storage refuses connections when stop sends SIGTERM: the daemon's flush on
+        stop cannot store the acknowledged lines it holds and it exits 1 (its log:
+        event exit_lost); stop says so in one line on stderr and exits 1, the daemon
+        is gone.  restart then starts a new daemon and exits 1 too.  A later stop
+        that loses nothing exits 0: only what the daemon logged after this SIGTERM
+        counts.
+        """
+        proxy = self.refusing_storage()
+        lost = (
+            "loghandler stopped, but acknowledged lines were lost (neither stored nor"
+            " staged in the flush on stop; see %s)\n" % self.logfile
+        )
+        now = int(time.time() * 1000)
+        pid = self.start()
+        self.assertEqual(post_all(self.port, [message_body(n, 1, now) for n in range(1, 11)]), [200] * 10)
+        proxy.refuse_connections(25)
+        self.assertEqual(self.script("stop"), (1, "", lost), self.log())
+        self.assertFalse(alive(pid))
+        self.assertIn("acknowledged lines were neither stored nor staged", self.log())
+        self.assertStatus(3, "loghandler is not running")
+
+        proxy.refuse_connections(0)
+        pid = self.start()
+        self.assertEqual(post_all(self.port, [message_body(n, 1, now) for n in range(1, 11)]), [200] * 10)
+        proxy.refuse_connections(25)
+        status, out, err = self.script("restart")
+        self.assertFalse(alive(pid))
+        new = self.pid()
+        self.assertEqual((status, out, err), (1, "loghandler started (pid %d)\n" % new, lost), self.log())
+        self.assertTrue(alive(new))
+
+        proxy.refuse_connections(0)
+        self.wait_ready()
+        self.assertEqual(self.script("stop"), (0, "loghandler stopped\n", ""), self.log())
 
     def test_stop_timeout(self) -> None:
         """
