@@ -26,7 +26,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from tests.contrib_files import INIT_SCRIPT, manifests
 from tests.helpers import bucket_objects, read_lines
-from tests.integration.faultproxy import FaultProxy
+from tests.integration.faultproxy import FaultProxy, FaultRule
 from tests.integration.moto import free_port, shared_moto
 from tests.integration.test_end_to_end import canonical, key, message_body, post_all
 
@@ -329,14 +329,25 @@ class InitScriptTests(SynchronousTestCase):
     def refusing_storage(self) -> FaultProxy:
         """
         Point the daemon at a fault proxy in front of moto (``AWS_ENDPOINT_URL``),
-        with ``SHUTDOWN_TIMEOUT_S=2``: its ``refuse_connections`` makes storage
-        refuse connections.
+        with ``SHUTDOWN_TIMEOUT_S=2``, for :meth:`storage_down`.
         """
         proxy = FaultProxy(self.moto.endpoint_url, region=self.moto.region)
         proxy.start()
         self.addCleanup(proxy.stop)
         self.write_defaults(**proxy.env(self.moto.env()), SHUTDOWN_TIMEOUT_S="2")
         return proxy
+
+    def storage_down(self, proxy: FaultProxy, down: bool) -> None:
+        """
+        Storage refuses connections (``down``), or works again.  A keep-alive
+        connection the proxy still serves gets 503s meanwhile.
+        """
+        if down:
+            proxy.set_mode(FaultRule(fault="error5xx", status=503))
+            proxy.refuse_connections(25)
+        else:
+            proxy.refuse_connections(0)
+            proxy.clear_mode()
 
     def test_stop_lost_lines(self) -> None:
         """
@@ -355,23 +366,23 @@ class InitScriptTests(SynchronousTestCase):
         now = int(time.time() * 1000)
         pid = self.start()
         self.assertEqual(post_all(self.port, [message_body(n, 1, now) for n in range(1, 11)]), [200] * 10)
-        proxy.refuse_connections(25)
+        self.storage_down(proxy, True)
         self.assertEqual(self.script("stop"), (1, "", lost), self.log())
         self.assertFalse(alive(pid))
         self.assertIn("acknowledged lines were neither stored nor staged", self.log())
         self.assertStatus(3, "loghandler is not running")
 
-        proxy.refuse_connections(0)
+        self.storage_down(proxy, False)
         pid = self.start()
         self.assertEqual(post_all(self.port, [message_body(n, 1, now) for n in range(1, 11)]), [200] * 10)
-        proxy.refuse_connections(25)
+        self.storage_down(proxy, True)
         status, out, err = self.script("restart")
         self.assertFalse(alive(pid))
         new = self.pid()
         self.assertEqual((status, out, err), (1, "loghandler started (pid %d)\n" % new, lost), self.log())
         self.assertTrue(alive(new))
 
-        proxy.refuse_connections(0)
+        self.storage_down(proxy, False)
         self.wait_ready()
         self.assertEqual(self.script("stop"), (0, "loghandler stopped\n", ""), self.log())
 
