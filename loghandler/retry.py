@@ -191,12 +191,12 @@ class RetryLayer:
         self._problem_operation: Optional[str] = None
         #: Attempts that failed and were tried again, by operation.
         self.retries: dict[str, int] = {}
-        #: Clock seconds of the first attempt that failed for want of storage
-        #: (``TRANSIENT`` or ``PERMANENT``) since the last call that succeeded, or
-        #: None while calls succeed (for the readiness probe, ``READY_FAIL_AFTER_S``).
-        self.failing_since: Optional[float] = None
-        #: Why the last such attempt failed (``PutObject: 503 SlowDown``), or None.
-        self.last_failure: Optional[str] = None
+        #: While storage calls fail for want of storage (``TRANSIENT`` or
+        #: ``PERMANENT``) with none succeeding since: ``(since, reason)``, the clock's
+        #: seconds of the first such failure and the last one's text
+        #: (``'PutObject: 503 SlowDown'``); None while calls succeed (for the
+        #: readiness probe, ``READY_FAIL_AFTER_S``).
+        self.failing: Optional[tuple[float, str]] = None
 
     # -- the deadline ------------------------------------------------------------
 
@@ -307,7 +307,7 @@ class RetryLayer:
                 attempt += 1
             else:
                 self._count(operation, "ok")
-                self.failing_since = self.last_failure = None
+                self.failing = None
                 if self.problem is not None and operation == self._problem_operation:
                     self._log.info(
                         "storage works again ({operation} {key} succeeded)",
@@ -352,9 +352,8 @@ class RetryLayer:
         self.retries[operation] = self.retries.get(operation, 0) + 1
         self.metrics.storage_retries.labels(operation=operation).inc()
         reason = _describe(error)
-        if self.failing_since is None:
-            self.failing_since = self._clock.seconds()
-        self.last_failure = f"{operation}: {reason}"
+        since = self._clock.seconds() if self.failing is None else self.failing[0]
+        self.failing = (since, f"{operation}: {reason}")
         if fault is Fault.PERMANENT:
             delay = self._capped(self._permanent_backoff.delay(attempt))
             problem = f"{operation} fails: {reason}"

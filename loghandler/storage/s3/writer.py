@@ -170,8 +170,7 @@ class S3ObjectStore:
     @property
     def failing(self) -> Optional[tuple[float, str]]:
         """``(since, reason)`` while storage calls fail, else None (``IObjectStore``)."""
-        since = self.retry.failing_since
-        return None if since is None else (since, self.retry.last_failure or "")
+        return self.retry.failing
 
     def open(self, key: str) -> "S3ObjectWriter":
         """A writer for the next stream of ``key``; sends nothing yet."""
