@@ -371,14 +371,15 @@ class WorkerSupervisor(Service):
         )
 
     def _broadcast(self) -> None:
-        line = json.dumps({"ready": self.health(), "live": self.liveness()}).encode()
-        for worker in self._workers.values():
-            worker.send(line)
+        self._send_to_workers({"ready": self.health(), "live": self.liveness()})
 
     def _broadcast_metrics(self) -> None:
-        if not self._workers:
-            return
-        line = json.dumps({"metrics": self.metrics()}).encode()
+        if self._workers:
+            self._send_to_workers({"metrics": self.metrics()})
+
+    def _send_to_workers(self, message: dict[str, Any]) -> None:
+        """``message`` as one JSON line to every running worker."""
+        line = json.dumps(message).encode()
         for worker in self._workers.values():
             worker.send(line)
 
