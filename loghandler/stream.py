@@ -547,13 +547,14 @@ class ObjectStream:
                 )
             durable = max(self.durable_lines, self._lines_stored)
             self._completed("staged" if self.lines == durable else "lost", self.lines - durable)
+            reason = " by the shutdown deadline" if self._abandoned else ""
             if self.lines == durable:
                 self._log.warn(
                     "{key}: not completed{reason}; nothing lost: its {lines} lines are"
                     " staged, for recovery",
                     event="object_left_staged",
                     key=self.key,
-                    reason=" by the shutdown deadline" if self._abandoned else "",
+                    reason=reason,
                     lines=self.lines,
                 )
                 return
@@ -562,7 +563,7 @@ class ObjectStream:
                 "{checkpointed}",
                 event="lines_lost",
                 key=self.key,
-                reason=" by the shutdown deadline" if self._abandoned else "",
+                reason=reason,
                 lost_lines=self.lines - durable,
                 lost_bytes=self._unstored_bytes,
                 checkpointed=(
